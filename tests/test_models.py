@@ -1,0 +1,255 @@
+"""The contract of specs/interface.md, checked for every model_*.py at the top level.
+
+Adding a model file adds it to every test here: causality in eval and training mode, batch
+independence, eval determinism, loss at init, learning, the import rule and the marked copies.
+"""
+import ast
+import copy
+import dataclasses
+import glob
+import importlib
+import math
+import os
+
+import pytest
+import torch
+
+from conftest import ROOT
+
+MODEL_NAMES = sorted(os.path.basename(p)[len("model_"):-len(".py")]
+                     for p in glob.glob(os.path.join(ROOT, "model_*.py")))
+
+
+def build(name, **overrides):
+    """The model at its laptop config, every dropout off (causality is defined with dropout 0)."""
+    module = importlib.import_module(f"model_{name}")
+    fields = {f.name for f in dataclasses.fields(module.Config)}
+    no_dropout = {f: 0.0 for f in fields if "dropout" in f}
+    torch.manual_seed(0)
+    return module.Model(module.Config(**{**no_dropout, **overrides}))
+
+
+def trained_a_little(name, steps=3):
+    """A model after a few AdamW steps on random tokens: weights off their init and, for routed
+    models, routing thresholds set by training forwards, so that some tokens are routed."""
+    model = build(name)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(1)
+    V, T = model.config.vocab_size, model.config.block_size
+    model.train()
+    for _ in range(steps):
+        x = torch.randint(0, V, (8, T), generator=g)
+        _, loss = model(x, torch.roll(x, -1, dims=1))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return model
+
+
+def random_tokens(model, B, seed=2):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, model.config.vocab_size, (B, model.config.block_size), generator=g)
+
+
+def logits_of(model, x, state, train):
+    """Logits of one forward starting from `state`: a training forward may move running buffers
+    (routing thresholds), so every compared forward starts from the same state."""
+    model.load_state_dict(state)
+    model.train(train)
+    with torch.no_grad():
+        return model(x)[0]
+
+
+@pytest.fixture(scope="module", params=MODEL_NAMES)
+def warm_model(request):
+    return request.param, trained_a_little(request.param)
+
+
+def test_there_are_models():
+    assert "gpt" in MODEL_NAMES
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_interface(name):
+    module = importlib.import_module(f"model_{name}")
+    assert dataclasses.is_dataclass(module.Config)
+    config = module.Config()  # every field has a default: the laptop config
+    for field in ("vocab_size", "block_size", "n_layer", "n_embd", "n_head", "dropout"):
+        assert hasattr(config, field), field
+    assert isinstance(module.PRESETS, dict) and module.PRESETS
+    for preset, fields in module.PRESETS.items():
+        unknown = set(fields) - {f.name for f in dataclasses.fields(module.Config)}
+        assert not unknown, f"preset {preset} sets unknown fields {unknown}"
+        with torch.device("meta"):  # build the paper-size model without allocating it
+            module.Model(dataclasses.replace(config, **fields))
+    model = build(name)
+    x = random_tokens(model, 2)
+    logits, loss = model(x)
+    assert logits.shape == (2, config.block_size, config.vocab_size) and loss is None
+    logits, loss = model(x, x)
+    assert loss.dim() == 0 and torch.isfinite(loss)
+    stats = model.stats()
+    assert isinstance(stats, dict) and all(isinstance(v, float) for v in stats.values()), stats
+    assert model.flops_per_token() > 0
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_causal(warm_model, train):
+    name, model = warm_model
+    state = copy.deepcopy(model.state_dict())
+    x = random_tokens(model, 3)
+    T = x.size(1)
+    for p in (1, T // 3, T - 1):
+        x2 = x.clone()
+        x2[:, p:] = (x2[:, p:] + 1 + torch.arange(T - p)) % model.config.vocab_size
+        a, b = logits_of(model, x, state, train), logits_of(model, x2, state, train)
+        assert torch.equal(a[:, :p], b[:, :p]), f"{name}: logits before {p} depend on later tokens"
+        assert not torch.equal(a[:, p:], b[:, p:]), "the changed tokens changed nothing: the test is blind"
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+def test_batch_independent(warm_model, train):
+    name, model = warm_model
+    state = copy.deepcopy(model.state_dict())
+    x = random_tokens(model, 4)
+    x2 = x.clone()
+    x2[1:] = random_tokens(model, 3, seed=3)
+    a, b = logits_of(model, x, state, train), logits_of(model, x2, state, train)
+    assert torch.equal(a[0], b[0]), f"{name}: a row's logits depend on the other rows"
+    assert not torch.equal(a[1:], b[1:])
+
+
+def test_eval_deterministic_and_stateless(warm_model):
+    name, model = warm_model
+    state = copy.deepcopy(model.state_dict())
+    x = random_tokens(model, 2)
+    model.eval()
+    with torch.no_grad():
+        a, b = model(x)[0], model(x)[0]
+    assert torch.equal(a, b)
+    after = model.state_dict()
+    assert all(torch.equal(state[k], after[k]) for k in state), "an eval forward changed the model's state"
+
+
+def test_prefix_forward_equals_full_forward(warm_model):
+    """What a sampler computes (the prefix up to t) equals the full-window eval logits at t."""
+    name, model = warm_model
+    model.eval()
+    x = random_tokens(model, 2)
+    with torch.no_grad():
+        full = model(x)[0]
+        for t in (0, 5, x.size(1) // 2):
+            prefix = model(x[:, :t + 1])[0]
+            torch.testing.assert_close(prefix[:, -1], full[:, t], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_loss_at_init_is_log_vocab(name):
+    model = build(name).eval()
+    x = random_tokens(model, 8)
+    with torch.no_grad():
+        _, loss = model(x, torch.roll(x, -1, dims=1))
+    assert abs(loss.item() - math.log(model.config.vocab_size)) < 0.25, loss.item()
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_overfits_one_batch(name):
+    model = build(name)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randint(0, model.config.vocab_size, (4, 33), generator=g)
+    x, y = x[:, :-1].contiguous(), x[:, 1:].contiguous()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    model.train()
+    for _ in range(150):
+        _, loss = model(x, y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    model.eval()
+    with torch.no_grad():
+        _, loss = model(x, y)
+    assert loss.item() < 1.0, f"{name} did not learn one batch: eval loss {loss.item():.3f}"
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_forward_backward_under_bf16_autocast(name):
+    model = build(name).train()
+    x = random_tokens(model, 2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, loss = model(x, x)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+# --- the single-file rules -------------------------------------------------------------------
+
+def parse(name):
+    with open(os.path.join(ROOT, f"model_{name}.py")) as f:
+        source = f.read()
+    return source, ast.parse(source)
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_imports_only_torch(name):
+    _, tree = parse(name)
+    allowed = {"torch", "math", "dataclasses", "typing"}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            roots = {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            roots = {(node.module or "").split(".")[0]}
+        else:
+            continue
+        assert roots <= allowed, f"model_{name}.py imports {roots - allowed}"
+
+
+def top_level_definitions(name):
+    """{name: (source text, line of the definition)} for the classes and functions of a model file."""
+    source, tree = parse(name)
+    return {node.name: (ast.get_source_segment(source, node), node.lineno)
+            for node in tree.body if isinstance(node, (ast.ClassDef, ast.FunctionDef))}
+
+
+def copies(name):
+    """(copied definition, source file, source definition) for every '# Copied from' marker."""
+    source, _ = parse(name)
+    lines = source.splitlines()
+    definitions = top_level_definitions(name)
+    by_line = {line: n for n, (_, line) in definitions.items()}
+    found = []
+    for i, line in enumerate(lines):
+        if line.startswith("# Copied from model_"):
+            target = line[len("# Copied from model_"):].split()[0]
+            other, _, source_name = target.partition(".")
+            copied = by_line.get(i + 2)  # the marker is the line just above the definition
+            assert copied is not None, f"model_{name}.py line {i + 1}: marker not directly above a def/class"
+            found.append((copied, other, source_name))
+    return found
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_marked_copies_are_identical(name):
+    for copied, other, source_name in copies(name):
+        mine = top_level_definitions(name)[copied][0]
+        theirs = top_level_definitions(other).get(source_name)
+        assert theirs is not None, f"model_{other}.py has no {source_name}"
+        assert mine.replace(f"class {copied}", f"class {source_name}").replace(
+            f"def {copied}", f"def {source_name}") == theirs[0], \
+            f"model_{name}.{copied} differs from model_{other}.{source_name}, which it is marked as copied from"
+
+
+def test_copy_check_can_fail(tmp_path, monkeypatch):
+    """The copy test compares text: an edited copy must be caught."""
+    import conftest
+    fake_root = tmp_path
+    with open(os.path.join(ROOT, "model_gpt.py")) as f:
+        gpt = f.read()
+    (fake_root / "model_gpt.py").write_text(gpt)
+    rmsnorm = top_level_definitions("gpt")["RMSNorm"][0]
+    (fake_root / "model_fake.py").write_text(
+        "import torch\n\n\n# Copied from model_gpt.RMSNorm\n" + rmsnorm.replace("x.float()", "x.double()") + "\n")
+    monkeypatch.setattr(conftest, "ROOT", str(fake_root))
+    monkeypatch.setitem(globals(), "ROOT", str(fake_root))
+    with pytest.raises(AssertionError, match="differs"):
+        test_marked_copies_are_identical("fake")
