@@ -1,0 +1,219 @@
+"""
+Benchmark training or generation speed of model files on the current device (a benchmark, not a test).
+
+    python bench.py --model=gpt,mod,dtf                      # laptop configs, batch 12 x block 64
+    python bench.py --model=gpt --preset=gpt2-124m --block_size=1024 --batch_size=16 --compile=True
+    python bench.py --model=bdh,gpt --mode=generate --new_tokens=512
+
+mode=train times fwd+bwd+AdamW steps after warm-up and prints ms/step, tokens/s, peak memory (CUDA:
+the allocator's high-water mark; CPU: peak RSS growth over the process before the model was built)
+and, on a GPU, MFU from the model's flops_per_token(). mode=generate times greedy generation of
+new_tokens tokens: with the model's own generate() when it has one (BDH's recurrent form), and by
+re-running the full forward for every token, and checks both produce the same tokens.
+Every measurement runs in a fresh process, models are interleaved over `repeats` rounds and the
+median is kept; speeds are also given relative to the first model. Compare models within one run
+only, on an otherwise idle machine.
+"""
+import dataclasses
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+
+from prepare_data import UserError
+from train import TrainConfig, configure_optimizer, load_model_module, parse_value, peak_flops, pick_device
+
+OPTIONS = {
+    "model": "gpt",          # one name or a comma-separated list; the first is the reference
+    "preset": "",            # a PRESETS entry of every listed model
+    "mode": "train",         # train | generate
+    "batch_size": 12,
+    "block_size": 0,         # 0: the config's own (64 at the laptop configs)
+    "vocab_size": 65,
+    "warmup": 3,
+    "steps": 20,
+    "repeats": 3,
+    "new_tokens": 512,       # generate mode: tokens generated after a 16-token prompt
+    "device": "auto",
+    "dtype": "auto",         # as train.py: bf16 on CUDA when supported, float32 on CPU/MPS
+    "compile": False,
+    "peak_flops": 0.0,       # 0: look the GPU up in train.PEAK_FLOPS
+    "profile": False,        # write a torch.profiler trace bench_trace_<model>.json (train mode)
+}
+
+
+def build(opts, name, device):
+    module = load_model_module(name)
+    if opts["preset"] and opts["preset"] not in module.PRESETS:
+        raise UserError(f"{name} has no preset {opts['preset']!r}; it has {', '.join(module.PRESETS)}")
+    fields = dict(module.PRESETS[opts["preset"]]) if opts["preset"] else {}
+    fields["vocab_size"] = opts["vocab_size"]
+    if opts["block_size"]:
+        fields["block_size"] = opts["block_size"]
+    if opts["mode"] == "generate":  # no cropping: the forward re-reads the whole sequence
+        fields["block_size"] = 16 + opts["new_tokens"]
+    for f in dataclasses.fields(module.Config):
+        if "dropout" in f.name:
+            fields[f.name] = 0.0  # benchmarks measure the deterministic computation
+    torch.manual_seed(0)
+    return module.Model(module.Config(**fields)).to(device)
+
+
+def rss_mb(field):
+    """VmRSS (current) or VmHWM (peak) of this process in MiB, from /proc (Linux)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def measure_train(opts, name, device, dtype):
+    base_rss = rss_mb("VmRSS") if device.type == "cpu" and os.path.exists("/proc/self/status") else None
+    model = build(opts, name, device).train()
+    optimizer = configure_optimizer(model, TrainConfig(), device)
+    step_model = torch.compile(model) if opts["compile"] else model
+    B, T, V = opts["batch_size"], model.config.block_size, model.config.vocab_size
+    x, y = torch.randint(0, V, (B, T), device=device), torch.randint(0, V, (B, T), device=device)
+    autocast = nullcontext() if dtype == "float32" else torch.autocast(device.type, dtype=getattr(torch, dtype))
+
+    def step():
+        with autocast:
+            loss = step_model(x, y)[1]
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        elif device.type == "mps":
+            torch.mps.synchronize()
+
+    t0 = time.perf_counter()
+    for _ in range(opts["warmup"]):
+        step()
+    sync()
+    warmup_s = time.perf_counter() - t0
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    for _ in range(opts["steps"]):
+        step()
+    sync()
+    dt = (time.perf_counter() - t0) / opts["steps"]
+    if device.type == "cuda":
+        peak_mem = torch.cuda.max_memory_allocated(device) / 2**20
+    else:
+        peak_mem = rss_mb("VmHWM") - base_rss if base_rss is not None else float("nan")
+    if opts["profile"]:
+        from torch.profiler import ProfilerActivity, profile
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profile(activities=activities) as prof:
+            for _ in range(5):
+                step()
+            sync()
+        prof.export_chrome_trace(f"bench_trace_{name}.json")
+    return {"ms": dt * 1000, "tok_s": B * T / dt, "peak_mem_mb": peak_mem, "warmup_s": warmup_s,
+            "params": sum(p.numel() for p in model.parameters()), "flops_per_token": model.flops_per_token()}
+
+
+def measure_generate(opts, name, device, dtype):
+    from sample import generate  # the generic sampler: re-runs the forward on the whole prefix
+    model = build(opts, name, device).eval()
+    prompt = torch.randint(0, model.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
+    prompt = prompt.to(device)
+    result = {"params": sum(p.numel() for p in model.parameters())}
+    ways = {"forward": lambda: generate(model, prompt, opts["new_tokens"], top_k=1)}
+    if hasattr(model, "generate"):
+        ways["own"] = lambda: model.generate(prompt, opts["new_tokens"], top_k=1)
+    outputs = {}
+    for way, run in ways.items():
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            outputs[way] = run()
+        result[f"{way}_tok_s"] = opts["new_tokens"] / (time.perf_counter() - t0)
+    if "own" in outputs:
+        result["same_tokens"] = bool(torch.equal(outputs["own"], outputs["forward"]))
+    return result
+
+
+def worker(opts):
+    """One measurement of one model, printed as a JSON line for the parent process."""
+    device, dtype = pick_device(opts["device"], opts["dtype"])
+    name = opts["model"]
+    measure = measure_train if opts["mode"] == "train" else measure_generate
+    print("RESULT " + json.dumps(measure(opts, name, device, dtype)))
+
+
+def run_worker(opts, name):
+    args = [f"--{k}={v}" for k, v in {**opts, "model": name}.items()] + ["--worker=True"]
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__)] + args, capture_output=True, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    if proc.returncode or not lines:
+        raise UserError(f"{name} failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def main(argv):
+    opts = dict(OPTIONS, worker=False)
+    for arg in argv:
+        if arg in ("-h", "--help"):
+            print(__doc__ + "\noptions: " + ", ".join(f"--{k}={v}" for k, v in OPTIONS.items()))
+            return
+        key, eq, value = arg[2:].partition("=") if arg.startswith("--") else ("", "", "")
+        if key not in opts or not eq:
+            raise UserError(f"unknown or malformed option {arg!r}; options: {', '.join('--' + k for k in OPTIONS)}")
+        opts[key] = parse_value(key, value, opts[key])
+    if opts["mode"] not in ("train", "generate"):
+        raise UserError("--mode must be train or generate")
+    if opts.pop("worker"):
+        return worker(opts)
+
+    names = opts["model"].split(",")
+    for name in names:
+        load_model_module(name)  # a one-line error for an unknown name before any work
+    device, dtype = pick_device(opts["device"], opts["dtype"])
+    peak = opts["peak_flops"] or peak_flops(device)
+    print(f"device {torch.cuda.get_device_name(device) if device.type == 'cuda' else device}, {dtype}, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads; mode {opts['mode']}, "
+          f"batch {opts['batch_size']}, {opts['repeats']} rounds, median")
+    runs = {name: [] for name in names}
+    for _ in range(opts["repeats"]):  # interleaved, so that a slow moment of the machine hits every model
+        for name in names:
+            runs[name].append(run_worker(opts, name))
+
+    def median(name, key):
+        return statistics.median(r[key] for r in runs[name])
+
+    if opts["mode"] == "train":
+        print("| model | params | MFLOP/token | ms/step | tokens/s | vs first | peak mem MiB |"
+              + (" MFU |" if peak else ""))
+        print("|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if peak else ""))
+        ref = median(names[0], "tok_s")
+        for name in names:
+            tok_s, r0 = median(name, "tok_s"), runs[name][0]
+            row = (f"| {name} | {r0['params']:,} | {r0['flops_per_token'] / 1e6:.2f} | {median(name, 'ms'):.1f} | "
+                   f"{tok_s:,.0f} | {tok_s / ref:.2f}x | {median(name, 'peak_mem_mb'):,.0f} |")
+            print(row + (f" {r0['flops_per_token'] * tok_s / peak:.1%} |" if peak else ""))
+    else:
+        print("| model | params | own generate tok/s | full forward tok/s | speed-up | same tokens |")
+        print("|---|---:|---:|---:|---:|---|")
+        for name in names:
+            fwd, own = median(name, "forward_tok_s"), runs[name][0].get("own_tok_s")
+            own = median(name, "own_tok_s") if own is not None else None
+            print(f"| {name} | {runs[name][0]['params']:,} | {f'{own:,.0f}' if own else '-'} | {fwd:,.0f} | "
+                  f"{f'{own / fwd:.1f}x' if own else '-'} | "
+                  f"{all(r['same_tokens'] for r in runs[name]) if own else '-'} |")
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except UserError as e:
+        sys.exit(f"bench.py: error: {e}")

@@ -1,0 +1,261 @@
+"""
+Prepare a dataset for train.py: get the text, tokenize it, write uint16 token files.
+
+    python prepare_data.py shakespeare_char                  # tiny Shakespeare, one token per character
+    python prepare_data.py shakespeare                       # tiny Shakespeare, GPT-2 BPE (tiktoken)
+    python prepare_data.py shakespeare_char --input=my.txt --name=mytext    # any UTF-8 text file
+
+Writes data/<name>/train.bin, val.bin and meta.json (the vocabulary size and how to rebuild the
+tokenizer, which train.py copies into every checkpoint so that sample.py can decode).
+A .bin file is a 1024-byte header (int32: magic, version, token count, zeros) followed by the
+tokens as uint16, so a truncated or foreign file is detected instead of silently trained on.
+Every file is written to a temporary name and renamed, so an interrupted run never leaves a file
+that looks complete; rerunning the same command resumes a partial download.
+"""
+import hashlib
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import requests
+
+MAGIC, VERSION, HEADER_INTS = 20261122, 1, 256  # header: 256 int32 = 1024 bytes
+
+SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"  # 1,115,394 bytes
+# GPT-2's BPE. tiktoken's "r50k_base" has the same ranks, pattern and <|endoftext|> (50256) as its
+# "gpt2" encoding, and is one file (so an offline TIKTOKEN_CACHE_DIR can hold it).
+BPE_ENCODING = "r50k_base"
+BPE_VOCAB_SIZE = 50304  # 50257 padded to a multiple of 64 (faster matmuls; the extra rows never occur)
+
+
+class UserError(Exception):
+    """A problem the user can act on; the scripts print it as one line."""
+
+
+# -----------------------------------------------------------------------------
+# token files
+
+def write_tokens(path, tokens):
+    """Write header + uint16 tokens to path through a temporary file and a rename."""
+    tokens = np.asarray(tokens)
+    if tokens.size and tokens.max() >= 2**16:
+        raise UserError(f"token id {tokens.max()} does not fit in uint16; use a vocabulary below 65,536")
+    header = np.zeros(HEADER_INTS, dtype=np.int32)
+    header[:3] = MAGIC, VERSION, tokens.size
+    tmp = path + ".tmp"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(header.tobytes())
+            f.write(tokens.astype(np.uint16).tobytes())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise UserError(f"could not write {path}: {e.strerror} (is the disk full?)") from None
+
+
+def read_tokens(path):
+    """The tokens of a .bin file as a read-only np.memmap, after checking its header."""
+    header = np.fromfile(path, dtype=np.int32, count=HEADER_INTS)
+    if header.size < 3 or header[0] != MAGIC or header[1] != VERSION:
+        raise UserError(f"{path} is not a token file of this repo (bad header); prepare it again "
+                        f"with prepare_data.py")
+    n_tokens = int(header[2])
+    found = (os.path.getsize(path) - 4 * HEADER_INTS) // 2
+    if found != n_tokens:
+        raise UserError(f"{path} should hold {n_tokens:,} tokens but holds {found:,} (truncated?); "
+                        f"prepare it again with prepare_data.py")
+    return np.memmap(path, dtype=np.uint16, mode="r", offset=4 * HEADER_INTS, shape=(n_tokens,))
+
+
+def write_json(path, obj):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+# -----------------------------------------------------------------------------
+# tokenizers: meta.json's "tokenizer" entry says which one, and train.py stores it in checkpoints
+
+def get_tokenizer(desc):
+    """(encode, decode) for a tokenizer description from meta.json or a checkpoint."""
+    if desc["kind"] == "char":
+        chars = desc["chars"]
+        stoi = {c: i for i, c in enumerate(chars)}
+
+        def encode(text):
+            missing = sorted(set(text) - set(stoi))
+            if missing:
+                raise UserError(f"characters {''.join(missing)!r} are not in this model's vocabulary")
+            return [stoi[c] for c in text]
+
+        return encode, lambda ids: "".join(chars[i] for i in ids)
+    if desc["kind"] == "tiktoken":
+        enc = bpe_encoding(desc["encoding"])
+        return enc.encode_ordinary, lambda ids: enc.decode([i for i in ids if i < enc.n_vocab])
+    raise UserError(f"unknown tokenizer {desc!r}")
+
+
+def bpe_encoding(name):
+    import tiktoken
+    try:
+        return tiktoken.get_encoding(name)
+    except requests.RequestException as e:  # tiktoken fetches its BPE file on first use
+        raise UserError(f"tiktoken could not download the {name} BPE ({e.__class__.__name__}); connect "
+                        f"to the internet once, or point TIKTOKEN_CACHE_DIR at a cache holding it") from None
+
+
+# -----------------------------------------------------------------------------
+# download
+
+def download(url, path, sha256=None, retries=5, local_hint="use a local copy with --input=FILE"):
+    """Stream url to path: progress on stderr, resume of a partial file with an HTTP Range request,
+    retries with exponential backoff, sha256 check, then rename into place."""
+    part = path + ".part"
+    for attempt in range(retries):
+        have = os.path.getsize(part) if os.path.exists(part) else 0
+        try:
+            with requests.get(url, stream=True, timeout=30,
+                              headers={"Range": f"bytes={have}-"} if have else {}) as r:
+                if have and r.status_code == 200:  # the server ignored the Range: start over
+                    have = 0
+                elif r.status_code == 416:  # nothing left to send: the partial file is complete
+                    break
+                if 400 <= r.status_code < 500:
+                    raise UserError(f"HTTP {r.status_code} for {url}; check the address, or {local_hint}")
+                r.raise_for_status()
+                total = have + int(r.headers.get("Content-Length", 0))
+                with open(part, "ab" if have else "wb") as f:
+                    _stream(r, f, have, total, os.path.basename(path))
+            break
+        except (requests.ConnectionError, requests.Timeout, requests.HTTPError,
+                requests.exceptions.ChunkedEncodingError) as e:
+            if attempt == retries - 1:
+                raise UserError(f"downloading {url} failed {retries} times ({e.__class__.__name__}); check "
+                                f"the network and rerun to resume, or {local_hint}") from None
+            wait = 2 ** attempt
+            print(f"{e.__class__.__name__} while downloading {url}; retrying in {wait}s", file=sys.stderr)
+            time.sleep(wait)
+    if sha256 is not None:
+        digest = file_sha256(part)
+        if digest != sha256:
+            os.remove(part)
+            raise UserError(f"{url} downloaded with sha256 {digest[:12]}..., expected {sha256[:12]}...; "
+                            f"the partial file was deleted, rerun to download it again")
+    os.replace(part, path)
+
+
+def _stream(response, f, have, total, label):
+    start, last, got = time.time(), 0.0, 0
+    try:
+        for chunk in response.iter_content(chunk_size=1 << 16):
+            f.write(chunk)
+            got += len(chunk)
+            now = time.time()
+            if now - last > 0.5 or (total and have + got >= total):
+                last = now
+                rate = got / max(now - start, 1e-9) / 2**20
+                size = f"{(have + got) / 2**20:.1f}/{total / 2**20:.1f} MiB" if total else f"{(have + got) / 2**20:.1f} MiB"
+                print(f"\r{label}: {size} {rate:.1f} MiB/s", end="", file=sys.stderr, flush=True)
+    finally:
+        print(file=sys.stderr)
+
+
+def file_sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# -----------------------------------------------------------------------------
+# datasets
+
+def prepare_text(out_dir, text, tokenizer):
+    """Tokenize one text: first 90% train, last 10% val (nanoGPT's split), plus meta.json."""
+    if tokenizer == "char":
+        chars = "".join(sorted(set(text)))
+        desc, vocab_size = {"kind": "char", "chars": chars}, len(chars)
+    else:
+        desc, vocab_size = {"kind": "tiktoken", "encoding": BPE_ENCODING}, BPE_VOCAB_SIZE
+    encode, _ = get_tokenizer(desc)
+    n = int(0.9 * len(text))
+    train, val = encode(text[:n]), encode(text[n:])
+    if len(val) < 2:
+        raise UserError("the text is too short to split into train and val")
+    write_tokens(os.path.join(out_dir, "train.bin"), train)
+    write_tokens(os.path.join(out_dir, "val.bin"), val)
+    write_json(os.path.join(out_dir, "meta.json"), {"vocab_size": vocab_size, "tokenizer": desc})
+    print(f"{out_dir}: vocabulary {vocab_size:,}, train {len(train):,} tokens, val {len(val):,} tokens")
+
+
+def prepare_shakespeare(out_dir, tokenizer, input_path="", url=SHAKESPEARE_URL):
+    if input_path:
+        if not os.path.exists(input_path):
+            raise UserError(f"--input file {input_path} does not exist")
+        src, sha256 = input_path, None
+    else:
+        src = os.path.join(out_dir, "input.txt")
+        sha256 = SHAKESPEARE_SHA256 if url == SHAKESPEARE_URL else None
+        if not os.path.exists(src):
+            print(f"downloading tiny Shakespeare from {url}")
+            download(url, src, sha256=sha256, local_hint="prepare a local copy with: python prepare_data.py "
+                     f"{'shakespeare_char' if tokenizer == 'char' else 'shakespeare'} --input=FILE")
+    try:
+        with open(src, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError:
+        raise UserError(f"{src} is not UTF-8 text") from None
+    prepare_text(out_dir, text, tokenizer)
+
+
+DATASETS = {"shakespeare_char": "char", "shakespeare": "bpe"}  # name -> tokenizer
+
+
+def prepare(dataset, data_dir="data", name="", input="", url=SHAKESPEARE_URL):
+    """Prepare `dataset` into data_dir/(name or dataset)/; returns that directory."""
+    if dataset not in DATASETS:
+        raise UserError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
+    out_dir = os.path.join(data_dir, name or dataset)
+    os.makedirs(out_dir, exist_ok=True)
+    prepare_shakespeare(out_dir, DATASETS[dataset], input, url)
+    return out_dir
+
+
+def main(argv):
+    usage = ("usage: python prepare_data.py DATASET [--input=FILE] [--name=NAME] [--data_dir=data] [--url=URL]\n"
+             f"DATASET: {', '.join(DATASETS)}. --input reads a local UTF-8 text instead of downloading "
+             "tiny Shakespeare; --name picks the output folder data/NAME.")
+    options = {"input": "", "name": "", "data_dir": "data", "url": SHAKESPEARE_URL}
+    positional = []
+    for arg in argv:
+        if arg in ("-h", "--help"):
+            print(usage)
+            return
+        if not arg.startswith("--"):
+            positional.append(arg)
+            continue
+        key, eq, value = arg[2:].partition("=")
+        if key not in options or not eq:
+            raise UserError(f"unknown or malformed option {arg}; options are "
+                            f"{', '.join('--' + k + '=...' for k in options)}")
+        options[key] = value
+    if len(positional) != 1:
+        raise UserError(f"name exactly one dataset ({', '.join(DATASETS)}); see --help")
+    prepare(positional[0], **options)
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except UserError as e:
+        sys.exit(f"prepare_data.py: error: {e}")
+    except KeyboardInterrupt:
+        sys.exit("\nprepare_data.py: interrupted; rerun the same command to resume")

@@ -1,0 +1,478 @@
+"""
+Train any model_<name>.py of this repo. nanoGPT's training loop, for every architecture.
+
+    python train.py --model=gpt                                   # the laptop recipe, CPU friendly
+    python train.py --model=mod --max_iters=500 --learning_rate=2e-3
+    python train.py --model=gpt --preset=gpt2-124m --dataset=shakespeare --batch_size=8
+    python train.py --model=gpt --init_from=resume                # continue out-gpt/ckpt.pt
+    torchrun --standalone --nproc_per_node=8 train.py --model=dtf --gradient_accumulation_steps=8
+
+Options are --key=value: the training settings in TrainConfig below, or any field of the model's
+Config (python train.py --model=NAME --help lists both). Defaults reproduce nanoGPT's laptop recipe
+on tiny Shakespeare (batch 12, block 64, 2000 iterations, lr 1e-3 with warmup and cosine decay).
+Writes out_dir/ckpt.pt (everything needed to resume exactly or to sample) and out_dir/log.jsonl
+(one JSON object per logged iteration and per evaluation, for plots).
+"""
+import dataclasses
+import glob
+import importlib
+import json
+import math
+import os
+import resource
+import sys
+import time
+import warnings
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from prepare_data import UserError, prepare, read_tokens
+
+
+@dataclass
+class TrainConfig:
+    model: str = "gpt"               # trains model_<model>.py
+    preset: str = ""                 # a name from that file's PRESETS (paper-size shapes)
+    dataset: str = "shakespeare_char"
+    data_dir: str = "data"
+    out_dir: str = ""                # default: out-<model>
+    init_from: str = "scratch"       # "scratch" or "resume" (from out_dir/ckpt.pt)
+    # iterations, evaluation, logging
+    max_iters: int = 2000
+    eval_interval: int = 250
+    eval_iters: int = 20             # batches per split in each evaluation
+    log_interval: int = 10
+    # batch: tokens per iteration = gradient_accumulation_steps * batch_size * block_size
+    batch_size: int = 12
+    gradient_accumulation_steps: int = 1  # summed over all processes under torchrun
+    # AdamW and the learning-rate schedule: linear warmup, cosine decay to min_lr
+    learning_rate: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_iters: int = 100
+    lr_decay_iters: int = -1         # -1: decay over max_iters
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.99
+    grad_clip: float = 1.0           # 0 disables clipping
+    # system
+    device: str = "auto"             # auto: cuda, then mps, then cpu
+    dtype: str = "auto"              # auto: bfloat16 on CUDA when supported, else float16 on CUDA, float32 elsewhere
+    compile: str = "auto"            # auto: True on CUDA, False on CPU and MPS
+    seed: int = 1337
+
+
+CHOICES = {"init_from": ("scratch", "resume"), "compile": ("auto", "True", "False"),
+           "dtype": ("auto", "float32", "bfloat16", "float16")}
+
+
+# -----------------------------------------------------------------------------
+# options
+
+def available_models():
+    here = os.path.dirname(os.path.abspath(__file__))
+    return sorted(os.path.basename(p)[6:-3] for p in glob.glob(os.path.join(here, "model_*.py")))
+
+
+def load_model_module(name):
+    if name not in available_models():
+        raise UserError(f"unknown model {name!r}; choose one of {', '.join(available_models())}")
+    return importlib.import_module(f"model_{name}")
+
+
+def parse_value(key, text, default):
+    """Convert a command-line string to the type of the option's default."""
+    try:
+        if isinstance(default, bool):
+            if text.lower() not in ("true", "false", "1", "0"):
+                raise ValueError
+            return text.lower() in ("true", "1")
+        if isinstance(default, int):
+            return int(float(text)) if "e" in text.lower() and float(text).is_integer() else int(text)
+        if isinstance(default, float):
+            return float(text)
+        return text
+    except ValueError:
+        raise UserError(f"--{key}={text}: expected {type(default).__name__}") from None
+
+
+def parse_args(argv):
+    """--key=value arguments -> (TrainConfig, {model field: value}, keys given on the command line)."""
+    pairs = {}
+    for arg in argv:
+        key, eq, value = arg[2:].partition("=") if arg.startswith("--") else ("", "", "")
+        if not eq and arg not in ("-h", "--help"):
+            raise UserError(f"bad argument {arg!r}; options are written --key=value")
+        pairs[key if eq else "help"] = value
+    cfg = TrainConfig()
+    if "model" in pairs:
+        cfg.model = pairs["model"]
+    module = load_model_module(cfg.model)
+    train_keys = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(TrainConfig)}
+    model_keys = {f.name: getattr(module.Config(), f.name) for f in dataclasses.fields(module.Config)}
+    if "help" in pairs:
+        print(__doc__)
+        print("training options: " + ", ".join(f"--{k}={v}" for k, v in train_keys.items()))
+        print(f"model options ({cfg.model}): " + ", ".join(f"--{k}={v}" for k, v in model_keys.items()))
+        print(f"presets ({cfg.model}): " + ", ".join(module.PRESETS))
+        sys.exit(0)
+    model_overrides = {}
+    for key, value in pairs.items():
+        if key in train_keys:
+            setattr(cfg, key, parse_value(key, value, train_keys[key]))
+        elif key in model_keys:
+            model_overrides[key] = parse_value(key, value, model_keys[key])
+        else:
+            raise UserError(f"unknown option --{key}; training options: {', '.join(train_keys)}; "
+                            f"{cfg.model} model options: {', '.join(model_keys)}")
+    if cfg.preset and cfg.preset not in module.PRESETS:
+        raise UserError(f"unknown preset {cfg.preset!r} for {cfg.model}; choose one of {', '.join(module.PRESETS)}")
+    for key, allowed in CHOICES.items():
+        if getattr(cfg, key) not in allowed:
+            raise UserError(f"--{key}={getattr(cfg, key)}: choose one of {', '.join(allowed)}")
+    for key in ("max_iters", "eval_interval", "eval_iters", "log_interval", "batch_size",
+                "gradient_accumulation_steps"):
+        if getattr(cfg, key) <= 0 and not (key == "max_iters" and cfg.max_iters == 0):
+            raise UserError(f"--{key} must be positive")
+    cfg.out_dir = cfg.out_dir or f"out-{cfg.model}"
+    return cfg, model_overrides, set(pairs)
+
+
+# -----------------------------------------------------------------------------
+# data: random windows of block_size + 1 tokens from the memory-mapped token files
+
+def load_split(cfg, split):
+    """All token files of a split: data/<dataset>/<split>.bin, or <split>_000.bin, ... for sharded sets."""
+    folder = os.path.join(cfg.data_dir, cfg.dataset)
+    paths = sorted(glob.glob(os.path.join(folder, f"{split}_*.bin"))) or \
+        glob.glob(os.path.join(folder, f"{split}.bin"))
+    if not paths:
+        raise UserError(f"no {split} data in {folder}; prepare it with: python prepare_data.py {cfg.dataset}")
+    return [read_tokens(p) for p in paths]
+
+
+def load_meta(cfg):
+    path = os.path.join(cfg.data_dir, cfg.dataset, "meta.json")
+    if not os.path.exists(path):
+        if cfg.dataset == "shakespeare_char":  # the default dataset prepares itself on first use
+            prepare("shakespeare_char", cfg.data_dir)
+        else:
+            raise UserError(f"dataset {cfg.dataset!r} is not prepared ({path} is missing); run: "
+                            f"python prepare_data.py {cfg.dataset}")
+    with open(path) as f:
+        return json.load(f)
+
+
+def get_batch(shards, batch_size, block_size, generator, device):
+    """batch_size windows drawn uniformly over all shards' valid start positions."""
+    starts = torch.tensor([len(s) - block_size - 1 for s in shards])  # valid starts per shard
+    if (starts <= 0).any():
+        raise UserError(f"a token file holds fewer than block_size + 2 = {block_size + 2} tokens")
+    offsets = torch.randint(int(starts.sum()), (batch_size,), generator=generator)
+    ends = starts.cumsum(0)
+    which = torch.searchsorted(ends, offsets, right=True)
+    rows = []
+    for shard, offset in zip(which.tolist(), offsets.tolist()):
+        i = offset - (int(ends[shard]) - int(starts[shard]))
+        rows.append(torch.from_numpy(shards[shard][i:i + block_size + 1].astype(np.int64)))
+    xy = torch.stack(rows)
+    x, y = xy[:, :-1], xy[:, 1:]
+    if device.type == "cuda":  # pinned memory lets the copy overlap with compute
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x.contiguous().to(device), y.contiguous().to(device)
+
+
+# -----------------------------------------------------------------------------
+# helpers for the loop
+
+def get_lr(cfg, it):
+    """Linear warmup, then cosine decay from learning_rate to min_lr, then min_lr."""
+    decay_iters = cfg.max_iters if cfg.lr_decay_iters < 0 else cfg.lr_decay_iters
+    if it < cfg.warmup_iters:
+        return cfg.learning_rate * (it + 1) / (cfg.warmup_iters + 1)
+    if it >= decay_iters:
+        return cfg.min_lr
+    ratio = (it - cfg.warmup_iters) / max(decay_iters - cfg.warmup_iters, 1)
+    return cfg.min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (cfg.learning_rate - cfg.min_lr)
+
+
+def configure_optimizer(model, cfg, device):
+    """AdamW with nanoGPT's rule: weight decay on tensors of 2 or more dimensions (matmul weights and
+    embeddings), none on gains, biases and scalars. A parameter with an `lr_mult` attribute gets its
+    own group whose learning rate is scaled by it, through warmup and decay alike."""
+    groups = {}
+    for p in model.parameters():
+        if p.requires_grad:
+            key = (p.dim() >= 2, getattr(p, "lr_mult", 1.0))
+            groups.setdefault(key, []).append(p)
+    param_groups = [{"params": ps, "weight_decay": cfg.weight_decay if decay else 0.0, "lr_mult": mult}
+                    for (decay, mult), ps in sorted(groups.items())]
+    return torch.optim.AdamW(param_groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
+                             fused=device.type == "cuda")
+
+
+# bf16 dense peak FLOP/s of common GPUs, for MFU (the first name that appears in the device name wins)
+PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12,
+              "4090": 165e12, "A10G": 70e12, "3090": 71e12, "V100": 125e12, "T4": 65e12}
+
+
+def peak_flops(device):
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+
+
+def peak_memory_mb(device):
+    """Peak memory of this process: the CUDA allocator's high-water mark, else the peak RSS."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return rss / 2**20 if sys.platform == "darwin" else rss / 2**10
+
+
+def pick_device(name="auto", dtype="auto", local_rank=0):
+    """(device, dtype name) for the options --device and --dtype."""
+    if name != "auto":
+        try:
+            device = torch.device(name)
+        except RuntimeError:
+            raise UserError(f"--device={name}: use auto, cpu, mps, cuda or cuda:N") from None
+    elif torch.cuda.is_available():
+        device = torch.device("cuda")
+    elif torch.backends.mps.is_available():
+        device = torch.device("mps")
+    else:
+        device = torch.device("cpu")
+    if (device.type == "cuda" and not torch.cuda.is_available()) or \
+            (device.type == "mps" and not torch.backends.mps.is_available()):
+        raise UserError(f"--device={name}, but this machine has no {device.type} device; use --device=cpu")
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank if device.index is None else device.index)
+        torch.cuda.set_device(device)
+    if dtype == "auto":
+        dtype = "float32" if device.type != "cuda" else \
+            "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+    return device, dtype
+
+
+def save_checkpoint(path, ckpt):
+    """Write through a temporary file and a rename: a crash never leaves a half-written ckpt.pt."""
+    torch.save(ckpt, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def load_checkpoint(path, device="cpu"):
+    if not os.path.exists(path):
+        raise UserError(f"no checkpoint at {path}; train one first (python train.py --model=...) "
+                        f"or point --out_dir at the folder holding ckpt.pt")
+    try:  # weights_only: a checkpoint is data (tensors, numbers, strings), never code
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        raise UserError(f"{path} is not a readable checkpoint ({e.__class__.__name__}); delete it and "
+                        f"train again") from None
+
+
+def log_jsonl(path, record):
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+# -----------------------------------------------------------------------------
+
+def main(argv):
+    cfg, model_overrides, given = parse_args(argv)
+    module = load_model_module(cfg.model)
+
+    # processes: one, or one per GPU/CPU worker under torchrun (DDP)
+    ddp = int(os.environ.get("RANK", -1)) != -1
+    rank, local_rank, world_size = 0, 0, 1
+    if ddp:
+        rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+        world_size = int(os.environ["WORLD_SIZE"])
+    device, dtype = pick_device(cfg.device, cfg.dtype, local_rank)
+    if ddp:
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        if cfg.gradient_accumulation_steps % world_size:
+            raise UserError(f"--gradient_accumulation_steps={cfg.gradient_accumulation_steps} must be a "
+                            f"multiple of the {world_size} processes")
+    master = rank == 0
+    accum_steps = cfg.gradient_accumulation_steps // world_size  # micro-steps of this process
+
+    # model config: the file's laptop defaults, then the preset, then the command line; on resume
+    # everything comes from the checkpoint (training options given on the command line still apply)
+    ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+    meta = load_meta(cfg)
+    ckpt = None
+    if cfg.init_from == "resume":
+        ckpt = load_checkpoint(ckpt_path)
+        if ckpt["model_name"] != cfg.model:
+            raise UserError(f"{ckpt_path} holds a {ckpt['model_name']} model, not {cfg.model}")
+        if model_overrides or "preset" in given:
+            raise UserError("a resumed run keeps the checkpoint's model config; drop the model options")
+        saved = ckpt["train_config"]
+        cfg = TrainConfig(**{**{k: v for k, v in saved.items() if hasattr(cfg, k)},
+                             **{k: getattr(cfg, k) for k in given if hasattr(cfg, k)}})
+        model_config = module.Config(**ckpt["model_config"])
+    else:
+        fields = {**(module.PRESETS[cfg.preset] if cfg.preset else {}), **model_overrides}
+        vocab_size = max(meta["vocab_size"], fields.get("vocab_size", 0))  # larger = padding, allowed
+        model_config = module.Config(**{**fields, "vocab_size": vocab_size})
+    block_size = model_config.block_size
+    tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * block_size
+
+    torch.manual_seed(cfg.seed)  # the same initial weights on every process
+    try:
+        model = module.Model(model_config).to(device)
+    except ValueError as e:
+        raise UserError(f"bad {cfg.model} config: {e}") from None
+    optimizer = configure_optimizer(model, cfg, device)
+    train_data, val_data = load_split(cfg, "train"), load_split(cfg, "val")
+    iter_num, best_val_loss, train_time, tokens_seen = 0, float("inf"), 0.0, 0
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
+        train_time, tokens_seen = ckpt["train_time"], ckpt["tokens_seen"]
+        del ckpt
+
+    # precision: autocast to bf16/fp16 on CUDA (fp16 needs loss scaling); TF32 matmuls
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    autocast = nullcontext() if dtype == "float32" else torch.autocast(device.type, dtype=ptdtype)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == "float16")
+
+    raw_model = model
+    use_compile = cfg.compile == "True" or (cfg.compile == "auto" and device.type == "cuda")
+    if use_compile:
+        model = compile_or_eager(model, train_data, cfg.batch_size, block_size, device, autocast)
+    train_model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None) if ddp else model
+
+    def batch(split_data, step, process=rank):
+        """Micro-batch `step` of a process. Every random draw is a pure function of (seed, process,
+        step): a resumed run sees exactly the batches the uninterrupted run would have seen, and
+        there is no generator state to save. Evaluation uses process -1: the same tokens each time."""
+        rng = torch.Generator().manual_seed((cfg.seed * 1000 + process + 1) * 2**32 + step)
+        return get_batch(split_data, cfg.batch_size, block_size, rng, device)
+
+    def evaluate():
+        """Mean eval-mode loss over eval_iters fixed batches per split (the same for every model)."""
+        model.eval()
+        out = {}
+        for split, data in (("train", train_data), ("val", val_data)):
+            losses = torch.zeros(cfg.eval_iters)
+            for k in range(cfg.eval_iters):
+                x, y = batch(data, k, process=-1)
+                with torch.no_grad(), autocast:
+                    losses[k] = model(x, y)[1].item()
+            out[split] = losses.mean().item()
+        model.train()
+        return out
+
+    if master:
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        n_params = sum(p.numel() for p in raw_model.parameters())
+        print(f"{cfg.model}: {n_params:,} parameters, {raw_model.flops_per_token() / 1e6:.2f} MFLOP/token; "
+              f"{tokens_per_iter:,} tokens/iter; {device} {dtype}{', compiled' if use_compile else ''}"
+              f"{f', {world_size} processes' if ddp else ''}")
+    log_path = os.path.join(cfg.out_dir, "log.jsonl")
+    peak = peak_flops(device)
+    start_iter = iter_num
+    x, y = batch(train_data, iter_num * accum_steps)
+    t0, logged_time, logged_iter = time.time(), train_time, iter_num
+    while True:
+        # evaluate, log and save (every eval_interval iterations and at the end)
+        if master and (iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters):
+            train_time += time.time() - t0
+            losses = evaluate()
+            print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+            best_val_loss = min(best_val_loss, losses["val"])
+            log_jsonl(log_path, {"iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"],
+                                 "time": train_time, "tokens": tokens_seen})
+            if iter_num > start_iter:  # (a resumed run's first evaluation is its checkpoint's)
+                save_checkpoint(ckpt_path, {
+                    "model_name": cfg.model, "model_config": dataclasses.asdict(model_config),
+                    "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+                    "iter_num": iter_num, "best_val_loss": best_val_loss, "train_config": dataclasses.asdict(cfg),
+                    "train_time": train_time, "tokens_seen": tokens_seen, "tokenizer": meta["tokenizer"]})
+            t0 = time.time()  # evaluation is not training time
+        if iter_num >= cfg.max_iters:
+            break
+
+        # one optimisation step: accumulate gradients over micro-batches, clip, step
+        lr = get_lr(cfg, iter_num)
+        for group in optimizer.param_groups:
+            group["lr"] = lr * group["lr_mult"]
+        torch.manual_seed((cfg.seed * 1000 + 500 + rank) * 2**32 + iter_num)  # dropout: a function of the step too
+        for micro_step in range(accum_steps):
+            if ddp:  # all-reduce the gradients only after the last micro-batch
+                train_model.require_backward_grad_sync = micro_step == accum_steps - 1
+            with autocast:
+                _, loss = train_model(x, y)
+                loss = loss / accum_steps
+            x, y = batch(train_data, iter_num * accum_steps + micro_step + 1)  # prefetch the next one
+            scaler.scale(loss).backward()
+        if cfg.grad_clip > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        iter_num += 1
+        tokens_seen += tokens_per_iter
+
+        if master and iter_num % cfg.log_interval == 0:
+            loss_value = loss.item() * accum_steps  # .item() waits for the GPU: only on log steps
+            train_time += time.time() - t0
+            t0 = time.time()
+            dt = (train_time - logged_time) / (iter_num - logged_iter)
+            logged_time, logged_iter = train_time, iter_num
+            record = {"iter": iter_num, "loss": loss_value, "lr": lr, "ms": dt * 1000,
+                      "tok_s": tokens_per_iter / dt, "time": train_time, "tokens": tokens_seen,
+                      "peak_mem_mb": peak_memory_mb(device)}
+            line = f"iter {iter_num}: loss {loss_value:.4f}, {dt * 1000:.1f}ms, {tokens_per_iter / dt:,.0f} tok/s"
+            if peak:
+                record["mfu"] = raw_model.flops_per_token() * tokens_per_iter / dt / (peak * world_size)
+                line += f", mfu {record['mfu']:.1%}"
+            stats = raw_model.stats()
+            print(line + "".join(f", {k} {v:.3g}" for k, v in stats.items()))
+            log_jsonl(log_path, {**stats, **record})
+
+    if master:
+        print(f"done: best val loss {best_val_loss:.4f}; peak memory {peak_memory_mb(device):,.0f} MiB. "
+              f"Sample with: python sample.py --out_dir={cfg.out_dir}")
+    if ddp:
+        dist.destroy_process_group()
+    return raw_model
+
+
+def compile_or_eager(model, train_data, batch_size, block_size, device, autocast):
+    """torch.compile the model and run one training forward/backward to trigger compilation; if
+    that fails (no compiler, unsupported op), warn and train the eager model instead."""
+    compiled = torch.compile(model)
+    x, y = get_batch(train_data, batch_size, block_size, torch.Generator().manual_seed(0), device)
+    state = {k: v.clone() for k, v in model.state_dict().items()}  # the probe step may move buffers
+    try:
+        with autocast:
+            compiled(x, y)[1].backward()
+    except Exception as e:
+        warnings.warn(f"torch.compile failed ({e.__class__.__name__}: {str(e).splitlines()[0][:200]}); "
+                      f"training the eager model")
+        compiled = model
+    model.zero_grad(set_to_none=True)
+    model.load_state_dict(state)
+    return compiled
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except UserError as e:
+        sys.exit(f"train.py: error: {e}")
+    except KeyboardInterrupt:
+        sys.exit("\ntrain.py: interrupted; the last checkpoint is intact (resume with --init_from=resume)")
