@@ -4,12 +4,15 @@ Benchmark training or generation speed of model files on the current device (a b
     python bench.py --model=gpt,mod,dtf                      # laptop configs, batch 12 x block 64
     python bench.py --model=gpt --preset=gpt2-124m --block_size=1024 --batch_size=16 --compile=True
     python bench.py --model=bdh,gpt --mode=generate --new_tokens=512
+    python bench.py --mode=tokenize --text=data/shakespeare_char/input.txt   # prepare_data.py c4's tokenizer
 
 mode=train times fwd+bwd+AdamW steps after warm-up and prints ms/step, tokens/s, peak memory (CUDA:
 the allocator's high-water mark; CPU: peak RSS growth over the process before the model was built)
 and, on a GPU, MFU from the model's flops_per_token(). mode=generate times greedy generation of
 new_tokens tokens: with the model's own generate() when it has one (BDH's recurrent form), and by
 re-running the full forward for every token, and checks both produce the same tokens.
+mode=tokenize times prepare_data.py's C4 path (gzip JSON lines -> GPT-2 BPE token shard) on a
+20 MB file of ~2 KB documents cut from --text, with 1 process and with all cores.
 Every measurement runs in a fresh process, models are interleaved over `repeats` rounds and the
 median is kept; speeds are also given relative to the first model. Compare models within one run
 only, on an otherwise idle machine.
@@ -31,7 +34,7 @@ from train import TrainConfig, configure_optimizer, load_model_module, parse_val
 OPTIONS = {
     "model": "gpt",          # one name or a comma-separated list; the first is the reference
     "preset": "",            # a PRESETS entry of every listed model
-    "mode": "train",         # train | generate
+    "mode": "train",         # train | generate | tokenize
     "batch_size": 12,
     "block_size": 0,         # 0: the config's own (64 at the laptop configs)
     "vocab_size": 65,
@@ -44,6 +47,7 @@ OPTIONS = {
     "compile": False,
     "peak_flops": 0.0,       # 0: look the GPU up in train.PEAK_FLOPS
     "profile": False,        # write a torch.profiler trace bench_trace_<model>.json (train mode)
+    "text": "data/shakespeare_char/input.txt",  # tokenize mode: any UTF-8 text
 }
 
 
@@ -143,6 +147,32 @@ def measure_generate(opts, name, device, dtype):
     return result
 
 
+def bench_tokenize(opts):
+    import gzip
+    import tempfile
+    from prepare_data import tokenize_c4_file
+    try:
+        with open(opts["text"], encoding="utf-8") as f:
+            text = f.read()
+    except OSError as e:
+        raise UserError(f"cannot read --text={opts['text']}: {e.strerror}") from None
+    docs = [text[i:i + 2000] for i in range(0, len(text), 2000)]
+    with tempfile.TemporaryDirectory() as tmp:
+        gz = os.path.join(tmp, "docs.json.gz")
+        procs, copies = sorted({1, os.cpu_count()}), 20_000_000 // len(text) + 1
+        print(f"{len(docs) * copies:,} documents, {copies * len(text) / 1e6:.0f} MB of text")
+        print("| processes | tokens | seconds | tokens/s |\n|---:|---:|---:|---:|")
+        with gzip.open(gz, "wt", encoding="utf-8") as f:
+            for _ in range(copies):
+                for doc in docs:
+                    f.write(json.dumps({"text": doc}) + "\n")
+        for n in procs:
+            t0 = time.perf_counter()
+            n_tokens = tokenize_c4_file(gz, os.path.join(tmp, "out.bin"), n)
+            dt = time.perf_counter() - t0
+            print(f"| {n} | {n_tokens:,} | {dt:.1f} | {n_tokens / dt:,.0f} |")
+
+
 def worker(opts):
     """One measurement of one model, printed as a JSON line for the parent process."""
     device, dtype = pick_device(opts["device"], opts["dtype"])
@@ -170,10 +200,12 @@ def main(argv):
         if key not in opts or not eq:
             raise UserError(f"unknown or malformed option {arg!r}; options: {', '.join('--' + k for k in OPTIONS)}")
         opts[key] = parse_value(key, value, opts[key])
-    if opts["mode"] not in ("train", "generate"):
-        raise UserError("--mode must be train or generate")
+    if opts["mode"] not in ("train", "generate", "tokenize"):
+        raise UserError("--mode must be train, generate or tokenize")
     if opts.pop("worker"):
         return worker(opts)
+    if opts["mode"] == "tokenize":
+        return bench_tokenize(opts)
 
     names = opts["model"].split(",")
     for name in names:

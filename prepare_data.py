@@ -4,19 +4,24 @@ Prepare a dataset for train.py: get the text, tokenize it, write uint16 token fi
     python prepare_data.py shakespeare_char                  # tiny Shakespeare, one token per character
     python prepare_data.py shakespeare                       # tiny Shakespeare, GPT-2 BPE (tiktoken)
     python prepare_data.py shakespeare_char --input=my.txt --name=mytext    # any UTF-8 text file
+    python prepare_data.py c4 --tokens=5e9                   # C4 English, GPT-2 BPE, token shards
 
-Writes data/<name>/train.bin, val.bin and meta.json (the vocabulary size and how to rebuild the
+Writes data/<name>/train.bin, val.bin (C4: train_000.bin, ..., val_000.bin) and meta.json (the vocabulary size and how to rebuild the
 tokenizer, which train.py copies into every checkpoint so that sample.py can decode).
 A .bin file is a 1024-byte header (int32: magic, version, token count, zeros) followed by the
 tokens as uint16, so a truncated or foreign file is detected instead of silently trained on.
 Every file is written to a temporary name and renamed, so an interrupted run never leaves a file
 that looks complete; rerunning the same command resumes a partial download.
 """
+import gzip
 import hashlib
 import json
+import multiprocessing
 import os
 import sys
 import time
+import zlib
+from collections import deque
 
 import numpy as np
 import requests
@@ -155,7 +160,11 @@ def _stream(response, f, have, total, label):
     start, last, got = time.time(), 0.0, 0
     try:
         for chunk in response.iter_content(chunk_size=1 << 16):
-            f.write(chunk)
+            try:
+                f.write(chunk)
+            except OSError as e:
+                raise UserError(f"could not write {f.name}: {e.strerror} (is the disk full?); free some "
+                                f"space and rerun to resume") from None
             got += len(chunk)
             now = time.time()
             if now - last > 0.5 or (total and have + got >= total):
@@ -196,11 +205,11 @@ def prepare_text(out_dir, text, tokenizer):
     print(f"{out_dir}: vocabulary {vocab_size:,}, train {len(train):,} tokens, val {len(val):,} tokens")
 
 
-def prepare_shakespeare(out_dir, tokenizer, input_path="", url=SHAKESPEARE_URL):
-    if input_path:
-        if not os.path.exists(input_path):
-            raise UserError(f"--input file {input_path} does not exist")
-        src, sha256 = input_path, None
+def prepare_shakespeare(out_dir, tokenizer, input="", url=SHAKESPEARE_URL):
+    if input:
+        if not os.path.exists(input):
+            raise UserError(f"--input file {input} does not exist")
+        src, sha256 = input, None
     else:
         src = os.path.join(out_dir, "input.txt")
         sha256 = SHAKESPEARE_SHA256 if url == SHAKESPEARE_URL else None
@@ -216,40 +225,151 @@ def prepare_shakespeare(out_dir, tokenizer, input_path="", url=SHAKESPEARE_URL):
     prepare_text(out_dir, text, tokenizer)
 
 
-DATASETS = {"shakespeare_char": "char", "shakespeare": "bpe"}  # name -> tokenizer
+# -----------------------------------------------------------------------------
+# C4 (allenai/c4, English): 1024 train and 8 validation files of gzipped JSON lines {"text": ...}.
+# Each downloaded file becomes one token shard; documents are separated by <|endoftext|>.
+
+C4_URL = "https://huggingface.co/datasets/allenai/c4/resolve/main"
+C4_FILES = {"train": 1024, "val": 8}
 
 
-def prepare(dataset, data_dir="data", name="", input="", url=SHAKESPEARE_URL):
+def c4_file(split, i):
+    return f"en/c4-{'train' if split == 'train' else 'validation'}.{i:05d}-of-{C4_FILES[split]:05d}.json.gz"
+
+
+def encode_documents(docs):
+    """<|endoftext|> + tokens for each document, as one uint16 array (runs in a worker process)."""
+    enc = bpe_encoding(BPE_ENCODING)
+    eot = np.array([enc.eot_token], dtype=np.uint16)
+    return np.concatenate([part for ids in enc.encode_ordinary_batch(docs, num_threads=1)
+                           for part in (eot, np.array(ids, dtype=np.uint16))])
+
+
+def tokenize_c4_file(gz_path, out_path, procs, batch_docs=256):
+    """Tokenize one json.gz into one token shard with `procs` processes. The gzip is read to its end
+    (which checks its CRC) before the shard is written: a corrupt download is deleted, never used."""
+    label = os.path.basename(gz_path)
+    chunks, pending, n_docs, n_tokens, start = [], deque(), 0, 0, time.time()
+
+    def collect():
+        nonlocal n_tokens
+        chunks.append(pending.popleft().get())
+        n_tokens += len(chunks[-1])
+        rate = n_tokens / max(time.time() - start, 1e-9)
+        print(f"\rtokenizing {label}: {n_docs:,} documents, {n_tokens / 1e6:.1f}M tokens, "
+              f"{rate / 1e6:.2f}M tokens/s", end="", file=sys.stderr, flush=True)
+
+    try:
+        with gzip.open(gz_path, "rt", encoding="utf-8") as f, multiprocessing.Pool(procs) as pool:
+            batch = []
+            for line in f:
+                batch.append(json.loads(line)["text"])
+                if len(batch) == batch_docs:
+                    pending.append(pool.apply_async(encode_documents, (batch,)))
+                    n_docs, batch = n_docs + len(batch), []
+                    if len(pending) > 2 * procs:  # bounded: memory holds tokens, not the whole text
+                        collect()
+            if batch:
+                pending.append(pool.apply_async(encode_documents, (batch,)))
+                n_docs += len(batch)
+            while pending:
+                collect()
+    except (OSError, EOFError, zlib.error, ValueError, KeyError) as e:  # gzip, CRC, JSON, UTF-8
+        os.remove(gz_path)
+        raise UserError(f"{gz_path} is corrupt ({e.__class__.__name__}: {e}); it was deleted, rerun to "
+                        f"download it again") from None
+    finally:
+        print(file=sys.stderr)
+    tokens = np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.uint16)
+    write_tokens(out_path, tokens)
+    return len(tokens)
+
+
+def prepare_c4(out_dir, tokens=0, shards=0, val_shards=1, base_url=C4_URL, procs=0):
+    """Download and tokenize C4 shard by shard until `shards` train shards (or `tokens` train tokens)
+    exist, plus `val_shards` validation shards. Complete, verified shards are skipped on a rerun."""
+    if tokens and shards:
+        raise UserError("give --tokens or --shards, not both")
+    shards = shards or (0 if tokens else 1)
+    if shards > C4_FILES["train"] or not 1 <= val_shards <= C4_FILES["val"]:
+        raise UserError(f"C4 has {C4_FILES['train']} train and {C4_FILES['val']} validation files")
+    procs = procs or os.cpu_count()
+    os.makedirs(os.path.join(out_dir, "raw"), exist_ok=True)
+
+    def ensure(split, i):
+        out_path = os.path.join(out_dir, f"{split}_{i:03d}.bin")
+        if os.path.exists(out_path):
+            try:
+                return len(read_tokens(out_path))  # complete and verified: nothing to do
+            except UserError:
+                os.remove(out_path)
+        gz_path = os.path.join(out_dir, "raw", os.path.basename(c4_file(split, i)))
+        if not os.path.exists(gz_path):
+            download(f"{base_url}/{c4_file(split, i)}", gz_path,
+                     local_hint="download from a mirror with the same en/c4-*.json.gz layout: --base_url=URL")
+        n = tokenize_c4_file(gz_path, out_path, procs)
+        os.remove(gz_path)  # the token shard is the product; the text can be downloaded again
+        return n
+
+    for i in range(val_shards):
+        ensure("val", i)
+    total, i = 0, 0
+    while (i < shards) if shards else (total < tokens):
+        if i == C4_FILES["train"]:
+            raise UserError(f"C4 has only {total:,} train tokens")
+        total += ensure("train", i)
+        i += 1
+    write_json(os.path.join(out_dir, "meta.json"),
+               {"vocab_size": BPE_VOCAB_SIZE, "tokenizer": {"kind": "tiktoken", "encoding": BPE_ENCODING}})
+    print(f"{out_dir}: {i} train shards, {total:,} train tokens, {val_shards} val shards")
+
+
+# dataset -> the options it takes, with their defaults
+DATASETS = {
+    "shakespeare_char": {"input": "", "url": SHAKESPEARE_URL},
+    "shakespeare": {"input": "", "url": SHAKESPEARE_URL},
+    "c4": {"tokens": 0, "shards": 0, "val_shards": 1, "base_url": C4_URL, "procs": 0},
+}
+
+
+def prepare(dataset, data_dir="data", name="", **options):
     """Prepare `dataset` into data_dir/(name or dataset)/; returns that directory."""
     if dataset not in DATASETS:
         raise UserError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
     out_dir = os.path.join(data_dir, name or dataset)
     os.makedirs(out_dir, exist_ok=True)
-    prepare_shakespeare(out_dir, DATASETS[dataset], input, url)
+    if dataset == "c4":
+        prepare_c4(out_dir, **options)
+    else:
+        prepare_shakespeare(out_dir, "char" if dataset == "shakespeare_char" else "bpe", **options)
     return out_dir
 
 
 def main(argv):
-    usage = ("usage: python prepare_data.py DATASET [--input=FILE] [--name=NAME] [--data_dir=data] [--url=URL]\n"
-             f"DATASET: {', '.join(DATASETS)}. --input reads a local UTF-8 text instead of downloading "
-             "tiny Shakespeare; --name picks the output folder data/NAME.")
-    options = {"input": "", "name": "", "data_dir": "data", "url": SHAKESPEARE_URL}
-    positional = []
+    usage = ("usage: python prepare_data.py DATASET [--name=NAME] [--data_dir=data] [options]\n"
+             "  shakespeare_char, shakespeare: [--input=FILE (a local UTF-8 text instead of the download)] [--url=URL]\n"
+             "  c4: [--tokens=N | --shards=N (default 1)] [--val_shards=1] [--base_url=URL] [--procs=N (default: all cores)]")
+    positional = [a for a in argv if not a.startswith("-")]
+    if "-h" in argv or "--help" in argv:
+        print(usage)
+        return
+    if len(positional) != 1 or positional[0] not in DATASETS:
+        raise UserError(f"name one dataset: {', '.join(DATASETS)} (see --help)")
+    dataset = positional[0]
+    options = {"name": "", "data_dir": "data", **DATASETS[dataset]}
     for arg in argv:
-        if arg in ("-h", "--help"):
-            print(usage)
-            return
-        if not arg.startswith("--"):
-            positional.append(arg)
+        if arg == dataset:
             continue
         key, eq, value = arg[2:].partition("=")
-        if key not in options or not eq:
-            raise UserError(f"unknown or malformed option {arg}; options are "
+        if not arg.startswith("--") or key not in options or not eq:
+            raise UserError(f"unknown or malformed option {arg} for {dataset}; options are "
                             f"{', '.join('--' + k + '=...' for k in options)}")
-        options[key] = value
-    if len(positional) != 1:
-        raise UserError(f"name exactly one dataset ({', '.join(DATASETS)}); see --help")
-    prepare(positional[0], **options)
+        default = options[key]
+        try:
+            options[key] = int(float(value)) if isinstance(default, int) else value  # --tokens=5e9
+        except ValueError:
+            raise UserError(f"--{key}={value}: expected a number") from None
+    prepare(dataset, **options)
 
 
 if __name__ == "__main__":

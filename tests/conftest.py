@@ -9,6 +9,16 @@ SHARED = os.path.join(os.path.dirname(ROOT), "shared")
 
 
 @pytest.fixture
+def tiktoken_cache(monkeypatch):
+    """GPT-2's BPE offline: ../shared/tiktoken_cache as TIKTOKEN_CACHE_DIR, or a skip."""
+    cache = os.path.join(SHARED, "tiktoken_cache")
+    if not os.path.isdir(cache):
+        pytest.skip("../shared/tiktoken_cache is not present")
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", cache)
+    return cache
+
+
+@pytest.fixture
 def shakespeare_path():
     """The standard tiny Shakespeare text from ../shared/, or a skip when this checkout has none."""
     path = os.path.join(SHARED, "data", "tinyshakespeare.txt")

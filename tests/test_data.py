@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import prepare_data
-from conftest import ROOT, SHARED, assert_one_line_error, make_text
+from conftest import ROOT, assert_one_line_error, make_text
 from prepare_data import UserError, download, get_tokenizer, prepare, read_tokens, write_tokens
 
 
@@ -58,9 +58,11 @@ def test_prepare_command_line_errors(tmp_path):
     def run(*args):
         return subprocess.run([sys.executable, "prepare_data.py", *args, f"--data_dir={tmp_path}"],
                               cwd=ROOT, capture_output=True, text=True)
-    for args, message in ((["nope"], "unknown dataset 'nope'"),
+    for args, message in ((["nope"], "name one dataset: shakespeare_char, shakespeare, c4"),
                           (["shakespeare_char", "--input=/does/not/exist"], "does not exist"),
-                          (["shakespeare_char", "--colour=red"], "unknown or malformed option --colour=red")):
+                          (["shakespeare_char", "--colour=red"], "unknown or malformed option --colour=red"),
+                          (["c4", "--input=x.txt"], "unknown or malformed option --input=x.txt for c4"),
+                          (["c4", "--shards=many"], "--shards=many: expected a number")):
         assert_one_line_error(run(*args), "prepare_data.py", message)
 
 
@@ -111,15 +113,6 @@ def test_prepare_shakespeare_char_through_download(tmp_path, file_server, shakes
     assert len(read_tokens(str(tmp_path / "shakespeare_char" / "train.bin"))) == 1_003_854
     assert len(read_tokens(str(tmp_path / "shakespeare_char" / "val.bin"))) == 111_540
     assert hashlib.sha256(data).hexdigest() == prepare_data.SHAKESPEARE_SHA256
-
-
-@pytest.fixture
-def tiktoken_cache(monkeypatch):
-    cache = os.path.join(SHARED, "tiktoken_cache")
-    if not os.path.isdir(cache):
-        pytest.skip("../shared/tiktoken_cache is not present")
-    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", cache)
-    return cache
 
 
 def test_gpt2_bpe_offline(tiktoken_cache):
