@@ -381,6 +381,8 @@ def main(argv):
               f"{tokens_per_iter:,} tokens/iter; {device} {dtype}{', compiled' if use_compile else ''}"
               f"{f', {world_size} processes' if ddp else ''}")
     log_path = os.path.join(cfg.out_dir, "log.jsonl")
+    if master and cfg.init_from == "scratch" and os.path.exists(log_path):
+        os.remove(log_path)  # a new run starts a new log; a resumed run appends to its own
     peak = peak_flops(device)
     start_iter = iter_num
     x, y = batch(train_data, iter_num * accum_steps)
