@@ -113,9 +113,8 @@ class Attention(nn.Module):
         k = k.view(B, T, G, hd).transpose(1, 2)               # (B, G, T, hd)
         v = v.view(B, T, G, hd).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if G != H:  # kv head g serves query heads g*H/G .. (g+1)*H/G - 1
-            k, v = k.repeat_interleave(H // G, dim=1), v.repeat_interleave(H // G, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+        # enable_gqa: kv head g serves query heads g*H/G .. (g+1)*H/G - 1, without copying k and v
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=G != H,
                                            dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).reshape(B, T, H * hd)
         return self.resid_dropout(self.o_proj(y))

@@ -212,7 +212,7 @@ def configure_optimizer(model, cfg, device):
     param_groups = [{"params": ps, "weight_decay": cfg.weight_decay if decay else 0.0, "lr_mult": mult}
                     for (decay, mult), ps in sorted(groups.items())]
     return torch.optim.AdamW(param_groups, lr=cfg.learning_rate, betas=(cfg.beta1, cfg.beta2),
-                             fused=device.type == "cuda")
+                             fused=device.type in ("cuda", "cpu"))  # one kernel for all parameters
 
 
 # bf16 dense peak FLOP/s of common GPUs, for MFU (the first name that appears in the device name wins)
