@@ -306,7 +306,6 @@ def main(argv):
     # model config: the file's laptop defaults, then the preset, then the command line; on resume
     # everything comes from the checkpoint (training options given on the command line still apply)
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
-    meta = load_meta(cfg)
     ckpt = None
     if cfg.init_from == "resume":
         ckpt = load_checkpoint(ckpt_path)
@@ -317,6 +316,8 @@ def main(argv):
         saved = ckpt["train_config"]
         cfg = TrainConfig(**{**{k: v for k, v in saved.items() if hasattr(cfg, k)},
                              **{k: getattr(cfg, k) for k in given if hasattr(cfg, k)}})
+    meta = load_meta(cfg)
+    if ckpt is not None:
         model_config = module.Config(**ckpt["model_config"])
     else:
         fields = {**(module.PRESETS[cfg.preset] if cfg.preset else {}), **model_overrides}

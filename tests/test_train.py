@@ -72,7 +72,8 @@ def test_resume_continues_exactly(data_dir, trained, tmp_path):
     out = str(tmp_path)
     run_train(data_dir, out, "--max_iters=4", "--lr_decay_iters=8", "--eval_interval=4", "--dropout=0.1")
     assert load(out)["iter_num"] == 4
-    r = run_train(data_dir, out, "--init_from=resume", "--max_iters=8")
+    r = run("train.py", "--init_from=resume", f"--out_dir={out}", "--max_iters=8")  # the rest: from ckpt.pt
+    assert r.returncode == 0, r.stderr
     assert "iter 5:" in r.stdout and "iter 1:" not in r.stdout  # the iteration count continues
     a, b = load(trained), load(out)
     assert b["iter_num"] == 8
