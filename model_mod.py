@@ -1,0 +1,333 @@
+"""
+MoD: Mixture-of-Depths (Raposo et al., 2024, arXiv 2404.02258), causal in training and evaluation.
+
+The idea. A transformer spends the same compute on every token. A MoD block has a budget instead:
+only about C*T tokens of a sequence (capacity C = 12.5%) go through its attention and MLP; the rest
+skip it along the residual stream. A linear router gives every token a scalar score r, and a
+routed token adds the block's update multiplied by sigma(r), so the language-model loss itself
+teaches the router which tokens deserve the compute. Every other block is routed (specs/mod.md).
+
+    x = embedding[idx]
+    for l in 0..n_layer-1:  x = Block(x) if l is even else MoDBlock(x)     (specs/standard.md block)
+    logits = RMSNorm(x) @ embedding^T
+
+    MoDBlock(x):  r_t = <x_t, w_r>                  one score per token (fp32)
+                  routed_t = r_t >= tau             tau: running average of the per-row top-k cut-off
+                            and fewer than K earlier tokens of the row are routed (hard cap)
+                  routed tokens, gathered in position order, attend only to earlier routed tokens
+                  of their own row; x_t += sigma(r_t) * (Block(x)_t - x_t) for routed t only
+
+Why not the paper's top-k. The paper routes the k tokens of a sequence with the largest r. Whether
+token t is among them depends on the scores of the tokens after t, so in training the model sees
+the future, and a sampler (which does not have those tokens) cannot reproduce the computation. Here
+one per-token rule serves training and evaluation: compare r_t with a threshold tau that tracks
+where the top-k cut usually lies ("expert threshold" routing, arXiv 2603.11535). tau is running
+state like BatchNorm's running mean: a buffer updated only by training forwards. The top-k is still
+computed in training, but only as a target: for the auxiliary loss (a BCE teaching r to predict
+top-k membership, as in the paper) and for the tau update. mod_routing="topk" restores the paper's
+training rule for comparison (not causal in training; evaluation still uses the threshold).
+
+What the reference implementation got wrong (specs/mod.md section 5): it ranks with top-k over the
+whole row in training *and* in evaluation, and packs the selected tokens of all rows into one
+score-ordered sequence under a causal mask, so a token attends to later tokens of its row and to
+every selected token of the other rows. Its reported MoD losses are not reachable by a sampler.
+
+sigma(r) instead of the paper's raw r as the gate (as the reference does): bounded, and 0.5 at r = 0,
+so a routed token's update is never flipped in sign or blown up by an unconstrained score.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class Config:
+    vocab_size: int = 65              # set by train.py from the dataset's tokenizer
+    block_size: int = 64              # training context length
+    n_layer: int = 4                  # blocks; the odd ones (1, 3, ...) are routed
+    n_head: int = 4
+    n_kv_head: int = 2
+    n_embd: int = 128
+    intermediate_size: int = 384
+    rope_theta: float = 1e6
+    norm_eps: float = 1e-6
+    qkv_bias: bool = True
+    dropout: float = 0.0
+    init_std: float = 0.02
+    mod_capacity: float = 0.125       # C: target fraction of tokens a routed block processes
+    capacity_factor: float = 2.0      # hard cap per row: K = ceil(capacity_factor * C * T) tokens
+    tau_momentum: float = 0.99        # rho: EMA momentum of the routing threshold tau
+    mod_aux_loss_weight: float = 0.01  # lambda: weight of the router's top-k membership BCE
+    mod_routing: str = "threshold"    # "threshold" (causal, both modes) or "topk" (paper, training only)
+
+
+# Qwen2.5 shapes (standard.md) routed every other layer at C = 12.5%. vocab_size comes from the data.
+PRESETS = {
+    "qwen2.5-0.5b": dict(block_size=1024, n_layer=24, n_head=14, n_kv_head=2, n_embd=896, intermediate_size=4864),
+    "qwen2.5-1.5b": dict(block_size=1024, n_layer=28, n_head=12, n_kv_head=2, n_embd=1536, intermediate_size=8960),
+    "qwen2.5-3b": dict(block_size=1024, n_layer=36, n_head=16, n_kv_head=2, n_embd=2048, intermediate_size=11008),
+}
+
+
+# Copied from model_gpt.RMSNorm
+class RMSNorm(nn.Module):
+    """y = w * x / sqrt(mean(x^2) + eps), normalised in fp32 and cast back before the gain."""
+
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return self.weight * F.rms_norm(x.float(), (x.size(-1),), eps=self.eps).to(x.dtype)
+
+
+# Copied from model_gpt.RotaryEmbedding
+class RotaryEmbedding(nn.Module):
+    """RoPE tables, rotate-half layout: channel i and i + hd/2 form a pair turning at theta^(-2i/hd).
+
+    Called once per forward with the token positions (T,) or, for routed layers, (B, K) gathered
+    positions; returns cos and sin of shape (..., hd) in fp32 for apply_rope."""
+
+    def __init__(self, head_dim, theta):
+        super().__init__()
+        self.head_dim = head_dim
+        self.theta = theta
+
+    def forward(self, pos):
+        # the frequencies are recomputed here rather than kept in a buffer, so that .half() or
+        # .to(dtype) on the model can never round them
+        inv_freq = self.theta ** (-torch.arange(0, self.head_dim, 2, device=pos.device,
+                                                dtype=torch.float32) / self.head_dim)
+        angles = pos.float()[..., None] * inv_freq           # (..., hd/2)
+        angles = torch.cat([angles, angles], dim=-1)           # (..., hd): both halves of a pair
+        return angles.cos(), angles.sin()
+
+
+# Copied from model_gpt.apply_rope
+def apply_rope(x, cos, sin):
+    """Rotate x (B, heads, T, hd) by position: x*cos + rotate_half(x)*sin, rotate_half([a,b]) = [-b,a]."""
+    a, b = x.chunk(2, dim=-1)
+    return x * cos.to(x.dtype) + torch.cat([-b, a], dim=-1) * sin.to(x.dtype)
+
+
+# Copied from model_gpt.Attention
+class Attention(nn.Module):
+    """Causal multi-head attention with grouped KV heads, QKV bias and RoPE.
+
+    forward(x, cos, sin, mask=None): with no mask it is plain causal attention; a routed layer passes
+    a boolean mask (B, 1, T, T) (True = may attend) and cos/sin at the tokens' true positions."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.n_head, self.n_kv_head = config.n_head, config.n_kv_head
+        self.head_dim = config.n_embd // config.n_head
+        self.dropout = config.dropout
+        qkv_dim = (config.n_head + 2 * config.n_kv_head) * self.head_dim
+        self.qkv_proj = nn.Linear(config.n_embd, qkv_dim, bias=config.qkv_bias)  # W_q, W_k, W_v stacked
+        self.o_proj = nn.Linear(config.n_head * self.head_dim, config.n_embd, bias=False)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, cos, sin, mask=None):
+        B, T, _ = x.shape
+        H, G, hd = self.n_head, self.n_kv_head, self.head_dim
+        q, k, v = self.qkv_proj(x).split([H * hd, G * hd, G * hd], dim=-1)
+        q = q.view(B, T, H, hd).transpose(1, 2)               # (B, H, T, hd)
+        k = k.view(B, T, G, hd).transpose(1, 2)               # (B, G, T, hd)
+        v = v.view(B, T, G, hd).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        # enable_gqa: kv head g serves query heads g*H/G .. (g+1)*H/G - 1, without copying k and v
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=G != H,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).reshape(B, T, H * hd)
+        return self.resid_dropout(self.o_proj(y))
+
+
+# Copied from model_gpt.MLP
+class MLP(nn.Module):
+    """SwiGLU: W_down(silu(W_gate u) * W_up u), no biases."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.n_embd, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.n_embd, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.n_embd, bias=False)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, u):
+        return self.dropout(self.down_proj(F.silu(self.gate_proj(u)) * self.up_proj(u)))
+
+
+# Copied from model_gpt.Block
+class Block(nn.Module):
+    """Pre-norm decoder block: x + Attn(RMSNorm(x)), then + MLP(RMSNorm(.))."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.attn_norm = RMSNorm(config.n_embd, config.norm_eps)
+        self.attn = Attention(config)
+        self.mlp_norm = RMSNorm(config.n_embd, config.norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, mask=None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+def route(score, tau, K):
+    """Which tokens a routed block processes, decided token by token: score_t >= tau, and fewer than
+    K earlier tokens of the row already routed (the cap keeps shapes static and compute bounded).
+
+    score: (B, T) fp32. Returns sel (B, T) bool; pos (B, K): the routed positions in ascending
+    order, then unrouted positions as padding; valid (B, K): which slots hold routed tokens.
+    sel_t depends only on score_<=t and the constant tau, so routing never looks ahead."""
+    B, T = score.shape
+    want = score >= tau
+    sel = want & (want.cumsum(dim=1) <= K)
+    t = torch.arange(T, device=score.device)
+    pos = torch.argsort(torch.where(sel, t, T + t), dim=1)[:, :K]  # routed first, each group by position
+    valid = torch.arange(K, device=score.device) < sel.sum(dim=1, keepdim=True)
+    return sel, pos, valid
+
+
+def routed_update(block, x, gate, pos, valid, rope):
+    """x plus gate * (block(x) - x) at the routed positions; every other token keeps x exactly.
+
+    The K gathered tokens of a row run through the block as a short sequence of their own: a routed
+    token attends to the routed tokens at earlier positions of the same row (and itself), with RoPE
+    at the true positions, so relative distances stay real. Padding slots are masked as keys and
+    their update is zeroed; attending to themselves keeps their softmax rows finite."""
+    B, K = pos.shape
+    index = pos[..., None].expand(B, K, x.size(-1))
+    xs = x.gather(1, index)                                                    # (B, K, d)
+    slot = torch.arange(K, device=x.device)
+    mask = ((slot[None, :] <= slot[:, None]) & valid[:, None, :]) | torch.eye(K, dtype=torch.bool, device=x.device)
+    cos, sin = rope(pos)                                                       # (B, K, hd)
+    delta = block(xs, cos[:, None], sin[:, None], mask[:, None]) - xs         # attention + MLP updates
+    weight = (gate.gather(1, pos) * valid).unsqueeze(-1).to(delta.dtype)
+    return x.scatter_add(1, index, weight * delta)
+
+
+def update_threshold(tau, score, k, momentum):
+    """tau <- EMA of the mean over rows of each row's k-th largest score (the top-k cut-off); the
+    first update (tau = +inf: nothing routed yet) takes the value itself. Tensor ops only."""
+    with torch.no_grad():
+        cutoff = score.topk(k, dim=1).values[:, -1].mean()
+        tau.copy_(torch.where(torch.isposinf(tau), cutoff, momentum * tau + (1 - momentum) * cutoff))
+
+
+class MoDBlock(nn.Module):
+    """A standard block that processes only the tokens its router sends through it."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.block = Block(config)
+        self.router = nn.Parameter(torch.zeros(config.n_embd))         # w_r, one score per token
+        self.register_buffer("tau", torch.tensor(float("inf")))          # route nothing before training
+        self.last = {}  # detached tensors of the last forward, for stats()
+
+    def gate(self, r):
+        return torch.sigmoid(r)  # the routed update's weight: how the LM loss reaches the router
+
+    def forward(self, x, rope):
+        B, T, _ = x.shape
+        C = self.config.mod_capacity
+        k = max(1, int(C * T))                                              # top-k target count
+        # hard per-row cap, from block_size rather than T: a sampler's shorter prefixes then make
+        # exactly the same decisions as the full window (at most t+1 tokens can precede t anyway)
+        K = min(T, math.ceil(self.config.capacity_factor * C * self.config.block_size))
+        r = (x.float() * self.router.float()).sum(-1)                       # (B, T), fp32 under autocast
+        aux = None
+        if self.training:
+            top_k = torch.zeros_like(r).scatter_(1, r.topk(k, dim=1).indices, 1.0)  # a target, no gradient
+            aux = F.binary_cross_entropy_with_logits(r, top_k)
+        if self.training and self.config.mod_routing == "topk":
+            sel, pos, valid = route(top_k, 0.5, K)  # the paper's training rule: exactly the row's top-k
+        else:
+            sel, pos, valid = route(r, self.tau, K)
+        out = routed_update(self.block, x, self.gate(r), pos, valid, rope)
+        self.last = {"frac_routed": sel.float().mean()}
+        if self.training:  # how often the causal rule agrees with the top-k it stands in for
+            self.last.update(agreement=((r >= self.tau) == (top_k > 0)).float().mean(), aux_bce=aux.detach())
+            update_threshold(self.tau, r.detach(), k, self.config.tau_momentum)  # after deciding with the old tau
+        return out, aux
+
+
+class MoD(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        if config.n_embd % config.n_head or config.n_head % config.n_kv_head or (config.n_embd // config.n_head) % 2:
+            raise ValueError("n_embd must be a multiple of n_head, n_head of n_kv_head, and the head size even")
+        if config.mod_routing not in ("threshold", "topk"):
+            raise ValueError(f"mod_routing must be 'threshold' or 'topk', not {config.mod_routing!r}")
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.drop = nn.Dropout(config.dropout)
+        self.rope = RotaryEmbedding(config.n_embd // config.n_head, config.rope_theta)
+        self.blocks = nn.ModuleList(MoDBlock(config) if l % 2 == 1 else Block(config) for l in range(config.n_layer))
+        self.norm_f = RMSNorm(config.n_embd, config.norm_eps)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight  # tied
+        self.apply(self._init_weights)
+        for block in self.blocks:
+            if isinstance(block, MoDBlock):
+                nn.init.normal_(block.router, std=config.init_std)
+
+    def _init_weights(self, module):
+        # every Linear and the embedding ~ N(0, 0.02), routed blocks included (the reference left its
+        # routed blocks at PyTorch's default init: an unfair comparison with its dense baseline)
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def forward(self, idx, targets=None):
+        B, T = idx.shape
+        if T > self.config.block_size:
+            raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
+        cos, sin = self.rope(torch.arange(T, device=idx.device))
+        x = self.drop(self.wte(idx))
+        aux_losses = []
+        for block in self.blocks:
+            if isinstance(block, MoDBlock):
+                x, aux = block(x, self.rope)
+                aux_losses.append(aux)
+            else:
+                x = block(x, cos, sin)
+        logits = self.lm_head(self.norm_f(x))
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+            if self.training and aux_losses:  # the paper's auxiliary loss; evaluation reports pure CE
+                loss = loss + self.config.mod_aux_loss_weight * torch.stack(aux_losses).mean()
+        return logits, loss
+
+    def stats(self):
+        out = {}
+        for l, block in enumerate(self.blocks):
+            if isinstance(block, MoDBlock) and block.last:
+                out[f"frac_routed_l{l}"] = block.last["frac_routed"].item()
+                out[f"tau_l{l}"] = block.tau.item()
+                if "agreement" in block.last:
+                    out[f"agree_l{l}"] = block.last["agreement"].item()
+                    out[f"aux_bce_l{l}"] = block.last["aux_bce"].item()
+        return out
+
+    def flops_per_token(self):
+        # nanoGPT's accounting (6 per parameter and token, 12*d*T per layer for attention) with a
+        # routed block computing f = K/T of the rows (specs/mod.md section 3)
+        c = self.config
+        T = c.block_size
+        f = min(T, math.ceil(c.capacity_factor * c.mod_capacity * T)) / T
+        n_block = sum(p.numel() for p in Block(c).parameters())
+        R = c.n_layer // 2
+        dense = c.n_layer - R
+        return (6 * (dense * n_block + R * f * n_block + R * c.n_embd + c.vocab_size * c.n_embd)
+                + 12 * c.n_embd * T * (dense + R * f * f))
+
+
+Model = MoD

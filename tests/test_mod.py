@@ -1,0 +1,185 @@
+"""MoD (model_mod.py): the checks of specs/mod.md section 9 beyond the generic contract tests."""
+import copy
+
+import pytest
+import torch
+
+import model_gpt
+import model_mod
+from model_mod import MoD, MoDBlock, route, routed_update
+
+
+def build(**kw):
+    torch.manual_seed(0)
+    return MoD(model_mod.Config(**kw))
+
+
+def tokens(B=4, T=64, seed=1):
+    return torch.randint(0, 65, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+def routed_blocks(model):
+    return [b for b in model.blocks if isinstance(b, MoDBlock)]
+
+
+def router_scores(model, x):
+    """r of each routed block on x (eval forward), captured at the blocks' inputs."""
+    scores = []
+    hooks = [b.register_forward_pre_hook(lambda m, args: scores.append((args[0].float() * m.router).sum(-1)))
+             for b in routed_blocks(model)]
+    with torch.no_grad():
+        model.eval()(x)
+    for h in hooks:
+        h.remove()
+    return scores
+
+
+def set_tau_to_median(model, x):
+    for block, r in zip(routed_blocks(model), router_scores(model, x)):
+        block.tau.fill_(r.median().item())
+
+
+def test_parameter_count():
+    assert sum(p.numel() for p in build().parameters()) == 797_184  # 796,928 + 2 routers of d
+    with torch.device("meta"):
+        big = MoD(model_mod.Config(vocab_size=151_936, **model_mod.PRESETS["qwen2.5-0.5b"]))
+    assert sum(p.numel() for p in big.parameters()) == 494_043_520
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_full_capacity_with_gate_one_is_the_dense_model(train, monkeypatch):
+    mod = build(mod_capacity=1.0, capacity_factor=1.0)
+    for block in routed_blocks(mod):
+        block.tau.fill_(-float("inf"))
+    monkeypatch.setattr(MoDBlock, "gate", lambda self, r: torch.ones_like(r))
+    gpt = model_gpt.GPT(model_gpt.Config())
+    gpt.load_state_dict({k.replace(".block.", "."): v for k, v in mod.state_dict().items()
+                         if "router" not in k and "tau" not in k})
+    x = tokens()
+    mod.train(train), gpt.train(train)
+    torch.testing.assert_close(mod(x)[0], gpt(x)[0], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_causal_and_row_independent_with_half_the_tokens_wanting(train):
+    model = build()
+    x = tokens()
+    set_tau_to_median(model, x)
+    state = copy.deepcopy(model.state_dict())
+
+    def logits(inp):
+        model.load_state_dict(state)
+        model.train(train)
+        with torch.no_grad():
+            return model(inp)[0]
+
+    base = logits(x)
+    assert all(0.2 <= b.last["frac_routed"].item() <= 0.25 for b in routed_blocks(model))  # the cap binds
+    for p in (5, 20, 40):
+        x2 = x.clone()
+        x2[:, p:] = (x2[:, p:] + 7) % 65
+        assert torch.equal(logits(x2)[:, :p], base[:, :p])
+    x3 = x.clone()
+    x3[1:] = tokens(seed=9)[1:]
+    assert torch.equal(logits(x3)[0], base[0])
+
+
+def test_packed_path_equals_masked_dense_oracle():
+    torch.manual_seed(3)
+    config = model_mod.Config()
+    block = model_gpt.Block(config)
+    rope = model_gpt.RotaryEmbedding(32, config.rope_theta)
+    B, T, K = 3, 24, 8
+    x = torch.randn(B, T, config.n_embd)
+    score = torch.randn(B, T)
+    gate = torch.rand(B, T)
+    sel, pos, valid = route(score, 0.0, K)
+    # slots: routed positions ascending, then padding; the cap keeps the first K wanting tokens
+    want = score >= 0
+    for b in range(B):
+        wanted = want[b].nonzero().flatten()
+        assert torch.equal(sel[b].nonzero().flatten(), wanted[:K])
+        n = int(valid[b].sum())
+        assert torch.equal(pos[b, :n], wanted[:K]) and n == min(K, len(wanted))
+    out = routed_update(block, x, gate, pos, valid, rope)
+    # the oracle: the block on all T tokens, each routed token seeing the routed tokens up to itself
+    t = torch.arange(T)
+    mask = (t[None, :] <= t[:, None]) & (sel[:, None, :] | torch.eye(T, dtype=torch.bool))
+    cos, sin = rope(t)
+    y = block(x, cos, sin, mask[:, None])
+    oracle = torch.where(sel[..., None], x + gate[..., None] * (y - x), x)
+    torch.testing.assert_close(out, oracle, atol=1e-5, rtol=0)
+    assert torch.equal(out[~sel], x[~sel])  # unrouted tokens are untouched, bit for bit
+
+
+def test_threshold_lifecycle():
+    model = build()
+    x = tokens()
+    assert all(torch.isposinf(b.tau) for b in routed_blocks(model))
+    model.eval()
+    with torch.no_grad():
+        model(x)
+    assert all(b.last["frac_routed"].item() == 0.0 for b in routed_blocks(model))  # nothing before training
+    scores = router_scores(model, x)
+    model.train()
+    with torch.no_grad():
+        model(x)
+    taus = []
+    for block, r in zip(routed_blocks(model), scores):
+        assert block.last["frac_routed"].item() == 0.0  # this forward still decided with tau = +inf
+        first = r.topk(8, dim=1).values[:, -1].mean()     # k = 0.125 * 64
+        torch.testing.assert_close(block.tau, first)
+        taus.append(block.tau.clone())
+    scores = router_scores(model, x)
+    model.train()
+    with torch.no_grad():
+        model(x)
+    for block, r, old in zip(routed_blocks(model), scores, taus):
+        torch.testing.assert_close(block.tau, 0.99 * old + 0.01 * r.topk(8, dim=1).values[:, -1].mean())
+    before = [b.tau.clone() for b in routed_blocks(model)]
+    model.eval()
+    with torch.no_grad():
+        model(x)
+    assert all(torch.equal(b.tau, t) for b, t in zip(routed_blocks(model), before))
+    clone = build()
+    clone.load_state_dict(model.state_dict())
+    assert all(torch.equal(a.tau, b.tau) for a, b in zip(routed_blocks(clone), routed_blocks(model)))
+
+
+def router_grads(aux_weight, detach_gate=False, monkeypatch=None):
+    model = build(mod_aux_loss_weight=aux_weight)
+    if detach_gate:
+        monkeypatch.setattr(MoDBlock, "gate", lambda self, r: torch.sigmoid(r).detach())
+    x = tokens()
+    model.train()
+    model(x, torch.roll(x, -1, 1))  # first step: sets tau
+    model.zero_grad()
+    model(x, torch.roll(x, -1, 1))[1].backward()
+    return [b.router.grad for b in routed_blocks(model)]
+
+
+def test_gradients_reach_the_router_through_the_gate(monkeypatch):
+    assert all(g.abs().sum() > 0 for g in router_grads(0.01))
+    assert all(g.abs().sum() > 0 for g in router_grads(0.0))  # the LM loss alone, through sigma(r)
+    assert all(g is None or g.abs().sum() == 0 for g in router_grads(0.0, detach_gate=True, monkeypatch=monkeypatch))
+
+
+def test_paper_topk_rule_routes_exactly_k_in_training_only():
+    model = build(mod_routing="topk")
+    x = tokens()
+    model.train()
+    with torch.no_grad():
+        model(x)
+    assert all(b.last["frac_routed"].item() == 8 / 64 for b in routed_blocks(model))
+    scores = router_scores(model, x)  # evaluation uses the causal threshold the training forward set
+    for block, r in zip(routed_blocks(model), scores):
+        assert torch.equal(block.last["frac_routed"], route(r, block.tau, 16)[0].float().mean())
+    with pytest.raises(ValueError, match="mod_routing"):
+        build(mod_routing="random")
+
+
+def test_flops_count_only_routed_rows():
+    model = build()
+    gpt = model_gpt.GPT(model_gpt.Config())
+    ratio = model.flops_per_token() / gpt.flops_per_token()
+    assert 0.6 < ratio < 0.7  # specs/mod.md: 0.63 at the laptop cap f = 2C
