@@ -1,0 +1,379 @@
+"""
+DTF: the surprise-routed Dynamic Transformer (fredericowieser/Dynamic-Transformers, spec:
+specs/dtf.md), causal in training and evaluation.
+
+The idea, in predictive-coding words. Blocks come in pairs. The *decision* block runs on every
+token and gives three views of it: its input h (the *original*: "nothing changes"), the block's
+output (the *posterior*: what actually happened), and a cheap guess of that output made by a tiny
+SwiGLU from h alone (the *prior*: "the change I could predict"). Two event tests compare them, as in
+VPR (Zakharov et al., ICLR 2022):
+    expected change   CE = D_st - D_ch + log o_ce     the prior explains the update better than "no change"
+    unexpected change CU = D_st - m_cu * MA(D_st)     the update is bigger than its recent average
+with D_st = mean_d (posterior - original)^2 and D_ch = mean_d (posterior - prior)^2. Each is squashed
+by a sigmoid with a learned inverse temperature and the two are OR-ed: G = S_CE + S_CU - S_CE*S_CU.
+The *dynamic* block then processes only the most surprising tokens (capacity gamma = 12.5%), adding
+its update scaled by G; the rest skip it. Surprising tokens get a second block of compute.
+
+    x = embedding[idx]
+    for each pair:  h = x;  H_post = DecisionBlock(h);  H_prior = h + PriorFFN(RMSNorm(h))
+                    G = gate(h, H_post, H_prior)              (B, T), fp32
+                    routed_t = G_t >= tau, under a per-row cap; x = H_post + G * (DynamicBlock - H_post) at routed t
+    logits = RMSNorm(x) @ embedding^T;   training loss = CE + 0.05 * mean over pairs of the prior's MSE
+
+Causality. Which tokens are "the most surprising" is decided token by token against tau, a running
+average of the per-row top-k cut-off of G (a buffer moved only by training forwards), never by
+ranking a sequence, whose later tokens a sampler does not have. MA is the mean of the previous
+tokens' D_st in the same row. Routed tokens attend only to earlier routed tokens of their own row.
+So logits at t depend on tokens <= t of their own sequence only, in training and in evaluation.
+
+What the reference leaked (specs/dtf.md section 5): it picks the top-k of each row in training and
+in evaluation, packs the chosen tokens of all rows into one score-ordered sequence (a token sees
+later tokens and other sequences), and its moving average is one global buffer filled with the
+current batch (other rows, future positions) before it is read, in a Python loop.
+Other deliberate differences: o_ce is stored as its log (the reference's raw o_ce under a log turns
+NaN once it reaches 0), every Linear starts at N(0, 0.02) (the reference left its blocks at PyTorch's
+default init), and the router's four scalars learn 10x faster (lr_mult; at the shared lr they barely move).
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class Config:
+    vocab_size: int = 65              # set by train.py from the dataset's tokenizer
+    block_size: int = 64              # training context length
+    n_layer: int = 4                  # blocks, even: pairs of (decision, dynamic)
+    n_head: int = 4
+    n_kv_head: int = 2
+    n_embd: int = 128
+    intermediate_size: int = 384
+    rope_theta: float = 1e6
+    norm_eps: float = 1e-6
+    qkv_bias: bool = True
+    dropout: float = 0.0
+    init_std: float = 0.02
+    dtf_capacity: float = 0.125       # gamma: target fraction of tokens a dynamic block processes
+    capacity_factor: float = 2.0      # hard cap per row: K = ceil(capacity_factor * gamma * block_size)
+    tau_momentum: float = 0.99        # rho: EMA momentum of the routing threshold tau
+    beta_ce_init: float = -0.5        # raw inverse temperatures, used through softplus
+    beta_cu_init: float = -0.8
+    o_ce_init: float = 1.025          # CE offset o_ce (stored as log o_ce)
+    m_cu_init: float = 1.1            # CU multiplier of the moving average
+    ma_window: int = 100              # W: tokens in the CU moving average
+    prior_ffn_factor: float = 0.0625  # prior SwiGLU width d_i = f * d (rounded up to even)
+    prior_loss_weight: float = 0.05   # lambda_prior
+
+
+# Qwen2.5 shapes (standard.md) as blocks of pairs, gamma 12.5%. vocab_size comes from the data.
+PRESETS = {
+    "qwen2.5-0.5b": dict(block_size=1024, n_layer=24, n_head=14, n_kv_head=2, n_embd=896, intermediate_size=4864),
+    "qwen2.5-1.5b": dict(block_size=1024, n_layer=28, n_head=12, n_kv_head=2, n_embd=1536, intermediate_size=8960),
+    "qwen2.5-3b": dict(block_size=1024, n_layer=36, n_head=16, n_kv_head=2, n_embd=2048, intermediate_size=11008),
+}
+
+
+# Copied from model_gpt.RMSNorm
+class RMSNorm(nn.Module):
+    """y = w * x / sqrt(mean(x^2) + eps), normalised in fp32 and cast back before the gain."""
+
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return self.weight * F.rms_norm(x.float(), (x.size(-1),), eps=self.eps).to(x.dtype)
+
+
+# Copied from model_gpt.RotaryEmbedding
+class RotaryEmbedding(nn.Module):
+    """RoPE tables, rotate-half layout: channel i and i + hd/2 form a pair turning at theta^(-2i/hd).
+
+    Called once per forward with the token positions (T,) or, for routed layers, (B, K) gathered
+    positions; returns cos and sin of shape (..., hd) in fp32 for apply_rope."""
+
+    def __init__(self, head_dim, theta):
+        super().__init__()
+        self.head_dim = head_dim
+        self.theta = theta
+
+    def forward(self, pos):
+        # the frequencies are recomputed here rather than kept in a buffer, so that .half() or
+        # .to(dtype) on the model can never round them
+        inv_freq = self.theta ** (-torch.arange(0, self.head_dim, 2, device=pos.device,
+                                                dtype=torch.float32) / self.head_dim)
+        angles = pos.float()[..., None] * inv_freq           # (..., hd/2)
+        angles = torch.cat([angles, angles], dim=-1)           # (..., hd): both halves of a pair
+        return angles.cos(), angles.sin()
+
+
+# Copied from model_gpt.apply_rope
+def apply_rope(x, cos, sin):
+    """Rotate x (B, heads, T, hd) by position: x*cos + rotate_half(x)*sin, rotate_half([a,b]) = [-b,a]."""
+    a, b = x.chunk(2, dim=-1)
+    return x * cos.to(x.dtype) + torch.cat([-b, a], dim=-1) * sin.to(x.dtype)
+
+
+# Copied from model_gpt.Attention
+class Attention(nn.Module):
+    """Causal multi-head attention with grouped KV heads, QKV bias and RoPE.
+
+    forward(x, cos, sin, mask=None): with no mask it is plain causal attention; a routed layer passes
+    a boolean mask (B, 1, T, T) (True = may attend) and cos/sin at the tokens' true positions."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.n_head, self.n_kv_head = config.n_head, config.n_kv_head
+        self.head_dim = config.n_embd // config.n_head
+        self.dropout = config.dropout
+        qkv_dim = (config.n_head + 2 * config.n_kv_head) * self.head_dim
+        self.qkv_proj = nn.Linear(config.n_embd, qkv_dim, bias=config.qkv_bias)  # W_q, W_k, W_v stacked
+        self.o_proj = nn.Linear(config.n_head * self.head_dim, config.n_embd, bias=False)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, cos, sin, mask=None):
+        B, T, _ = x.shape
+        H, G, hd = self.n_head, self.n_kv_head, self.head_dim
+        q, k, v = self.qkv_proj(x).split([H * hd, G * hd, G * hd], dim=-1)
+        q = q.view(B, T, H, hd).transpose(1, 2)               # (B, H, T, hd)
+        k = k.view(B, T, G, hd).transpose(1, 2)               # (B, G, T, hd)
+        v = v.view(B, T, G, hd).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        # enable_gqa: kv head g serves query heads g*H/G .. (g+1)*H/G - 1, without copying k and v
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=G != H,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).reshape(B, T, H * hd)
+        return self.resid_dropout(self.o_proj(y))
+
+
+# Copied from model_gpt.MLP
+class MLP(nn.Module):
+    """SwiGLU: W_down(silu(W_gate u) * W_up u), no biases."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.n_embd, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.n_embd, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.n_embd, bias=False)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, u):
+        return self.dropout(self.down_proj(F.silu(self.gate_proj(u)) * self.up_proj(u)))
+
+
+# Copied from model_gpt.Block
+class Block(nn.Module):
+    """Pre-norm decoder block: x + Attn(RMSNorm(x)), then + MLP(RMSNorm(.))."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.attn_norm = RMSNorm(config.n_embd, config.norm_eps)
+        self.attn = Attention(config)
+        self.mlp_norm = RMSNorm(config.n_embd, config.norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, mask=None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+# Copied from model_mod.route
+def route(score, tau, K):
+    """Which tokens a routed block processes, decided token by token: score_t >= tau, and fewer than
+    K earlier tokens of the row already routed (the cap keeps shapes static and compute bounded).
+
+    score: (B, T) fp32. Returns sel (B, T) bool; pos (B, K): the routed positions in ascending
+    order, then unrouted positions as padding; valid (B, K): which slots hold routed tokens.
+    sel_t depends only on score_<=t and the constant tau, so routing never looks ahead."""
+    B, T = score.shape
+    want = score >= tau
+    sel = want & (want.cumsum(dim=1) <= K)
+    t = torch.arange(T, device=score.device)
+    pos = torch.argsort(torch.where(sel, t, T + t), dim=1)[:, :K]  # routed first, each group by position
+    valid = torch.arange(K, device=score.device) < sel.sum(dim=1, keepdim=True)
+    return sel, pos, valid
+
+
+# Copied from model_mod.routed_update
+def routed_update(block, x, gate, pos, valid, rope):
+    """x plus gate * (block(x) - x) at the routed positions; every other token keeps x exactly.
+
+    The K gathered tokens of a row run through the block as a short sequence of their own: a routed
+    token attends to the routed tokens at earlier positions of the same row (and itself), with RoPE
+    at the true positions, so relative distances stay real. Padding slots are masked as keys and
+    their update is zeroed; attending to themselves keeps their softmax rows finite."""
+    B, K = pos.shape
+    index = pos[..., None].expand(B, K, x.size(-1))
+    xs = x.gather(1, index)                                                    # (B, K, d)
+    slot = torch.arange(K, device=x.device)
+    mask = ((slot[None, :] <= slot[:, None]) & valid[:, None, :]) | torch.eye(K, dtype=torch.bool, device=x.device)
+    cos, sin = rope(pos)                                                       # (B, K, hd)
+    delta = block(xs, cos[:, None], sin[:, None], mask[:, None]) - xs         # attention + MLP updates
+    weight = (gate.gather(1, pos) * valid).unsqueeze(-1).to(delta.dtype)
+    return x.scatter_add(1, index, weight * delta)
+
+
+# Copied from model_mod.update_threshold
+def update_threshold(tau, score, k, momentum):
+    """tau <- EMA of the mean over rows of each row's k-th largest score (the top-k cut-off); the
+    first update (tau = +inf: nothing routed yet) takes the value itself. Tensor ops only."""
+    with torch.no_grad():
+        cutoff = score.topk(k, dim=1).values[:, -1].mean()
+        tau.copy_(torch.where(torch.isposinf(tau), cutoff, momentum * tau + (1 - momentum) * cutoff))
+
+
+class PriorFFN(nn.Module):
+    """The prior: a tiny SwiGLU guessing the decision block's update from its input alone."""
+
+    def __init__(self, config):
+        super().__init__()
+        d_i = max(2, 2 * math.ceil(config.prior_ffn_factor * config.n_embd / 2))
+        self.norm = RMSNorm(config.n_embd, config.norm_eps)
+        self.gate_proj = nn.Linear(config.n_embd, d_i, bias=False)
+        self.up_proj = nn.Linear(config.n_embd, d_i, bias=False)
+        self.down_proj = nn.Linear(d_i, config.n_embd, bias=False)
+
+    def forward(self, h):
+        u = self.norm(h)
+        return h + self.down_proj(F.silu(self.gate_proj(u)) * self.up_proj(u))
+
+
+def causal_moving_average(d, window):
+    """MA_t = mean of d over the previous `window` positions of the same row (t-window .. t-1);
+    MA_0 = d_0. From a cumulative sum: no loop, and position t reads nothing at or after t."""
+    B, T = d.shape
+    c = F.pad(d.cumsum(dim=1), (1, 0))                        # c[t] = sum of d[0 .. t-1]
+    t = torch.arange(T, device=d.device)
+    total = c[:, t] - c[:, (t - window).clamp(min=0)]
+    ma = total / t.clamp(min=1, max=window)
+    return torch.where(t == 0, d[:, :1], ma)
+
+
+class DTFPair(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.decision = Block(config)
+        self.prior = PriorFFN(config)
+        self.dynamic = Block(config)
+        # the router's scalars (0-D: no weight decay); they learn 10x faster than the blocks
+        self.beta_ce = nn.Parameter(torch.tensor(config.beta_ce_init))
+        self.beta_cu = nn.Parameter(torch.tensor(config.beta_cu_init))
+        self.log_o_ce = nn.Parameter(torch.tensor(math.log(config.o_ce_init)))
+        self.m_cu = nn.Parameter(torch.tensor(config.m_cu_init))
+        for p in (self.beta_ce, self.beta_cu, self.log_o_ce, self.m_cu):
+            p.lr_mult = 10.0
+        self.register_buffer("tau", torch.tensor(float("inf")))  # route nothing before training
+        self.last = {}  # detached tensors of the last forward, for stats()
+
+    def gate(self, h, h_post, h_prior):
+        """G in (0, 1) per token, from the static and change surprises (fp32 even under autocast:
+        at init G varies by ~1e-3 across tokens, which bf16 would round into ties)."""
+        d_st = (h_post.float() - h.float()).pow(2).mean(-1)          # static surprise  (B, T)
+        d_ch = (h_post.float() - h_prior.float()).pow(2).mean(-1)    # change surprise  (B, T)
+        ce = d_st - d_ch + self.log_o_ce                              # expected change
+        cu = d_st - self.m_cu * causal_moving_average(d_st.detach(), self.config.ma_window)  # unexpected
+        s_ce = torch.sigmoid(F.softplus(self.beta_ce) * ce)
+        s_cu = torch.sigmoid(F.softplus(self.beta_cu) * cu)
+        self.last.update(s_ce=s_ce.detach().mean(), s_cu=s_cu.detach().mean())
+        return s_ce + s_cu - s_ce * s_cu                              # probabilistic OR
+
+    def forward(self, h, cos, sin, rope):
+        B, T, _ = h.shape
+        self.last = {}
+        h_post = self.decision(h, cos, sin)
+        h_prior = self.prior(h)
+        G = self.gate(h, h_post, h_prior)
+        k = max(1, int(self.config.dtf_capacity * T))
+        # cap from block_size, not T: a sampler's shorter prefixes make the full window's decisions
+        K = min(T, math.ceil(self.config.capacity_factor * self.config.dtf_capacity * self.config.block_size))
+        sel, pos, valid = route(G, self.tau, K)
+        out = routed_update(self.dynamic, h_post, G, pos, valid, rope)
+        self.last.update(frac_routed=sel.float().mean(), G_mean=G.detach().mean(), G_std=G.detach().std())
+        prior_loss = None
+        if self.training:
+            # the prior learns to predict the posterior; its target is detached, so this loss does
+            # not pull the decision block towards being predictable
+            prior_loss = (h_prior.float() - h_post.detach().float()).pow(2).mean()
+            self.last.update(prior_loss=prior_loss.detach())
+            update_threshold(self.tau, G.detach(), k, self.config.tau_momentum)  # after deciding with the old tau
+        return out, prior_loss
+
+
+class DTF(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        if config.n_layer % 2:
+            raise ValueError(f"n_layer={config.n_layer}: DTF needs an even number of blocks (decision + dynamic pairs)")
+        if config.n_embd % config.n_head or config.n_head % config.n_kv_head or (config.n_embd // config.n_head) % 2:
+            raise ValueError("n_embd must be a multiple of n_head, n_head of n_kv_head, and the head size even")
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.drop = nn.Dropout(config.dropout)
+        self.rope = RotaryEmbedding(config.n_embd // config.n_head, config.rope_theta)
+        self.pairs = nn.ModuleList(DTFPair(config) for _ in range(config.n_layer // 2))
+        self.norm_f = RMSNorm(config.n_embd, config.norm_eps)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight  # tied
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def forward(self, idx, targets=None):
+        B, T = idx.shape
+        if T > self.config.block_size:
+            raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
+        cos, sin = self.rope(torch.arange(T, device=idx.device))
+        x = self.drop(self.wte(idx))
+        prior_losses = []
+        for pair in self.pairs:
+            x, prior_loss = pair(x, cos, sin, self.rope)
+            prior_losses.append(prior_loss)
+        logits = self.lm_head(self.norm_f(x))
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+            if self.training:  # evaluation reports pure CE
+                loss = loss + self.config.prior_loss_weight * torch.stack(prior_losses).mean()
+        return logits, loss
+
+    def stats(self):
+        if not self.pairs[0].last:
+            return {}
+        out = {}
+        for p, pair in enumerate(self.pairs):
+            out[f"frac_routed_p{p}"] = pair.last["frac_routed"].item()
+            out[f"G_std_p{p}"] = pair.last["G_std"].item()  # < 1e-2: G is nearly constant (specs/dtf.md §8.2)
+
+        def mean(values):
+            values = [float(v) for v in values]
+            return sum(values) / len(values)
+
+        for key in ("G_mean", "s_ce", "s_cu", "prior_loss"):
+            if key in self.pairs[0].last:
+                out[key] = mean(pair.last[key] for pair in self.pairs)
+        out["beta_ce"] = mean(F.softplus(pair.beta_ce.detach()) for pair in self.pairs)  # inverse temperatures
+        out["beta_cu"] = mean(F.softplus(pair.beta_cu.detach()) for pair in self.pairs)
+        out["tau"] = mean(pair.tau for pair in self.pairs)
+        return out
+
+    def flops_per_token(self):
+        # nanoGPT's accounting with each dynamic block computing f = K/T of the rows (specs/dtf.md §3)
+        c = self.config
+        T, P = c.block_size, c.n_layer // 2
+        f = min(T, math.ceil(c.capacity_factor * c.dtf_capacity * T)) / T
+        n_block = sum(p.numel() for p in self.pairs[0].decision.parameters())
+        n_prior = sum(p.numel() for p in self.pairs[0].prior.parameters())
+        return (6 * (P * (n_block + n_prior + 4) + P * f * n_block + c.vocab_size * c.n_embd)
+                + 12 * c.n_embd * T * P * (1 + f * f))
+
+
+Model = DTF

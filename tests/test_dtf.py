@@ -1,0 +1,199 @@
+"""DTF (model_dtf.py): the checks of specs/dtf.md section 9 beyond the generic contract tests."""
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import model_dtf
+import model_gpt
+from model_dtf import DTF, DTFPair, causal_moving_average, route
+
+
+def build(**kw):
+    torch.manual_seed(0)
+    return DTF(model_dtf.Config(**kw))
+
+
+def tokens(B=4, T=64, seed=1):
+    return torch.randint(0, 65, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+def gates(model, x):
+    """G of every pair on x in an eval forward (captured from the gate method's output)."""
+    found = []
+    original = DTFPair.gate
+
+    def capture(self, *args):
+        found.append(original(self, *args))
+        return found[-1]
+
+    DTFPair.gate = capture
+    try:
+        with torch.no_grad():
+            model.eval()(x)
+    finally:
+        DTFPair.gate = original
+    return found
+
+
+def test_parameter_count():
+    assert sum(p.numel() for p in build().parameters()) == 803_336
+    assert sum(p.numel() for p in build(prior_ffn_factor=0.5).parameters()) == 846_344
+    with torch.device("meta"):
+        big = DTF(model_dtf.Config(vocab_size=151_936, **model_dtf.PRESETS["qwen2.5-0.5b"]))
+    assert sum(p.numel() for p in big.parameters()) == 495_849_904
+
+
+def test_odd_layer_count_is_a_clear_error():
+    with pytest.raises(ValueError, match="even number of blocks"):
+        build(n_layer=3)
+
+
+def test_router_scalars_learn_faster():
+    pair = build().pairs[0]
+    assert all(p.lr_mult == 10.0 and p.dim() == 0 for p in (pair.beta_ce, pair.beta_cu, pair.log_o_ce, pair.m_cu))
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_full_capacity_with_gate_one_is_the_dense_model(train, monkeypatch):
+    dtf = build(dtf_capacity=1.0, capacity_factor=1.0)
+    for pair in dtf.pairs:
+        pair.tau.fill_(-float("inf"))
+    monkeypatch.setattr(DTFPair, "gate", lambda self, h, post, prior: torch.ones(h.shape[:2]))
+    gpt = model_gpt.GPT(model_gpt.Config())
+    state = {}
+    for key, value in dtf.state_dict().items():
+        for part, offset in (("decision", 0), ("dynamic", 1)):
+            if f".{part}." in key:
+                p = int(key.split(".")[1])
+                state[key.replace(f"pairs.{p}.{part}.", f"blocks.{2 * p + offset}.")] = value
+        if not key.startswith("pairs."):
+            state[key] = value
+    gpt.load_state_dict(state)
+    x = tokens()
+    dtf.train(train), gpt.train(train)
+    torch.testing.assert_close(dtf(x)[0], gpt(x)[0], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_causal_and_row_independent_with_half_the_tokens_wanting(train):
+    model = build(capacity_factor=4.0)  # cap 32 of 64: the threshold decides, the cap rarely binds
+    x = tokens()
+    for pair, G in zip(model.pairs, gates(model, x)):
+        pair.tau.fill_(G.median().item())
+    state = copy.deepcopy(model.state_dict())
+
+    def logits(inp):
+        model.load_state_dict(state)
+        model.train(train)
+        with torch.no_grad():
+            return model(inp)[0]
+
+    base = logits(x)
+    assert all(0.3 < pair.last["frac_routed"].item() < 0.55 for pair in model.pairs)
+    for p in (3, 21, 50):
+        x2 = x.clone()
+        x2[:, p:] = (x2[:, p:] + 11) % 65
+        assert torch.equal(logits(x2)[:, :p], base[:, :p])
+    x3 = x.clone()
+    x3[1:] = tokens(seed=5)[1:]
+    assert torch.equal(logits(x3)[0], base[0])
+
+
+def test_pair_equals_masked_dense_oracle():
+    model = build()
+    pair = model.pairs[0].eval()
+    h = torch.randn(3, 40, 128)
+    cos, sin = model.rope(torch.arange(40))
+    with torch.no_grad():
+        post, prior = pair.decision(h, cos, sin), pair.prior(h)
+        G = pair.gate(h, post, prior)
+        pair.tau.fill_(G.median().item())
+        out, _ = pair(h, cos, sin, model.rope)
+        sel = route(G, pair.tau, 16)[0]  # K = ceil(2 * 0.125 * block_size 64)
+        t = torch.arange(40)
+        mask = (t[None, :] <= t[:, None]) & (sel[:, None, :] | torch.eye(40, dtype=torch.bool))
+        y = pair.dynamic(post, cos, sin, mask[:, None])
+        oracle = torch.where(sel[..., None], post + G[..., None] * (y - post), post)
+    torch.testing.assert_close(out, oracle, atol=1e-5, rtol=0)
+    assert torch.equal(out[~sel], post[~sel])
+
+
+def test_moving_average_is_causal_and_matches_a_loop():
+    d = torch.rand(2, 30)
+    for window in (1, 4, 100):
+        ma = causal_moving_average(d, window)
+        for t in range(30):
+            expected = d[:, 0] if t == 0 else d[:, max(0, t - window):t].mean(dim=1)
+            torch.testing.assert_close(ma[:, t], expected)
+        d2 = d.clone()
+        d2[:, 10:] += 5.0
+        assert torch.equal(causal_moving_average(d2, window)[:, :11], ma[:, :11])  # t reads only < t
+
+
+def test_surprise_maths_on_hand_made_tensors():
+    pair = build().pairs[0]
+    pair.beta_ce.data.fill_(-2.0)  # negative raw parameters still give positive inverse temperatures
+    h, post, prior = torch.zeros(1, 3, 4), torch.ones(1, 3, 4), torch.full((1, 3, 4), 0.5)
+    post[0, 2] = 3.0
+    G = pair.gate(h, post, prior)
+    d_st = torch.tensor([[1.0, 1.0, 9.0]])
+    d_ch = torch.tensor([[0.25, 0.25, 6.25]])
+    ma = torch.tensor([[1.0, 1.0, 1.0]])  # MA_0 = d_0; MA_1 = d_0; MA_2 = mean(d_0, d_1)
+    o_ce = math.exp(pair.log_o_ce.item())
+    assert abs(o_ce - 1.025) < 1e-6
+    s_ce = torch.sigmoid(math.log(1 + math.exp(-2.0)) * (d_st - d_ch + math.log(o_ce)))
+    s_cu = torch.sigmoid(F.softplus(torch.tensor(-0.8)) * (d_st - 1.1 * ma))
+    torch.testing.assert_close(G, s_ce + s_cu - s_ce * s_cu)
+    assert (G > 0).all() and (G < 1).all()
+
+
+def test_threshold_lifecycle():
+    model = build()
+    x = tokens()
+    assert all(torch.isposinf(pair.tau) for pair in model.pairs)
+    G_before = gates(model, x)
+    assert all(pair.last["frac_routed"].item() == 0.0 for pair in model.pairs)
+    model.train()
+    with torch.no_grad():
+        model(x)
+    for pair, G in zip(model.pairs, G_before):
+        assert pair.last["frac_routed"].item() == 0.0  # decided with the old tau (+inf)
+        torch.testing.assert_close(pair.tau, G.topk(8, dim=1).values[:, -1].mean())
+    saved = [pair.tau.clone() for pair in model.pairs]
+    gates(model, x)  # evaluation never moves tau
+    assert all(torch.equal(pair.tau, t) for pair, t in zip(model.pairs, saved))
+
+
+def test_gradients_reach_the_router_scalars_priors_and_both_blocks():
+    model = build()
+    x = tokens()
+    model.train()
+    model(x, torch.roll(x, -1, 1))  # first step sets tau, so the second routes tokens
+    model.zero_grad()
+    model(x, torch.roll(x, -1, 1))[1].backward()
+    for pair in model.pairs:
+        assert pair.last["frac_routed"].item() > 0
+        for p in (pair.beta_ce, pair.beta_cu, pair.log_o_ce, pair.m_cu):
+            assert p.grad is not None and p.grad.abs() > 0
+        for module in (pair.prior, pair.decision, pair.dynamic):
+            assert sum(p.grad.abs().sum() for p in module.parameters() if p.grad is not None) > 0
+
+
+def test_prior_loss_alone_does_not_train_the_decision_block():
+    model = build()
+    model.train()
+    pair = model.pairs[0]
+    h = torch.randn(2, 16, 128, requires_grad=True)
+    cos, sin = model.rope(torch.arange(16))
+    _, prior_loss = pair(h, cos, sin, model.rope)
+    prior_loss.backward()
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in pair.decision.parameters())
+    assert sum(p.grad.abs().sum() for p in pair.prior.parameters()) > 0
+
+
+def test_flops_count_only_routed_rows():
+    ratio = build().flops_per_token() / model_gpt.GPT(model_gpt.Config()).flops_per_token()
+    assert 0.6 < ratio < 0.7  # specs/dtf.md: 0.64 at the laptop cap f = 2 gamma
