@@ -212,9 +212,10 @@ def main(argv):
         load_model_module(name)  # a one-line error for an unknown name before any work
     device, dtype = pick_device(opts["device"], opts["dtype"])
     peak = opts["peak_flops"] or peak_flops(device)
+    batch = f"batch {opts['batch_size']}" if opts["mode"] == "train" else "batch 1, 16-token prompt"
     print(f"device {torch.cuda.get_device_name(device) if device.type == 'cuda' else device}, {dtype}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads; mode {opts['mode']}, "
-          f"batch {opts['batch_size']}, {opts['repeats']} rounds, median")
+          f"{batch}, {opts['repeats']} rounds, median")
     runs = {name: [] for name in names}
     for _ in range(opts["repeats"]):  # interleaved, so that a slow moment of the machine hits every model
         for name in names:
