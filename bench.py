@@ -4,6 +4,7 @@ Benchmark training or generation speed of model files on the current device (a b
     python bench.py --model=gpt,mod,dtf                      # laptop configs, batch 12 x block 64
     python bench.py --model=gpt --preset=gpt2-124m --block_size=1024 --batch_size=16 --compile=True
     python bench.py --model=bdh,gpt --mode=generate --new_tokens=512
+    python bench.py --model=doge --is_moe=True                 # any other --key=value sets a Config field
     python bench.py --mode=tokenize --text=data/shakespeare_char/input.txt   # prepare_data.py c4's tokenizer
 
 mode=train times fwd+bwd+AdamW steps after warm-up and prints ms/step, tokens/s, peak memory (CUDA:
@@ -53,9 +54,16 @@ OPTIONS = {
 
 def build(opts, name, device):
     module = load_model_module(name)
+    fields_of = {f.name: f for f in dataclasses.fields(module.Config)}
+    overrides = {}
+    for key, value in opts["config"].items():
+        if key not in fields_of:
+            raise UserError(f"--{key} is neither a bench.py option nor a field of model_{name}.Config")
+        overrides[key] = parse_value(key, value, getattr(module.Config(), key))
     if opts["preset"] and opts["preset"] not in module.PRESETS:
         raise UserError(f"{name} has no preset {opts['preset']!r}; it has {', '.join(module.PRESETS)}")
     fields = dict(module.PRESETS[opts["preset"]]) if opts["preset"] else {}
+    fields.update(overrides)
     fields["vocab_size"] = opts["vocab_size"]
     if opts["block_size"]:
         fields["block_size"] = opts["block_size"]
@@ -182,7 +190,8 @@ def worker(opts):
 
 
 def run_worker(opts, name):
-    args = [f"--{k}={v}" for k, v in {**opts, "model": name}.items()] + ["--worker=True"]
+    args = [f"--{k}={v}" for k, v in {**opts, "model": name}.items() if k != "config"] + ["--worker=True"]
+    args += [f"--{k}={v}" for k, v in opts["config"].items()]
     proc = subprocess.run([sys.executable, os.path.abspath(__file__)] + args, capture_output=True, text=True)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode or not lines:
@@ -191,15 +200,18 @@ def run_worker(opts, name):
 
 
 def main(argv):
-    opts = dict(OPTIONS, worker=False)
+    opts = dict(OPTIONS, worker=False, config={})
     for arg in argv:
         if arg in ("-h", "--help"):
             print(__doc__ + "\noptions: " + ", ".join(f"--{k}={v}" for k, v in OPTIONS.items()))
             return
         key, eq, value = arg[2:].partition("=") if arg.startswith("--") else ("", "", "")
-        if key not in opts or not eq:
-            raise UserError(f"unknown or malformed option {arg!r}; options: {', '.join('--' + k for k in OPTIONS)}")
-        opts[key] = parse_value(key, value, opts[key])
+        if not eq:
+            raise UserError(f"malformed option {arg!r}; options are written --key=value")
+        if key in opts:
+            opts[key] = parse_value(key, value, opts[key])
+        else:
+            opts["config"][key] = value  # a model Config field, checked when the model is built
     if opts["mode"] not in ("train", "generate", "tokenize"):
         raise UserError("--mode must be train, generate or tokenize")
     if opts.pop("worker"):
@@ -208,8 +220,9 @@ def main(argv):
         return bench_tokenize(opts)
 
     names = opts["model"].split(",")
-    for name in names:
-        load_model_module(name)  # a one-line error for an unknown name before any work
+    for name in names:  # one-line errors for an unknown model or field before any work
+        with torch.device("meta"):
+            build(opts, name, "meta")
     device, dtype = pick_device(opts["device"], opts["dtype"])
     peak = opts["peak_flops"] or peak_flops(device)
     batch = f"batch {opts['batch_size']}" if opts["mode"] == "train" else "batch 1, 16-token prompt"

@@ -1,0 +1,306 @@
+"""
+Doge: dynamic mask attention + cross-domain mixture of experts (SmallDoges, "Wonderful Matrices",
+arXiv 2412.11834), as Hugging Face transformers' DogeForCausalLM computes it, without its leak.
+Spec: specs/doge.md.
+
+Doge is a pre-norm decoder with two swaps and one twist:
+
+    x = embedding[idx]                                    no position table: RoPE in attention
+    repeat n_layer times:
+        x = alpha1 * x + DMAttn(RMSNorm(x))               learnable per-channel scale of the carried stream
+        x = alpha2 * x + MLP or CDMoE(RMSNorm(x))
+    logits = RMSNorm(x) @ embedding^T                     tied
+
+(a) Dynamic mask attention (sequence mixing). Causal softmax attention with QK-norm and grouped KV
+heads, plus a bias per *key*: delta_j = exp(A * softplus(dt_j)) with dt_j a projection of key j's
+value vector (one per KV head). delta_j is added to every query's score for key j, and once more
+than keep_window_size (kws) keys are visible, each query keeps only the kws keys with the largest
+delta and masks the rest. The authors read this as SSM-like selective forgetting without a decay.
+(b) Cross-domain MoE (state mixing, is_moe=True): the dense SwiGLU MLP ("shared expert") plus a sum
+over k of E = K^2 single-neuron private experts, retrieved with product keys: two sets of K half
+keys score the token, and the best pairs of halves name the experts, so scoring E experts costs 2K
+dot products.
+
+The deliberate fix (specs/doge.md section 5). The reference splits the router's output (B, T, 2K)
+into its two halves with a raw reshape across time and batch, so most tokens choose their experts
+(and weight them) with scores computed from later tokens and from other sequences in the batch.
+Here each token's 2K scores are split into its own two halves. Dynamic mask attention is causal as
+the reference has it: delta_j depends only on token j, and row i ranks only keys 0..i.
+
+One more choice: row i keeps the kws largest delta among keys 0..i, ties going to the more recent
+key. The reference calls topk over the whole (T, T) score tensor, whose choice among equal delta
+(all of them at init, where A = 0) is arbitrary and device dependent; ours is a sliding window then.
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class Config:
+    vocab_size: int = 65          # set by train.py from the dataset's tokenizer
+    block_size: int = 64          # training context length
+    n_layer: int = 4
+    n_head: int = 4               # query heads H (head size n_embd / n_head)
+    n_kv_head: int = 2            # key/value heads G; the dynamic mask has one delta per KV head
+    n_embd: int = 128             # d
+    intermediate_size: int = 256  # dense SwiGLU width (2d, as Doge-20M/60M)
+    keep_window_size: int = 32    # kws: keys each query keeps once more are visible (< block_size here,
+                                  # so the dynamic top-k actually runs; the recipes use kws = context)
+    rope_theta: float = 1e4
+    norm_eps: float = 1e-6
+    dropout: float = 0.0          # on both residual branches (0 in every Doge config)
+    init_std: float = 0.02
+    is_moe: bool = False          # CDMoE (dense MLP + product-key experts) instead of the dense MLP
+    n_experts: int = 256          # E = K^2 private experts, K half keys per side
+    n_experts_per_head: int = 8   # k experts per token
+
+
+PRESETS = {  # the published shapes (vocab 32768 is Doge's own tokenizer; train.py sets vocab_size)
+    "doge-20m": dict(block_size=2048, n_layer=8, n_head=2, n_kv_head=1, n_embd=256, intermediate_size=512,
+                     keep_window_size=2048),
+    "doge-60m": dict(block_size=2048, n_layer=16, n_head=4, n_kv_head=2, n_embd=512, intermediate_size=1024,
+                     keep_window_size=2048),
+    "doge-20m-moe": dict(block_size=2048, n_layer=8, n_head=2, n_kv_head=1, n_embd=256, intermediate_size=512,
+                         keep_window_size=2048, is_moe=True, n_experts=1024, n_experts_per_head=16),
+}
+
+
+# Copied from model_gpt.RMSNorm
+class RMSNorm(nn.Module):
+    """y = w * x / sqrt(mean(x^2) + eps), normalised in fp32 and cast back before the gain."""
+
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return self.weight * F.rms_norm(x.float(), (x.size(-1),), eps=self.eps).to(x.dtype)
+
+
+# Copied from model_gpt.RotaryEmbedding
+class RotaryEmbedding(nn.Module):
+    """RoPE tables, rotate-half layout: channel i and i + hd/2 form a pair turning at theta^(-2i/hd).
+
+    Called once per forward with the token positions (T,) or, for routed layers, (B, K) gathered
+    positions; returns cos and sin of shape (..., hd) in fp32 for apply_rope."""
+
+    def __init__(self, head_dim, theta):
+        super().__init__()
+        self.head_dim = head_dim
+        self.theta = theta
+
+    def forward(self, pos):
+        # the frequencies are recomputed here rather than kept in a buffer, so that .half() or
+        # .to(dtype) on the model can never round them
+        inv_freq = self.theta ** (-torch.arange(0, self.head_dim, 2, device=pos.device,
+                                                dtype=torch.float32) / self.head_dim)
+        angles = pos.float()[..., None] * inv_freq           # (..., hd/2)
+        angles = torch.cat([angles, angles], dim=-1)           # (..., hd): both halves of a pair
+        return angles.cos(), angles.sin()
+
+
+# Copied from model_gpt.apply_rope
+def apply_rope(x, cos, sin):
+    """Rotate x (B, heads, T, hd) by position: x*cos + rotate_half(x)*sin, rotate_half([a,b]) = [-b,a]."""
+    a, b = x.chunk(2, dim=-1)
+    return x * cos.to(x.dtype) + torch.cat([-b, a], dim=-1) * sin.to(x.dtype)
+
+
+# Copied from model_gpt.MLP
+class MLP(nn.Module):
+    """SwiGLU: W_down(silu(W_gate u) * W_up u), no biases."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.n_embd, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.n_embd, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.n_embd, bias=False)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, u):
+        return self.dropout(self.down_proj(F.silu(self.gate_proj(u)) * self.up_proj(u)))
+
+
+def dynamic_mask(delta, kws):
+    """Which keys each query keeps (B, G, T, T) bool, from per-key biases delta (B, G, T): key j is
+    kept by query i when j <= i and it is among the kws largest delta of keys 0..i; None while
+    T <= kws (plain causal attention).
+
+    Instead of a top-k per row, rank every key within each prefix: key j survives in row i when
+    fewer than kws keys of 0..i beat it (a larger delta, or an equal delta at a later position).
+    "beats" is a (T, T) comparison and its cumulative sum over the rows gives every prefix's count."""
+    B, G, T = delta.shape
+    if T <= kws:
+        return None
+    t = torch.arange(T, device=delta.device)
+    d_row, d_col = delta[..., :, None], delta[..., None, :]
+    beats = (d_row > d_col) | ((d_row == d_col) & (t[:, None] > t[None, :]))  # [j', j]: j' ranks above j
+    return (t[None, :] <= t[:, None]) & (beats.cumsum(dim=-2) < kws)          # [i, j]: fewer than kws above j in 0..i
+
+
+class DMAttn(nn.Module):
+    """Dynamic mask attention: GQA softmax attention with QK-norm and RoPE, plus the value-derived
+    per-key bias delta and the keep_window_size top-k over it."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.n_head, self.n_kv_head = config.n_head, config.n_kv_head
+        self.head_dim = hd = config.n_embd // config.n_head
+        self.kws = config.keep_window_size
+        self.q_proj = nn.Linear(config.n_embd, config.n_head * hd, bias=False)
+        self.k_proj = nn.Linear(config.n_embd, config.n_kv_head * hd, bias=False)
+        self.v_proj = nn.Linear(config.n_embd, config.n_kv_head * hd, bias=False)
+        self.q_norm = RMSNorm(hd, config.norm_eps)  # QK-norm: one gain over hd, shared by the heads
+        self.k_norm = RMSNorm(hd, config.norm_eps)
+        self.dt_proj = nn.Linear(config.n_kv_head * hd, config.n_kv_head, bias=False)  # values -> dt, per KV head
+        self.A = nn.Parameter(torch.zeros(config.n_kv_head))  # 0: delta = 1, no bias at init
+        self.o_proj = nn.Linear(config.n_head * hd, config.n_embd, bias=False)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, cos, sin):
+        B, T, _ = x.shape
+        H, G, hd = self.n_head, self.n_kv_head, self.head_dim
+        q = self.q_norm(self.q_proj(x).view(B, T, H, hd)).transpose(1, 2)   # (B, H, T, hd)
+        k = self.k_norm(self.k_proj(x).view(B, T, G, hd)).transpose(1, 2)   # (B, G, T, hd)
+        v = self.v_proj(x)                                                   # (B, T, G*hd)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        # delta_j = exp(A * softplus(dt_j)), from key j's value alone: (B, G, T), in fp32
+        dt = self.dt_proj(v).float()
+        delta = torch.exp(self.A.float() * F.softplus(dt)).transpose(1, 2)
+        # adding delta_j to every score of key j = one more key coordinate delta_j * sqrt(hd) met by
+        # a query coordinate 1 (the scale stays 1/sqrt(hd)): the bias rides in the attention matmul,
+        # where its gradient is cheap (as a float mask it needs SDPA's slow path and a (B, H, T, T) gradient)
+        q = torch.cat([q, torch.ones_like(q[..., :1])], dim=-1)
+        k = torch.cat([k, (delta * math.sqrt(hd)).unsqueeze(-1).to(k.dtype)], dim=-1)
+        v = F.pad(v.view(B, T, G, hd).transpose(1, 2), (0, 1))  # same head size as q, k: the fused kernel
+        keep = dynamic_mask(delta.detach(), self.kws)                       # (B, G, T, T) bool, or None
+        self.masked_frac = 0.0 if keep is None else 1 - keep.sum() / (B * G * T * (T + 1) / 2)  # for stats()
+        self.delta_mean = delta.detach().mean()
+        if keep is not None:
+            keep = keep.repeat_interleave(H // G, dim=1)                   # kv group g serves its H/G query heads
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, is_causal=keep is None, scale=hd ** -0.5,
+                                           enable_gqa=G != H)
+        return self.resid_dropout(self.o_proj(y[..., :hd].transpose(1, 2).reshape(B, T, H * hd)))
+
+
+class CDMoE(MLP):
+    """Cross-domain MoE: the dense SwiGLU MLP (the shared expert, its weights inherited from MLP)
+    plus k of E = K^2 private experts, each a single SiLU neuron (down vector D_e, up vector U_e),
+    retrieved with product keys (specs/doge.md section 2.6)."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.K = math.isqrt(config.n_experts)
+        self.k = config.n_experts_per_head
+        self.router_gate = nn.Linear(config.n_embd, 2 * self.K, bias=False)  # rows: K x-half keys, K y-half keys
+        self.down_embed = nn.Embedding(config.n_experts, config.n_embd)      # D
+        self.up_embed = nn.Embedding(config.n_experts, config.n_embd)        # U
+
+    def route(self, u):
+        """The k experts of each token (ids in [0, K^2)) and their weights g (softmax over the k)."""
+        K, k = self.K, self.k
+        # the fix: each token's 2K scores split into its own two halves (the reference reshapes the
+        # (B, T, 2K) output as (2, B*T, K), mixing halves of later tokens and other sequences)
+        z = self.router_gate(u).float().unflatten(-1, (2, K))                 # (B, T, 2, K)
+        top = z.topk(k, dim=-1)                                               # each half's best k keys
+        (sx, sy), (ix, iy) = top.values.unbind(-2), top.indices.unbind(-2)
+        # product keys: the best k of the k*k pair sums are the best k of all K^2 (each half of an
+        # overall top-k pair is in its own half's top k)
+        pair_score = (sx[..., :, None] + sy[..., None, :]).flatten(-2)        # (B, T, k*k)
+        pair_id = (ix[..., :, None] * K + iy[..., None, :]).flatten(-2)
+        score, best = pair_score.topk(k, dim=-1)
+        return pair_id.gather(-1, best), torch.softmax(score, dim=-1)
+
+    def forward(self, u):
+        experts, weight = self.route(u)                                       # (B, T, k) each
+        self.last_experts = experts.detach()  # for stats()
+        # a_m = silu(<D_e, u>) * g_m;  out = dense MLP + sum_m a_m U_e  (elementwise: k is small)
+        activation = F.silu((self.down_embed(experts) * u[..., None, :]).sum(-1)) * weight.to(u.dtype)
+        return super().forward(u) + (activation[..., None] * self.up_embed(experts)).sum(-2)
+
+
+class DogeBlock(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.n_embd, config.norm_eps)
+        self.attn = DMAttn(config)
+        self.input_residual = nn.Parameter(torch.ones(config.n_embd))            # alpha1
+        self.post_attention_layernorm = RMSNorm(config.n_embd, config.norm_eps)
+        self.mlp = CDMoE(config) if config.is_moe else MLP(config)
+        self.post_attention_residual = nn.Parameter(torch.ones(config.n_embd))   # alpha2
+
+    def forward(self, x, cos, sin):
+        # the scale multiplies the carried stream, not the branch (specs/doge.md §2.2)
+        x = self.input_residual * x + self.attn(self.input_layernorm(x), cos, sin)
+        return self.post_attention_residual * x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Doge(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        if config.n_embd % config.n_head or config.n_head % config.n_kv_head or (config.n_embd // config.n_head) % 2:
+            raise ValueError("n_embd must be a multiple of n_head, n_head of n_kv_head, and the head size even")
+        if config.is_moe and math.isqrt(config.n_experts) ** 2 != config.n_experts:
+            raise ValueError(f"n_experts={config.n_experts} must be a perfect square (E = K^2 product keys), "
+                             f"e.g. {math.isqrt(config.n_experts) ** 2} or {(math.isqrt(config.n_experts) + 1) ** 2}")
+        if config.is_moe and config.n_experts_per_head > math.isqrt(config.n_experts):
+            raise ValueError("n_experts_per_head must not exceed sqrt(n_experts)")
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.rope = RotaryEmbedding(config.n_embd // config.n_head, config.rope_theta)
+        self.blocks = nn.ModuleList(DogeBlock(config) for _ in range(config.n_layer))
+        self.ln_f = RMSNorm(config.n_embd, config.norm_eps)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight  # tied
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module):
+        # HF's init: Linear weights and all embeddings (tokens, expert tables) ~ N(0, 0.02);
+        # norms and residual scales 1, A 0 (set where they are created)
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
+
+    def forward(self, idx, targets=None):
+        B, T = idx.shape
+        if T > self.config.block_size:
+            raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
+        cos, sin = self.rope(torch.arange(T, device=idx.device))
+        x = self.wte(idx)
+        for block in self.blocks:
+            x = block(x, cos, sin)
+        logits = self.lm_head(self.ln_f(x))
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+        return logits, loss
+
+    def stats(self):
+        attns = [block.attn for block in self.blocks]
+        if not hasattr(attns[0], "delta_mean"):
+            return {}
+        out = {f"delta_mean_l{l}": float(attn.delta_mean) for l, attn in enumerate(attns)}
+        out["masked_frac"] = sum(float(attn.masked_frac) for attn in attns) / len(attns)  # visible keys dropped
+        if self.config.is_moe:  # expert usage in the last batch, averaged over layers
+            loads = [torch.bincount(block.mlp.last_experts.flatten(), minlength=self.config.n_experts).float()
+                     for block in self.blocks]
+            out["experts_used"] = sum((load > 0).float().mean().item() for load in loads) / len(loads)
+            out["max_load"] = sum((load.max() / load.mean()).item() for load in loads) / len(loads)
+        return out
+
+    def flops_per_token(self):
+        # nanoGPT's accounting over the parameters a token actually uses: all but the expert tables,
+        # of which it reads k rows of D and U per layer; plus attention's 12 d T per layer
+        c = self.config
+        n_params = sum(p.numel() for p in self.parameters())
+        if c.is_moe:
+            n_params -= c.n_layer * 2 * c.n_experts * c.n_embd
+            n_params += c.n_layer * 2 * c.n_experts_per_head * c.n_embd
+        return 6 * n_params + 12 * c.n_layer * c.n_embd * c.block_size
+
+
+Model = Doge
