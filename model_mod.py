@@ -34,6 +34,9 @@ every selected token of the other rows. Its reported MoD losses are not reachabl
 
 sigma(r) instead of the paper's raw r as the gate (as the reference does): bounded, and 0.5 at r = 0,
 so a routed token's update is never flipped in sign or blown up by an unconstrained score.
+
+Names: the paper's symbols (r, w_r, tau, C, k, K) in code and comments; the block's modules are
+model_gpt's (Hugging Face Qwen2 names: qkv_proj, o_proj, gate_proj, up_proj, down_proj).
 """
 import math
 from dataclasses import dataclass
@@ -47,18 +50,18 @@ import torch.nn.functional as F
 class Config:
     vocab_size: int = 65              # set by train.py from the dataset's tokenizer
     block_size: int = 64              # training context length
-    n_layer: int = 4                  # blocks; the odd ones (1, 3, ...) are routed
-    n_head: int = 4
-    n_kv_head: int = 2
-    n_embd: int = 128
-    intermediate_size: int = 384
-    rope_theta: float = 1e6
-    norm_eps: float = 1e-6
-    qkv_bias: bool = True
-    dropout: float = 0.0
-    init_std: float = 0.02
+    n_layer: int = 4                  # L blocks; the odd ones (1, 3, ...) are routed
+    n_head: int = 4                   # query heads H
+    n_kv_head: int = 2                # key/value heads G (grouped-query attention)
+    n_embd: int = 128                 # d
+    intermediate_size: int = 384      # SwiGLU width I = 3d (standard.md laptop rule)
+    rope_theta: float = 1e6           # RoPE base theta (Qwen2.5)
+    norm_eps: float = 1e-6            # RMSNorm epsilon
+    qkv_bias: bool = True             # biases on q, k, v (Qwen2)
+    dropout: float = 0.0              # Qwen2.5 uses none; kept as a knob
+    init_std: float = 0.02            # N(0, init_std) for every Linear, embedding and router
     mod_capacity: float = 0.125       # C: target fraction of tokens a routed block processes
-    capacity_factor: float = 2.0      # hard cap per row: K = ceil(capacity_factor * C * T) tokens
+    capacity_factor: float = 2.0      # hard cap per row: K = ceil(capacity_factor * C * block_size) tokens
     tau_momentum: float = 0.99        # rho: EMA momentum of the routing threshold tau
     mod_aux_loss_weight: float = 0.01  # lambda: weight of the router's top-k membership BCE
     mod_routing: str = "threshold"    # "threshold" (causal, both modes) or "topk" (paper, training only)
@@ -231,7 +234,10 @@ class MoDBlock(nn.Module):
         self.last = {}  # detached tensors of the last forward, for stats()
 
     def gate(self, r):
-        return torch.sigmoid(r)  # the routed update's weight: how the LM loss reaches the router
+        # the routed update's weight, the path by which the LM loss trains the router. The paper
+        # multiplies by r itself; sigma(r) (as the reference) is bounded in (0, 1) and 0.5 at r = 0,
+        # so an unconstrained score can neither flip the update's sign nor blow it up
+        return torch.sigmoid(r)
 
     def forward(self, x, rope):
         B, T, _ = x.shape
@@ -307,14 +313,17 @@ class MoD(nn.Module):
         return logits, loss
 
     def stats(self):
-        out = {}
-        for l, block in enumerate(self.blocks):
-            if isinstance(block, MoDBlock) and block.last:
-                out[f"frac_routed_l{l}"] = block.last["frac_routed"].item()
-                out[f"tau_l{l}"] = block.tau.item()
-                if "agreement" in block.last:
-                    out[f"agree_l{l}"] = block.last["agreement"].item()
-                    out[f"aux_bce_l{l}"] = block.last["aux_bce"].item()
+        # the realised routed fraction per routed layer (target C; a collapsing layer shows here),
+        # the rest averaged over routed layers so that a 24-layer model still prints one short line
+        routed = {l: block for l, block in enumerate(self.blocks) if isinstance(block, MoDBlock) and block.last}
+        if not routed:
+            return {}
+        out = {f"frac_routed_l{l}": block.last["frac_routed"].item() for l, block in routed.items()}
+        out["tau"] = torch.stack([block.tau for block in routed.values()]).mean().item()
+        for key in ("agreement", "aux_bce"):  # training forwards only
+            values = [block.last[key] for block in routed.values() if key in block.last]
+            if values:
+                out[key] = torch.stack(values).mean().item()
         return out
 
     def flops_per_token(self):

@@ -46,6 +46,17 @@ def test_parameter_count():
     assert sum(p.numel() for p in big.parameters()) == 494_043_520
 
 
+def test_routed_blocks_and_routers_start_at_normal_0_02():
+    """standard.md init for every block (the reference left its routed blocks at PyTorch's default)."""
+    for block in routed_blocks(build()):
+        assert 0.015 < block.router.std().item() < 0.025
+        for name, p in block.block.named_parameters():
+            if name.endswith("bias"):
+                assert torch.equal(p, torch.zeros_like(p)), name
+            elif p.dim() == 2:
+                assert abs(p.std().item() - 0.02) < 0.001, name
+
+
 @pytest.mark.parametrize("train", [False, True])
 def test_full_capacity_with_gate_one_is_the_dense_model(train, monkeypatch):
     mod = build(mod_capacity=1.0, capacity_factor=1.0)
@@ -82,6 +93,20 @@ def test_causal_and_row_independent_with_half_the_tokens_wanting(train):
     x3 = x.clone()
     x3[1:] = tokens(seed=9)[1:]
     assert torch.equal(logits(x3)[0], base[0])
+
+
+def test_prefix_forward_equals_full_forward_while_the_cap_binds():
+    """What a sampler computes equals the full-window eval logits, also when a row hits the cap K
+    (a cap computed from the current length T instead of block_size fails this)."""
+    model = build()
+    x = tokens()
+    set_tau_to_median(model, x)
+    model.eval()
+    with torch.no_grad():
+        full = model(x)[0]
+        assert all(b.last["frac_routed"].item() == 16 / 64 for b in routed_blocks(model))  # every row capped
+        for t in (0, 9, 20, 41, 63):
+            torch.testing.assert_close(model(x[:, :t + 1])[0][:, -1], full[:, t], atol=1e-5, rtol=0)
 
 
 def test_packed_path_equals_masked_dense_oracle():
