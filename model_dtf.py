@@ -33,6 +33,9 @@ current batch (other rows, future positions) before it is read, in a Python loop
 Other deliberate differences: o_ce is stored as its log (the reference's raw o_ce under a log turns
 NaN once it reaches 0), every Linear starts at N(0, 0.02) (the reference left its blocks at PyTorch's
 default init), and the router's four scalars learn 10x faster (lr_mult; at the shared lr they barely move).
+
+Names: the report's symbols (D_st, D_ch, CE, CU, S_CE, S_CU, G, beta_ce, beta_cu, o_ce, m_cu, gamma,
+tau) in code and comments; the blocks' modules are model_gpt's (Hugging Face Qwen2 names).
 """
 import math
 from dataclasses import dataclass
@@ -47,25 +50,25 @@ class Config:
     vocab_size: int = 65              # set by train.py from the dataset's tokenizer
     block_size: int = 64              # training context length
     n_layer: int = 4                  # blocks, even: pairs of (decision, dynamic)
-    n_head: int = 4
-    n_kv_head: int = 2
-    n_embd: int = 128
-    intermediate_size: int = 384
-    rope_theta: float = 1e6
-    norm_eps: float = 1e-6
-    qkv_bias: bool = True
-    dropout: float = 0.0
-    init_std: float = 0.02
+    n_head: int = 4                   # query heads H
+    n_kv_head: int = 2                # key/value heads G (grouped-query attention)
+    n_embd: int = 128                 # d
+    intermediate_size: int = 384      # SwiGLU width I = 3d (standard.md laptop rule)
+    rope_theta: float = 1e6           # RoPE base theta (Qwen2.5)
+    norm_eps: float = 1e-6            # RMSNorm epsilon
+    qkv_bias: bool = True             # biases on q, k, v (Qwen2)
+    dropout: float = 0.0              # Qwen2.5 uses none; kept as a knob
+    init_std: float = 0.02            # N(0, init_std) for every Linear and the embedding
     dtf_capacity: float = 0.125       # gamma: target fraction of tokens a dynamic block processes
     capacity_factor: float = 2.0      # hard cap per row: K = ceil(capacity_factor * gamma * block_size)
     tau_momentum: float = 0.99        # rho: EMA momentum of the routing threshold tau
-    beta_ce_init: float = -0.5        # raw inverse temperatures, used through softplus
-    beta_cu_init: float = -0.8
+    beta_ce_init: float = -0.5        # beta_ce: raw inverse temperature of S_CE, used as softplus(beta)
+    beta_cu_init: float = -0.8        # beta_cu: the same for S_CU
     o_ce_init: float = 1.025          # CE offset o_ce (stored as log o_ce)
     m_cu_init: float = 1.1            # CU multiplier of the moving average
     ma_window: int = 100              # W: tokens in the CU moving average
     prior_ffn_factor: float = 0.0625  # prior SwiGLU width d_i = f * d (rounded up to even)
-    prior_loss_weight: float = 0.05   # lambda_prior
+    prior_loss_weight: float = 0.05   # lambda_prior: weight of the prior's MSE (training only)
 
 
 # Qwen2.5 shapes (standard.md) as blocks of pairs, gamma 12.5%. vocab_size comes from the data.
@@ -254,6 +257,9 @@ def causal_moving_average(d, window):
 
 
 class DTFPair(nn.Module):
+    """A decision block on every token, the prior, the surprise gate G, and a dynamic block on the
+    tokens whose G clears the routing threshold tau (specs/dtf.md section 2.2)."""
+
     def __init__(self, config):
         super().__init__()
         self.config = config
@@ -276,7 +282,8 @@ class DTFPair(nn.Module):
         d_st = (h_post.float() - h.float()).pow(2).mean(-1)          # static surprise  (B, T)
         d_ch = (h_post.float() - h_prior.float()).pow(2).mean(-1)    # change surprise  (B, T)
         ce = d_st - d_ch + self.log_o_ce                              # expected change
-        cu = d_st - self.m_cu * causal_moving_average(d_st.detach(), self.config.ma_window)  # unexpected
+        # unexpected change; the moving average is a detached baseline over earlier tokens only
+        cu = d_st - self.m_cu * causal_moving_average(d_st.detach(), self.config.ma_window)
         s_ce = torch.sigmoid(F.softplus(self.beta_ce) * ce)
         s_cu = torch.sigmoid(F.softplus(self.beta_cu) * cu)
         self.last.update(s_ce=s_ce.detach().mean(), s_cu=s_cu.detach().mean())
@@ -308,7 +315,8 @@ class DTF(nn.Module):
     def __init__(self, config):
         super().__init__()
         if config.n_layer % 2:
-            raise ValueError(f"n_layer={config.n_layer}: DTF needs an even number of blocks (decision + dynamic pairs)")
+            raise ValueError(f"n_layer={config.n_layer} is odd: DTF needs pairs of (decision, dynamic) blocks; "
+                             "set an even n_layer")
         if config.n_embd % config.n_head or config.n_head % config.n_kv_head or (config.n_embd // config.n_head) % 2:
             raise ValueError("n_embd must be a multiple of n_head, n_head of n_kv_head, and the head size even")
         self.config = config
@@ -322,6 +330,8 @@ class DTF(nn.Module):
         self.apply(self._init_weights)
 
     def _init_weights(self, module):
+        # every Linear and the embedding ~ N(0, 0.02), dynamic blocks and priors included (the
+        # reference left them at PyTorch's default init: an unfair comparison with its dense baseline)
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
         if isinstance(module, nn.Linear) and module.bias is not None:
@@ -346,18 +356,16 @@ class DTF(nn.Module):
         return logits, loss
 
     def stats(self):
+        # the realised routed fraction per pair (target gamma), the rest averaged over pairs.
+        # G_std < 1e-2 is the nearly-constant-gate regime of specs/dtf.md section 8.2
         if not self.pairs[0].last:
             return {}
-        out = {}
-        for p, pair in enumerate(self.pairs):
-            out[f"frac_routed_p{p}"] = pair.last["frac_routed"].item()
-            out[f"G_std_p{p}"] = pair.last["G_std"].item()  # < 1e-2: G is nearly constant (specs/dtf.md §8.2)
+        out = {f"frac_routed_p{p}": pair.last["frac_routed"].item() for p, pair in enumerate(self.pairs)}
 
         def mean(values):
-            values = [float(v) for v in values]
-            return sum(values) / len(values)
+            return torch.stack(list(values)).mean().item()
 
-        for key in ("G_mean", "s_ce", "s_cu", "prior_loss"):
+        for key in ("G_mean", "G_std", "s_ce", "s_cu", "prior_loss"):  # prior_loss: training forwards only
             if key in self.pairs[0].last:
                 out[key] = mean(pair.last[key] for pair in self.pairs)
         out["beta_ce"] = mean(F.softplus(pair.beta_ce.detach()) for pair in self.pairs)  # inverse temperatures

@@ -47,13 +47,26 @@ def test_parameter_count():
 
 
 def test_odd_layer_count_is_a_clear_error():
-    with pytest.raises(ValueError, match="even number of blocks"):
+    with pytest.raises(ValueError, match="set an even n_layer"):
         build(n_layer=3)
 
 
 def test_router_scalars_learn_faster():
     pair = build().pairs[0]
     assert all(p.lr_mult == 10.0 and p.dim() == 0 for p in (pair.beta_ce, pair.beta_cu, pair.log_o_ce, pair.m_cu))
+
+
+def test_dynamic_blocks_and_priors_start_at_normal_0_02():
+    """standard.md init for every Linear (the reference left its DTF blocks at PyTorch's default)."""
+    for pair in build().pairs:
+        for name, p in [*pair.dynamic.named_parameters(), *pair.decision.named_parameters()]:
+            if name.endswith("bias"):
+                assert torch.equal(p, torch.zeros_like(p)), name
+            elif p.dim() == 2:
+                assert abs(p.std().item() - 0.02) < 0.001, name
+        for name, p in pair.prior.named_parameters():
+            if p.dim() == 2:
+                assert abs(p.std().item() - 0.02) < 0.003, name  # d x 8 matrices: a noisier estimate
 
 
 @pytest.mark.parametrize("train", [False, True])
@@ -77,12 +90,18 @@ def test_full_capacity_with_gate_one_is_the_dense_model(train, monkeypatch):
     torch.testing.assert_close(dtf(x)[0], gpt(x)[0], atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("train", [False, True])
-def test_causal_and_row_independent_with_half_the_tokens_wanting(train):
-    model = build(capacity_factor=4.0)  # cap 32 of 64: the threshold decides, the cap rarely binds
-    x = tokens()
+def set_tau_to_median(model, x):
     for pair, G in zip(model.pairs, gates(model, x)):
         pair.tau.fill_(G.median().item())
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
+@pytest.mark.parametrize("capacity_factor, routed", [(2.0, (0.25, 0.25)), (4.0, (0.3, 0.55))],
+                         ids=["cap-binds", "threshold-decides"])  # K = 16 or 32 of 64
+def test_causal_and_row_independent_with_half_the_tokens_wanting(train, capacity_factor, routed):
+    model = build(capacity_factor=capacity_factor)
+    x = tokens()
+    set_tau_to_median(model, x)
     state = copy.deepcopy(model.state_dict())
 
     def logits(inp):
@@ -92,7 +111,7 @@ def test_causal_and_row_independent_with_half_the_tokens_wanting(train):
             return model(inp)[0]
 
     base = logits(x)
-    assert all(0.3 < pair.last["frac_routed"].item() < 0.55 for pair in model.pairs)
+    assert all(routed[0] <= pair.last["frac_routed"].item() <= routed[1] for pair in model.pairs)
     for p in (3, 21, 50):
         x2 = x.clone()
         x2[:, p:] = (x2[:, p:] + 11) % 65
@@ -100,6 +119,19 @@ def test_causal_and_row_independent_with_half_the_tokens_wanting(train):
     x3 = x.clone()
     x3[1:] = tokens(seed=5)[1:]
     assert torch.equal(logits(x3)[0], base[0])
+
+
+def test_prefix_forward_equals_full_forward_while_the_cap_binds():
+    """What a sampler computes (the prefix up to t) equals the full-window eval logits at t."""
+    model = build()
+    x = tokens()
+    set_tau_to_median(model, x)
+    model.eval()
+    with torch.no_grad():
+        full = model(x)[0]
+        assert all(pair.last["frac_routed"].item() == 16 / 64 for pair in model.pairs)  # every row capped
+        for t in (0, 7, 30, 63):
+            torch.testing.assert_close(model(x[:, :t + 1])[0][:, -1], full[:, t], atol=1e-5, rtol=0)
 
 
 def test_pair_equals_masked_dense_oracle():
@@ -133,6 +165,15 @@ def test_moving_average_is_causal_and_matches_a_loop():
         assert torch.equal(causal_moving_average(d2, window)[:, :11], ma[:, :11])  # t reads only < t
 
 
+def test_moving_average_is_detached_inside_the_gate():
+    """G_t reads earlier positions only through MA(sg(D_st)): no gradient flows from G_t to them."""
+    pair = build().pairs[0]
+    h, prior = torch.randn(1, 12, 128), torch.randn(1, 12, 128)
+    post = torch.randn(1, 12, 128, requires_grad=True)
+    pair.gate(h, post, prior)[0, 11].backward()
+    assert post.grad[0, :11].abs().sum() == 0 and post.grad[0, 11].abs().sum() > 0
+
+
 def test_surprise_maths_on_hand_made_tensors():
     pair = build().pairs[0]
     pair.beta_ce.data.fill_(-2.0)  # negative raw parameters still give positive inverse temperatures
@@ -162,9 +203,17 @@ def test_threshold_lifecycle():
     for pair, G in zip(model.pairs, G_before):
         assert pair.last["frac_routed"].item() == 0.0  # decided with the old tau (+inf)
         torch.testing.assert_close(pair.tau, G.topk(8, dim=1).values[:, -1].mean())
-    saved = [pair.tau.clone() for pair in model.pairs]
-    gates(model, x)  # evaluation never moves tau
-    assert all(torch.equal(pair.tau, t) for pair, t in zip(model.pairs, saved))
+    first = [pair.tau.clone() for pair in model.pairs]
+    G_now = gates(model, x)  # evaluation never moves tau
+    assert all(torch.equal(pair.tau, t) for pair, t in zip(model.pairs, first))
+    model.train()
+    with torch.no_grad():
+        model(x)
+    for pair, G, old in zip(model.pairs, G_now, first):  # later updates: the EMA of the cut-off
+        torch.testing.assert_close(pair.tau, 0.99 * old + 0.01 * G.topk(8, dim=1).values[:, -1].mean())
+    clone = build()
+    clone.load_state_dict(model.state_dict())
+    assert all(torch.equal(a.tau, b.tau) for a, b in zip(clone.pairs, model.pairs))
 
 
 def test_gradients_reach_the_router_scalars_priors_and_both_blocks():
