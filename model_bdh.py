@@ -1,39 +1,52 @@
 """
-BDH, the "Baby Dragon Hatchling" (Kosowski et al., 2025, arXiv 2509.26507), in its GPU form BDH-GPU,
-as the reference code (pathwaycom/bdh) computes it. Spec: specs/bdh.md.
+BDH, the "Baby Dragon Hatchling" (Kosowski et al. 2025, arXiv:2509.26507), in its GPU form BDH-GPU,
+computed as the reference code (pathwaycom/bdh) computes it. Spec: specs/bdh.md.
 
-The idea. A network of n "neurons" (n = 2048 here, 32768 in the paper) talks through a low-rank
+The idea. A network of n "neurons" (2048 here, 32768 in the paper) talks through a low-rank
 bottleneck of width D. Each layer lifts the D-dim token state into neuron space and applies ReLU:
-a sparse, non-negative firing pattern x. Working memory is Hebbian: every past token s wrote the
+a sparse, non-negative firing pattern xs. Working memory is Hebbian: every past token wrote the
 outer product of its firing pattern and its D-dim state into a "synaptic" matrix, and the current
 firing pattern reads it back. That is linear attention over the neuron axis (query = key = the
-firing pattern, rotated by RoPE; no softmax). The read-out is lifted to neuron space again and
-ReLU'd (y); a neuron passes its signal on only if it fires in both x and y (x * y), and the result
-is compressed back to D dims and added residually. The same three big matrices serve every layer:
-depth is the repeated application of one "brain", so n_layer changes compute, not parameters.
+firing pattern turned by RoPE, values = the D-dim stream, no softmax). The read-out is lifted to
+neuron space again and ReLU'd (ys); a neuron passes its signal on only if it fires in both
+(xs * ys, an AND), and the result is compressed back to D dims and added residually. The same three
+big matrices serve every layer: depth is one "brain" applied n_layer times, so n_layer changes the
+compute, not the parameters (3*n*D + 2*V*D of them).
 
-    x = LN(embedding[idx])                                   (B, T, D); LN has no parameters
-    repeat n_layer times, with the same encoder / encoder_v / decoder:
-        x_n = ReLU(x @ encoder[h])                           (B, H, T, N)  sparse neuron firing
-        q   = RoPE(x_n)                                      keys are the same tensor as queries
-        a   = LN( strictly_lower(q @ q^T) @ x )              (B, H, T, D)  linear attention, s < t only
-        y_n = ReLU(a @ encoder_v[h])                         (B, H, T, N)
-        m   = concat_heads(dropout(x_n * y_n)) @ decoder     (B, T, D)
-        x   = LN(x + LN(m))
-    logits = x @ lm_head                                     untied, no final norm (x is normalised)
+The equations (spec §2) and where they are in the code; B batch, T time, D = n_embd, H heads,
+N = M*D/H neurons per head, LN = LayerNorm without gain or bias:
 
-Naming: this file uses the reference's names. The paper calls the neuron -> D matrix E "the
-encoder" and the two D -> neuron matrices D_x, D_y "decoders"; the reference (and this file) calls
-D -> neuron `encoder` (D_x) and `encoder_v` (D_y), and neuron -> D `decoder` (E).
+    x  = LN(embed[idx])                                  (B, T, D)                 forward()
+    repeat n_layer times, with the same encoder, encoder_v, decoder:                layer()
+        xs = ReLU(x @ encoder[h])                        (H, B, T, N)  sparse, >= 0
+        q  = RoPE_t(xs)                                  keys are this same tensor
+        A  = q q^T, kept where s < t, else 0             (H, B, T, T)  no softmax, no scaling
+        a  = LN(A @ x)                                   (H, B, T, D)  values: x itself, shared by heads
+        ys = ReLU(a @ encoder_v[h])                      (H, B, T, N)
+        g  = dropout(xs * ys)                            the only dropout in the model
+        x  = LN(x + LN(concat_h(g) @ decoder))           back to D, post-norm residual
+    logits = x @ lm_head                                 untied; x is already normalised
 
-Causality holds by construction: every operation but attention acts on one position, and
-attention reads positions s < t only (the diagonal is excluded, so position 0 reads nothing and
-its logits are a function of the first token alone). Masked scores are 0, not -inf: there is no
-softmax to exclude them from.
+The paper's figure keeps the residual in neuron space and uses LN(E y) as the value; the reference,
+and this file, keep the residual in D-space and recompute xs from x in every layer (spec §2).
 
-Generation has an exact recurrent form (generate() below): per layer and head a state
-S = sum_{s<t} RoPE_s(x_n,s) (outer) x_s of N x D numbers, read before it is written, so each new
-token costs the same O(n*D) work and memory however long the text is, and needs no block_size crop.
+Read as a recurrence (spec §4; step()), each layer and head keeps a state S of N x D numbers,
+S_t = sum_{s<t} RoPE_s(xs_s) (outer) x_s, and a_t = LN(S_t^T RoPE_t(xs_t)): the token reads S first and
+writes itself into it afterwards. generate() samples this way, O(n*D) work and memory per token at
+any length, with nothing cropped to block_size.
+
+Causality. The reference is strictly causal and so is this file (spec §5): everything but the
+attention acts on one position, and the attention reads positions s < t only. The diagonal is
+excluded on purpose, so position 0 reads nothing: its read-out is LN(0) = 0 in every layer, x only
+gets normalised again, and its logits are a function of the first token alone. Masked scores are 0,
+not -inf (there is no softmax to remove them from). What we do differently from the reference is
+speed only (spec §8.5, §8.6): the RoPE phases are computed once per forward rather than per layer,
+every head runs in one batched matmul, and generation uses the recurrence instead of re-running
+the whole sequence for every new token.
+
+Naming: this file uses the reference's names, which are the paper's swapped. encoder (D -> neurons)
+is the paper's D_x, encoder_v (D -> neurons, for the read-out) is D_y, and decoder (neurons -> D)
+is the paper's "encoder" E.
 """
 import math
 from dataclasses import dataclass
@@ -45,45 +58,51 @@ import torch.nn.functional as F
 
 @dataclass
 class Config:
-    vocab_size: int = 65                    # V; the reference reads raw bytes (256)
-    block_size: int = 64                    # training context; the model itself has no position limit
-    n_layer: int = 4                        # L: applications of the one shared layer
-    n_embd: int = 128                       # D: the low-rank width of the residual stream
-    n_head: int = 4                         # H: neuron groups with their own scores and RoPE
+    vocab_size: int = 65                    # V; set by train.py from the tokenizer (the reference: 256 bytes)
+    block_size: int = 64                    # training context T; the model itself has no position limit
+    n_layer: int = 4                        # L: applications of the one shared layer (not L sets of weights)
+    n_embd: int = 128                       # D: width of the low-rank residual stream
+    n_head: int = 4                         # H: neuron groups, each with its own scores and RoPE
     mlp_internal_dim_multiplier: int = 16   # M: n = M*D neurons in all, N = n/H per head
-    dropout: float = 0.1                    # on the gated product x_n * y_n only
+    dropout: float = 0.1                    # p: dropout on the gated product xs * ys only
 
 
 PRESETS = {
-    # the reference's default: 25.3M parameters, n = 32768 neurons, byte vocabulary
+    # the reference's default: 25,296,896 parameters, n = 32768 neurons, byte vocabulary
     "bdh-25m": dict(vocab_size=256, block_size=512, n_layer=6, n_embd=256, n_head=4,
                     mlp_internal_dim_multiplier=128, dropout=0.1),
 }
 
-ROPE_THETA = 2.0 ** 16  # the reference's RoPE base, over the neuron axis
+ROPE_THETA = 2.0 ** 16  # the reference's RoPE base; the pairs turn over the neuron axis
 
 
 def layer_norm(x):
-    """LayerNorm over the last axis without gain or bias (the one normalisation BDH uses)."""
+    """LN(z) = (z - mean z) / sqrt(var z + 1e-5) over the last axis, with no gain and no bias."""
     return F.layer_norm(x, (x.size(-1),))
 
 
-def rope_phases(positions, n_neurons):
-    """e^(i t omega_k) of shape (T, N/2) for the interleaved pairs (2k, 2k+1), omega_k = theta^(-2k/N).
+def rope_phases(positions, N):
+    """e^(i t w_k) for each position t and neuron pair k < N/2, w_k = theta^(-2k/N): complex (T, N/2).
 
-    The angle t * omega_k is computed as the fractional part of t * omega_k / 2pi (turns) in fp32,
-    times 2pi, as the reference does: the phase stays accurate at large positions."""
-    turns_per_position = ROPE_THETA ** (-torch.arange(0, n_neurons, 2, device=positions.device,
-                                                      dtype=torch.float32) / n_neurons) / (2 * math.pi)
-    angles = torch.frac(positions.float()[:, None] * turns_per_position) * (2 * math.pi)
-    return torch.polar(torch.ones_like(angles), angles)
+    Built once per forward: every layer turns by the same angles. The angle is formed as the
+    reference forms it (spec §2), in fp32: turns per position w_k / 2pi, times t, fractional part,
+    times 2pi, so cos and sin see an angle in [0, 2pi). The frequencies are recomputed here rather
+    than kept in a buffer, so .to(dtype) on the model can never round them (spec §8.4)."""
+    k2 = torch.arange(0, N, 2, device=positions.device, dtype=torch.float32)  # 2k
+    turns = ROPE_THETA ** (-k2 / N) / (2 * math.pi)                              # w_k / 2pi per position
+    angles = torch.frac(positions.float()[:, None] * turns) * (2 * math.pi)
+    return torch.complex(angles.cos(), angles.sin())
 
 
-def rotate(x, phase):
-    """Rotate each interleaved pair (u, v) of the last axis by its angle: as a complex number,
-    (u + iv) * e^(i angle). At least fp32 (bf16 has no complex type; RoPE wants fp32 anyway)."""
-    z = torch.view_as_complex(x.to(torch.promote_types(x.dtype, torch.float32)).unflatten(-1, (-1, 2)))
-    return torch.view_as_real(z * phase).flatten(-2)
+def rotate(v, phase):
+    """RoPE on interleaved pairs (v_2k, v_2k+1) = (u, w) -> (u cos - w sin, w cos + u sin).
+
+    That is the complex product (u + iw) * e^(i angle): one pass over v forward and one backward,
+    about 3x faster on a CPU than the same rotation in real arithmetic (which needs a swapped copy
+    of the pairs). Computed in at least fp32, cast back to v's dtype. torch.compile runs the complex
+    product as a separate kernel, with a warning that it cannot generate code for it; same result."""
+    z = torch.view_as_complex(v.to(torch.promote_types(v.dtype, torch.float32)).unflatten(-1, (-1, 2)))
+    return torch.view_as_real(z * phase).flatten(-2).to(v.dtype)
 
 
 class BDH(nn.Module):
@@ -91,47 +110,48 @@ class BDH(nn.Module):
         super().__init__()
         D, H, M = config.n_embd, config.n_head, config.mlp_internal_dim_multiplier
         if (M * D) % H or (M * D // H) % 2:
-            raise ValueError(f"n_head ({H}) must divide the {M * D} neurons into groups of even size")
+            raise ValueError(f"n_head ({H}) must split the M*D = {M * D} neurons into groups of even size "
+                             "(RoPE turns pairs); change n_head or mlp_internal_dim_multiplier")
         self.config = config
         N = M * D // H
         self.embed = nn.Embedding(config.vocab_size, D)
-        self.encoder = nn.Parameter(torch.empty(H, D, N))      # D_x: D -> neurons, gives x_n
-        self.encoder_v = nn.Parameter(torch.empty(H, D, N))    # D_y: attention read-out -> neurons, gives y_n
-        self.decoder = nn.Parameter(torch.empty(H * N, D))     # E: neurons -> D, rows head-major (h*N + i)
-        self.lm_head = nn.Parameter(torch.empty(D, config.vocab_size))
+        self.encoder = nn.Parameter(torch.empty(H, D, N))    # D_x: D -> neurons, gives xs
+        self.encoder_v = nn.Parameter(torch.empty(H, D, N))  # D_y: attention read-out -> neurons, gives ys
+        self.decoder = nn.Parameter(torch.empty(H * N, D))   # E: neurons -> D; row h*N + i is neuron i of head h
+        self.lm_head = nn.Parameter(torch.empty(D, config.vocab_size))  # not tied to embed
         self.drop = nn.Dropout(config.dropout)
-        for p in self.parameters():
+        for p in self.parameters():  # the reference: every tensor ~ N(0, 0.02^2), no biases anywhere
             nn.init.normal_(p, std=0.02)
-        self.last = {}
+        self.last = {}  # small detached tensors from the last forward, for stats()
 
-    def layer(self, x, phase, mask):
+    def layer(self, x, phase):
         """One application of the shared layer to x (B, T, D), in the parallel (training) form.
-        Neuron tensors are kept head-major, (H, B*T, N), so that every product is one batched
-        matmul over heads with no transposes of the large activations."""
+
+        Neuron tensors are head-major, (H, B*T, N): every product is one matmul batched over heads,
+        and x is broadcast over heads (expand, no copy) rather than the big activations transposed."""
         B, T, D = x.shape
         H, _, N = self.encoder.shape
-        x_n = F.relu(x.reshape(1, B * T, D).expand(H, -1, -1) @ self.encoder)  # (H, B*T, N) sparse firing
-        q = rotate(x_n.view(H, B, T, N), phase).view(H * B, T, N)       # keys are the same tensor
-        scores = (q @ q.transpose(1, 2)) * mask                         # (H*B, T, T), zero at s >= t
-        a = layer_norm(scores.view(H, B, T, T) @ x)                     # (H, B, T, D): values are x itself
-        y_n = F.relu(a.view(H, B * T, D) @ self.encoder_v)             # (H, B*T, N)
-        g = x_n * y_n                                                   # fires only where both do ("AND")
-        m = (self.drop(g) @ self.decoder.view(H, N, D)).sum(0)          # concat_heads(g) @ decoder: (B*T, D)
-        return layer_norm(x + layer_norm(m.view(B, T, D))), x_n, y_n, g
+        xs = F.relu(x.view(1, B * T, D).expand(H, -1, -1) @ self.encoder)  # (H, B*T, N) neuron firing
+        q = rotate(xs.view(H * B, T, N), phase)                             # the keys are the same tensor
+        A = (q @ q.mT).tril(-1)                           # (H*B, T, T): <q_t, q_s> where s < t, 0 elsewhere
+        a = layer_norm(A.view(H, B, T, T) @ x)            # (H, B, T, D): the read-out, values are x itself
+        ys = F.relu(a.view(H, B * T, D) @ self.encoder_v)                   # (H, B*T, N)
+        g = xs * ys                                       # a neuron passes only if it fires in both
+        m = (self.drop(g) @ self.decoder.view(H, N, D)).sum(0)  # concat_h(g) @ decoder: (B*T, D)
+        return layer_norm(x + layer_norm(m.view(B, T, D))), xs, ys, g
 
     def forward(self, idx, targets=None):
         B, T = idx.shape
         if T > self.config.block_size:
             raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
         phase = rope_phases(torch.arange(T, device=idx.device), self.encoder.size(-1))  # once for all layers
-        mask = torch.ones(T, T, device=idx.device).tril(-1)             # s < t: the diagonal is excluded
-        x = layer_norm(self.embed(idx))                                 # (B, T, D), shared by all heads
+        x = layer_norm(self.embed(idx))  # (B, T, D); one stream, read by every head
         density, fired = [], 0
         for _ in range(self.config.n_layer):
-            x, x_n, y_n, g = self.layer(x, phase, mask)
-            with torch.no_grad():  # activations are >= 0, so non-zero means firing
-                density.append(torch.stack([t.sign().mean() for t in (x_n, y_n, g)]))
-                fired = fired + x_n.amax(dim=1)                          # (H, N): > 0 if it fired anywhere
+            x, xs, ys, g = self.layer(x, phase)
+            with torch.no_grad():  # the activations are >= 0, so sign() is 1 where a neuron fires
+                density.append(torch.stack([xs.sign().mean(), ys.sign().mean(), g.sign().mean()]))
+                fired = fired + xs.amax(dim=1)  # (H, N): > 0 where the neuron fired at some token
         self.last = {"density": torch.stack(density), "dead": (fired == 0).float().mean()}
         logits = x @ self.lm_head
         loss = None
@@ -139,55 +159,74 @@ class BDH(nn.Module):
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
         return logits, loss
 
+    # --- the recurrent form (spec §4): the same model, one token at a time -----------------------
+
+    def initial_state(self, batch_size):
+        """The synaptic states before any token: zeros, (L, H, B, N, D), one N x D matrix per layer,
+        head and sequence. Their size does not grow with the text."""
+        H, D, N = self.encoder.shape
+        return torch.zeros(self.config.n_layer, H, batch_size, N, D, device=self.decoder.device,
+                           dtype=self.decoder.dtype)
+
+    def step(self, token, t, state):
+        """Logits (B, V) after token (B,) at absolute position t; state (from initial_state, holding
+        positions < t) is updated in place. Each layer reads its state before writing the token
+        into it, which is what excludes the diagonal. There is no dropout here: this is the
+        inference computation whatever the module's mode."""
+        H, D, N = self.encoder.shape
+        phase = rope_phases(torch.tensor([t], device=token.device), N)[0]  # (N/2,)
+        x = layer_norm(self.embed(token))                                   # (B, D)
+        for S in state:                                                     # S: (H, B, N, D)
+            xs = F.relu(x.expand(H, -1, -1) @ self.encoder)                 # (H, B, N)
+            k = rotate(xs, phase)                                           # query = key
+            a = layer_norm((k.unsqueeze(-2) @ S).squeeze(-2))               # read: S^T k, (H, B, D)
+            S.addcmul_(k.unsqueeze(-1), x.unsqueeze(-2))                    # then write: S += k (outer) x
+            ys = F.relu(a @ self.encoder_v)                                 # (H, B, N)
+            m = ((xs * ys) @ self.decoder.view(H, N, D)).sum(0)             # (B, D)
+            x = layer_norm(x + layer_norm(m))
+        return x @ self.lm_head
+
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
-        """Sample with the exact recurrent form: per layer and head a state S (N x D), read then
-        written for every token, so each token costs O(n*D) however long the text is and nothing
-        is cropped. The prompt is fed through the same step."""
-        B = idx.size(0)
-        H, D, N = self.encoder.shape
-        states = torch.zeros(self.config.n_layer, B, H, N, D, device=idx.device, dtype=self.decoder.dtype)
-        for t in range(idx.size(1) - 1):  # the prompt, but for its last token, only writes the states
-            self.step(idx[:, t], t, states)
-        for t in range(idx.size(1) - 1, idx.size(1) - 1 + max_new_tokens):
-            logits = self.step(idx[:, t], t, states) / temperature
+        """Append max_new_tokens sampled tokens to idx (B, T0). The prompt goes through step() token
+        by token, filling the states exactly as the parallel form would; then every sampled token is
+        fed back the same way. O(n*D) per token at any length; no crop to block_size."""
+        state = self.initial_state(idx.size(0))
+        T0 = idx.size(1)
+        for t in range(T0 + max_new_tokens - 1):
+            logits = self.step(idx[:, t], t, state)
+            if t < T0 - 1:
+                continue  # still inside the prompt: the token only writes the states
+            logits = logits / temperature
             if top_k:
                 kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
                 logits = logits.masked_fill(logits < kth, -float("inf"))
             idx = torch.cat((idx, torch.multinomial(torch.softmax(logits.float(), dim=-1), 1)), dim=1)
         return idx
 
-    def step(self, token, t, states):
-        """Logits after token (B,) at absolute position t; updates states (L, B, H, N, D) in place."""
-        phase = rope_phases(torch.tensor([t], device=token.device), self.encoder.size(-1))[0]
-        x = layer_norm(self.embed(token))[:, None, :]                     # (B, 1, D)
-        for S in states:
-            x_n = F.relu(x[:, :, None, :] @ self.encoder).squeeze(2)      # (B, H, N)
-            k = rotate(x_n, phase)
-            a = layer_norm((k[:, :, None, :] @ S).squeeze(2))             # read: S^T k, (B, H, D)
-            S += k[..., None] * x[:, :, None, :]                          # then write: k (outer) x
-            y_n = F.relu(a[:, :, None, :] @ self.encoder_v).squeeze(2)    # (B, H, N)
-            m = (x_n * y_n).reshape(x.size(0), 1, -1) @ self.decoder      # (B, 1, D)
-            x = layer_norm(x + layer_norm(m))
-        return x.squeeze(1) @ self.lm_head
-
     def stats(self):
+        """Activation density of the last forward (spec §6): the fraction of nonzeros in xs, ys and
+        g = xs * ys, averaged over layers, g's per layer, and the fraction of the n neurons that never
+        fired (xs) at any token of the batch in any layer."""
         if not self.last:
             return {}
-        density = self.last["density"].tolist()  # per layer: x_n, y_n, x_n * y_n
-        out = {f"density_{name}": sum(d[i] for d in density) / len(density) for i, name in enumerate(("x", "y", "xy"))}
-        out.update({f"density_xy_l{l}": d[2] for l, d in enumerate(density)})
-        out["dead_neurons"] = self.last["dead"].item()  # never fired in x_n on the last batch, any layer
+        density = self.last["density"].tolist()  # (L, 3): xs, ys, g per layer
+        out = {f"density_{name}": sum(row[i] for row in density) / len(density)
+               for i, name in enumerate(("xs", "ys", "g"))}
+        out.update({f"density_g_l{l}": row[2] for l, row in enumerate(density)})
+        out["dead_frac"] = self.last["dead"].item()
         return out
 
     def flops_per_token(self):
-        # forward+backward = 3 x forward, 2 FLOPs per multiply-add. Per layer and token: the three
-        # shared projections (3 n D), the full T x T score square the code computes (T n) and its
-        # product with the values (T H D); plus the LM head. The weights are reused in every layer,
-        # so this is about 4x the 6*params of a GPT with as many parameters (specs/bdh.md §7).
+        # Forward + backward = 3 x forward, 2 FLOPs per multiply-add, at T = block_size. Per layer and
+        # token the code multiplies: the three shared projections, x @ encoder, a @ encoder_v and
+        # g @ decoder (n*D each); the score row q_t . q_s over the full T x T square it computes
+        # before masking (T*n); the read-out A @ x for every head (T*H*D). L layers reuse the same
+        # weights, so this is L x the projections, not 6 x params. Plus the head (D*V); the embedding
+        # lookup, RoPE, norms and elementwise products are not counted.
         c = self.config
-        n, T = c.mlp_internal_dim_multiplier * c.n_embd, c.block_size
-        return 6 * (c.n_layer * (3 * n * c.n_embd + T * n + T * c.n_head * c.n_embd) + c.n_embd * c.vocab_size)
+        n, D, T = c.mlp_internal_dim_multiplier * c.n_embd, c.n_embd, c.block_size
+        return 6 * c.n_layer * (3 * n * D + T * n + T * c.n_head * D) + 6 * D * c.vocab_size
 
 
 Model = BDH

@@ -1,132 +1,225 @@
-"""BDH (model_bdh.py): the checks of specs/bdh.md section 9 beyond the generic contract tests."""
+"""BDH (model_bdh.py): the checks of specs/bdh.md §9 beyond the generic contract tests of test_models.py.
+
+Every comparison is against an independent oracle: the parameter formula, a hand-built rotation
+matrix, LN(embed) @ lm_head, the recurrent form against the parallel form, PyTorch's FLOP counter.
+"""
 import math
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 
 import model_bdh
-from model_bdh import BDH, layer_norm, rope_phases, rotate
+from model_bdh import BDH, Config, rope_phases, rotate
+
+SMALL = dict(n_layer=3, n_embd=32, n_head=2, mlp_internal_dim_multiplier=8, block_size=32)  # N = 128 per head
 
 
-def build(dtype=torch.float32, **kw):
+def build(dtype=torch.float32, **fields):
     torch.manual_seed(0)
-    return BDH(model_bdh.Config(**{"dropout": 0.0, **kw})).to(dtype).eval()
+    return BDH(Config(**{"dropout": 0.0, **fields})).to(dtype).eval()
 
 
-def tokens(B=2, T=64, seed=1):
+def tokens(B, T, seed=1):
     return torch.randint(0, 65, (B, T), generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("L,H,M,D,V", [(4, 4, 16, 128, 65), (1, 4, 16, 128, 65), (6, 2, 16, 128, 65),
-                                       (2, 4, 8, 64, 256), (3, 8, 4, 32, 50304)])
-def test_parameter_count_is_3MD2_plus_2VD(L, H, M, D, V):
-    with torch.device("meta"):
-        model = BDH(model_bdh.Config(n_layer=L, n_head=H, mlp_internal_dim_multiplier=M, n_embd=D, vocab_size=V))
-    assert sum(p.numel() for p in model.parameters()) == 3 * M * D * D + 2 * V * D
-    if (L, H, M, D, V) == (4, 4, 16, 128, 65):
-        assert 3 * M * D * D + 2 * V * D == 803_072  # the laptop config
-    with torch.device("meta"):
-        assert sum(p.numel() for p in BDH(model_bdh.Config(**model_bdh.PRESETS["bdh-25m"])).parameters()) == 25_296_896
+def trained(dtype=torch.float32, steps=8, **fields):
+    """A model after a few large AdamW steps at repeating the previous token (which needs the
+    attention): weights off their init, logits of a few units."""
+    model = build(**fields).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for i in range(steps):
+        x = tokens(4, model.config.block_size, seed=10 + i)
+        model(x, torch.roll(x, 1, dims=1))[1].backward()  # learn to repeat the previous token
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return model.to(dtype).eval()
 
 
-def test_position_zero_is_a_function_of_the_first_token_only():
+def embedding_alone(model, idx):
+    """The logits when no layer adds anything: x = LN(x + LN(0)) = LN(x) in every layer, so
+    LN(embed[idx]) normalised n_layer more times, then the head. (LN is idempotent only up to
+    eps / var: the embedding's variance at init is 4e-4, so LN(LN(z)) is 1.2% larger than LN(z).)"""
+    x = model.embed.weight[idx]
+    for _ in range(model.config.n_layer + 1):
+        x = F.layer_norm(x, (model.config.n_embd,))
+    return x @ model.lm_head
+
+
+def n_params(**fields):
+    with torch.device("meta"):
+        return sum(p.numel() for p in BDH(Config(**fields)).parameters())
+
+
+# --- parameters and FLOPs ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("M,D,V", [(16, 128, 65), (8, 64, 256), (4, 32, 50304), (128, 256, 256)])
+def test_parameter_count_is_3MD2_plus_2VD_for_any_depth_and_heads(M, D, V):
+    for L in (1, 4, 6):
+        for H in (1, 2, 4):  # shared weights: neither depth nor head count adds parameters
+            assert n_params(n_layer=L, n_head=H, mlp_internal_dim_multiplier=M, n_embd=D,
+                            vocab_size=V) == 3 * M * D * D + 2 * V * D
+
+
+def test_parameter_counts_quoted_in_the_spec():
+    assert n_params() == 803_072  # the laptop config
+    assert n_params(**model_bdh.PRESETS["bdh-25m"]) == 25_296_896
+
+
+def test_flops_per_token_counts_the_matmuls_the_code_runs():
     model = build()
-    x = tokens()
+    T = model.config.block_size
+    with FlopCounterMode(display=False) as counter:
+        model(tokens(1, T), tokens(1, T, seed=2))[1].backward()
+    assert counter.get_total_flops() == model.flops_per_token() * T
+    assert abs(model.flops_per_token() / 22.8e6 - 1) < 0.01  # spec §7: ~22.8 MFLOP/token, ~4x GPT's
+
+
+def test_invalid_config_and_too_long_input_raise_value_errors():
+    with pytest.raises(ValueError, match="n_head"):
+        BDH(Config(n_head=3))  # 2048 neurons do not split into 3 heads
+    with pytest.raises(ValueError, match="n_head"):
+        BDH(Config(n_embd=8, mlp_internal_dim_multiplier=1, n_head=8))  # N = 1 is odd: no RoPE pairs
+    with pytest.raises(ValueError, match="block_size"):
+        build(**SMALL)(tokens(1, 33))
+
+
+# --- causality and the diagonal ---------------------------------------------------------------
+
+def test_position_zero_is_a_function_of_the_first_token_alone():
+    model = trained()
+    x = tokens(3, 64)
+    x2 = x.clone()
+    x2[:, 1:] = tokens(3, 63, seed=7)
     with torch.no_grad():
-        logits = model(x)[0]
-        x0 = model.embed(x[:, 0])
-        for _ in range(model.config.n_layer + 1):  # each layer adds LN(0) = 0 and normalises again
-            x0 = layer_norm(x0)
-        x2 = x.clone()
-        x2[:, 1:] = tokens(seed=3)[:, 1:]
-        assert torch.equal(model(x2)[0][:, 0], logits[:, 0])
-    torch.testing.assert_close(logits[:, 0], x0 @ model.lm_head, atol=1e-5, rtol=0)
+        logits, logits2 = model(x)[0], model(x2)[0]
+        oracle = embedding_alone(model, x[:, 0])  # the read-out at t = 0 is empty: LN(0) = 0
+    assert torch.equal(logits[:, 0], logits2[:, 0]) and not torch.equal(logits[:, 1:], logits2[:, 1:])
+    assert logits[:, 0].abs().max() > 1  # the trained head gives the check something to miss
+    torch.testing.assert_close(logits[:, 0], oracle, atol=1e-5, rtol=0)
 
 
-def test_gradient_causality():
-    """d logits[t] / d (embedding of position s) is exactly 0 for s > t."""
-    model = build()
-    x = tokens(B=1, T=16)
+def test_gradients_never_flow_from_later_tokens():
+    """d logits[t] / d (embedding at position s) is exactly 0 for s > t and not for s <= t."""
+    model = build(**SMALL)
+    x = tokens(1, 32)
     emb = model.embed(x).detach().requires_grad_(True)
     hook = model.embed.register_forward_hook(lambda module, args, out: emb)  # differentiate w.r.t. emb
     logits = model(x)[0]
     hook.remove()
-    logits[0, 7].sum().backward()
-    assert emb.grad[0, 8:].abs().max() == 0 and emb.grad[0, :7].abs().max() > 0
+    for t in (0, 9, 30):
+        grad, = torch.autograd.grad(logits[0, t].sum(), emb, retain_graph=True)
+        size = grad[0].abs().sum(-1)
+        assert torch.all(size[t + 1:] == 0) and torch.all(size[:t + 1] > 0), t
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-4)])
-def test_recurrent_form_equals_parallel_form(dtype, tol):
-    model = build(dtype)
-    x = tokens(B=2, T=48)
-    H, D, N = model.encoder.shape
+# --- the recurrent form -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype,tol,fields", [(torch.float64, 1e-10, SMALL), (torch.float32, 1e-4, {})],
+                         ids=["fp64-small", "fp32-laptop"])
+def test_recurrent_form_equals_parallel_form(dtype, tol, fields):
+    model = trained(dtype, **fields)
+    T = model.config.block_size
+    x = tokens(2, T)
     with torch.no_grad():
         parallel = model(x)[0]
-        states = torch.zeros(model.config.n_layer, 2, H, N, D, dtype=dtype)
-        recurrent = torch.stack([model.step(x[:, t], t, states) for t in range(48)], dim=1)
+        state = model.initial_state(2)
+        recurrent = torch.stack([model.step(x[:, t], t, state) for t in range(T)], dim=1)
+    assert parallel.abs().max() > 0.5  # logits off their init (~0.2), so the tolerances mean something
     assert (parallel - recurrent).abs().max() <= tol
+    assert state.shape == (model.config.n_layer, model.config.n_head, 2, model.encoder.size(-1),
+                           model.config.n_embd)  # N x D per layer, head and sequence, whatever T
 
 
-def test_greedy_generation_matches_the_parallel_forward():
-    model = build()
-    prompt = tokens(B=1, T=5)
-    out = model.generate(prompt, 40, top_k=1)
-    assert out.shape == (1, 45) and torch.equal(out[:, :5], prompt)
+@pytest.mark.parametrize("dtype,fields", [(torch.float64, SMALL), (torch.float32, dict(block_size=32))],
+                         ids=["fp64-small", "fp32-laptop"])
+def test_greedy_generation_equals_the_parallel_argmax_beyond_block_size(dtype, fields):
+    """generate() consumes the prompt, then samples; greedy tokens equal the parallel forward's argmax,
+    also past block_size (the recurrence has no window: nothing is cropped). At init, where greedy
+    text still wanders instead of repeating one token."""
+    model = build(dtype, **fields)
+    prompt = tokens(2, 5)
+    out = model.generate(prompt, 50, top_k=1)  # 55 tokens with block_size 32
+    assert out.shape == (2, 55) and torch.equal(out[:, :5], prompt)
+    assert len(out[:, 5:].unique()) > 5
+    model.config.block_size = 64  # the same weights, allowed to read the whole sequence at once
     with torch.no_grad():
-        parallel_next = model(out[:, :44])[0].argmax(-1)  # the argmax at t is the token at t + 1
+        parallel_next = model(out[:, :-1])[0].argmax(-1)  # the argmax at t is the token at t + 1
     assert torch.equal(parallel_next[:, 4:], out[:, 5:])
 
 
-def test_generation_runs_past_block_size_without_cropping():
-    model = build(block_size=16)
-    out = model.generate(tokens(B=1, T=3), 30, top_k=1)
-    assert out.shape == (1, 33)
+def test_sampling_matches_the_generic_sampler_draw_for_draw():
+    """Temperature and top-k as sample.py's generate (which re-runs the forward): same seed, same text."""
+    from sample import generate as rerun_forward
+    model = build(**SMALL)
+    prompt = tokens(3, 4)
+    torch.manual_seed(5)
+    ours = model.generate(prompt, 25, temperature=0.8, top_k=10)
+    torch.manual_seed(5)
+    theirs = rerun_forward(model, prompt, 25, temperature=0.8, top_k=10)
+    assert torch.equal(ours, theirs)
 
 
-def test_rope_properties():
-    N = 16
-    t = torch.arange(50)
-    phase = rope_phases(t, N)
-    u, v = torch.randn(N), torch.randn(N)
-    R = lambda vec, p: rotate(vec, phase[p])
-    torch.testing.assert_close(R(u, 0), u)  # identity at t = 0
-    torch.testing.assert_close(R(u, 17).norm(), u.norm())  # a rotation
-    torch.testing.assert_close(R(u, 3) @ R(v, 10), R(u, 30) @ R(v, 37), atol=1e-5, rtol=1e-5)  # offset only
-    e = torch.zeros(N)  # pair k turns at theta^(-2k/N), both members by the same angle
-    e[2] = 1.0  # member 0 of pair 1
-    rotated = R(e, 5)
-    angle = 5 * (2.0 ** 16) ** (-2 / N)
-    torch.testing.assert_close(rotated[2:4], torch.tensor([math.cos(angle), math.sin(angle)]))
-    e = torch.zeros(N)
-    e[3] = 1.0  # member 1 of the same pair
-    torch.testing.assert_close(R(e, 5)[2:4], torch.tensor([-math.sin(angle), math.cos(angle)]))
+def test_generate_runs_under_bf16_autocast():
+    """sample.py generates under autocast on CUDA; bf16 read-outs must mix with the fp32 state."""
+    model = trained(**SMALL)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model.generate(tokens(1, 4), 10, temperature=0.8, top_k=5)
+    assert out.shape == (1, 14) and out.dtype == torch.long
 
 
-def test_dropout_acts_only_in_training():
-    model = build(dropout=0.5)
-    x = tokens()
+# --- RoPE -------------------------------------------------------------------------------------
+
+def test_rope_is_a_rotation_of_interleaved_pairs_at_theta_2_16():
+    N, t = 16, 5
+    out = rotate(torch.eye(N), rope_phases(torch.tensor([t]), N)[0])  # row j = R e_j
+    blocks = []
+    for k in range(N // 2):  # pair (2k, 2k+1): both members turn by the same angle t * theta^(-2k/N)
+        c, s = math.cos(t * 65536 ** (-2 * k / N)), math.sin(t * 65536 ** (-2 * k / N))
+        blocks.append(torch.tensor([[c, s], [-s, c]]))  # R e_2k = (c, s), R e_2k+1 = (-s, c)
+    torch.testing.assert_close(out, torch.block_diag(*blocks), atol=1e-6, rtol=0)
+
+
+def test_rope_preserves_norms_depends_on_offsets_only_and_is_the_identity_at_zero():
+    N = 64
+    phase = rope_phases(torch.arange(300), N)
+    g = torch.Generator().manual_seed(0)
+    u, v = torch.randn(N, generator=g), torch.randn(N, generator=g)
+    assert torch.equal(rotate(u, phase[0]), u)
+    torch.testing.assert_close(rotate(u, phase[123]).norm(), u.norm())
+    ref = rotate(u, phase[3]) @ rotate(v, phase[10])
+    for shift in (1, 50, 280):
+        torch.testing.assert_close(rotate(u, phase[3 + shift]) @ rotate(v, phase[10 + shift]), ref,
+                                   atol=1e-5, rtol=1e-5)
+    assert abs(rotate(u, phase[3]) @ rotate(v, phase[40]) - ref) > 1e-2  # another offset differs
+
+
+# --- activations, density, dropout ------------------------------------------------------------
+
+def test_activations_are_non_negative_and_about_half_half_quarter_dense_at_init():
+    model = build()
+    x = F.layer_norm(model.embed(tokens(4, 64)), (model.config.n_embd,))
     with torch.no_grad():
-        assert torch.equal(model(x)[0], model(x)[0])
+        _, xs, ys, g = model.layer(x, rope_phases(torch.arange(64), model.encoder.size(-1)))
+        model(tokens(4, 64))
+    assert (xs >= 0).all() and (ys >= 0).all() and (g >= 0).all()
+    stats = model.stats()
+    assert abs(stats["density_xs"] - 0.5) < 0.05 and abs(stats["density_ys"] - 0.5) < 0.05
+    assert abs(stats["density_g"] - 0.25) < 0.05 and stats["dead_frac"] == 0
+    assert len(stats) == 3 + model.config.n_layer + 1
+
+
+def test_dropout_acts_in_training_only_and_on_the_gated_product_only():
+    x = tokens(2, 64)
+    model = build(dropout=0.5)
+    with torch.no_grad():
+        assert torch.equal(model(x)[0], model(x)[0])  # eval: deterministic
         model.train()
         assert not torch.equal(model(x)[0], model(x)[0])
+        model.drop.p = 1.0  # every xs * ys dropped: no layer adds anything, x stays LN(embed)
+        torch.testing.assert_close(model(x)[0], embedding_alone(model, x), atol=1e-5, rtol=0)
     model = build(dropout=0.0).train()
     with torch.no_grad():
         assert torch.equal(model(x)[0], model(x)[0])
-
-
-def test_density_at_init_is_about_half_half_quarter():
-    model = build()
-    with torch.no_grad():
-        model(tokens(B=4))
-    stats = model.stats()
-    assert abs(stats["density_x"] - 0.5) < 0.05 and abs(stats["density_y"] - 0.5) < 0.05
-    assert abs(stats["density_xy"] - 0.25) < 0.05 and 0 <= stats["dead_neurons"] < 0.01
-
-
-def test_activations_are_non_negative():
-    model = build()
-    x = layer_norm(model.embed(tokens()))
-    phase = rope_phases(torch.arange(64), model.encoder.size(-1))
-    with torch.no_grad():
-        _, x_n, y_n, g = model.layer(x, phase, torch.ones(64, 64).tril(-1))
-    assert (x_n >= 0).all() and (y_n >= 0).all() and (g >= 0).all()
