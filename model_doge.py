@@ -11,25 +11,33 @@ Doge is a pre-norm decoder with two swaps and one twist:
         x = alpha2 * x + MLP or CDMoE(RMSNorm(x))
     logits = RMSNorm(x) @ embedding^T                     tied
 
-(a) Dynamic mask attention (sequence mixing). Causal softmax attention with QK-norm and grouped KV
-heads, plus a bias per *key*: delta_j = exp(A * softplus(dt_j)) with dt_j a projection of key j's
-value vector (one per KV head). delta_j is added to every query's score for key j, and once more
-than keep_window_size (kws) keys are visible, each query keeps only the kws keys with the largest
-delta and masks the rest. The authors read this as SSM-like selective forgetting without a decay.
-(b) Cross-domain MoE (state mixing, is_moe=True): the dense SwiGLU MLP ("shared expert") plus a sum
-over k of E = K^2 single-neuron private experts, retrieved with product keys: two sets of K half
-keys score the token, and the best pairs of halves name the experts, so scoring E experts costs 2K
-dot products.
+(a) Dynamic mask attention (sequence mixing, spec 2.4). Causal softmax attention with QK-norm, RoPE
+and grouped KV heads, plus a bias per *key*: delta_j = exp(A * softplus(dt_j)), with dt_j a
+projection of key j's value vector (one per KV head, A = 0 at init so delta = 1). delta_j is added
+(in linear space) to every query's score for key j, and once more than keep_window_size (kws) keys
+are visible, each query keeps only the kws keys with the largest delta and masks the rest. The
+authors read this as SSM-like selective forgetting without a decay.
+(b) Cross-domain MoE (state mixing, is_moe=True, spec 2.6): the dense SwiGLU MLP ("shared expert")
+plus a weighted sum over k of E = K^2 single-neuron private experts, retrieved with product keys:
+two sets of K half keys score the token, and the best pairs of halves name the experts, so scoring
+E experts costs 2K dot products.
 
-The deliberate fix (specs/doge.md section 5). The reference splits the router's output (B, T, 2K)
-into its two halves with a raw reshape across time and batch, so most tokens choose their experts
-(and weight them) with scores computed from later tokens and from other sequences in the batch.
-Here each token's 2K scores are split into its own two halves. Dynamic mask attention is causal as
-the reference has it: delta_j depends only on token j, and row i ranks only keys 0..i.
+The deliberate fix (spec 5). The reference splits the router's output (B, T, 2K) into its two
+halves with a raw reshape across time and batch, so most tokens choose their experts (and weight
+them) with scores computed from later tokens and from other sequences in the batch. Here each
+token's 2K scores are split into its own two halves (CDMoE.route). Dynamic mask attention is causal
+as the reference has it: delta_j depends only on token j, and row i ranks only keys 0..i.
 
-One more choice: row i keeps the kws largest delta among keys 0..i, ties going to the more recent
-key. The reference calls topk over the whole (T, T) score tensor, whose choice among equal delta
-(all of them at init, where A = 0) is arbitrary and device dependent; ours is a sliding window then.
+Two choices of ours, both exact:
+- Ties. Row i keeps the kws largest delta among keys 0..i, ties going to the more recent key. The
+  reference calls topk over a (T, T) tensor, whose choice among equal delta (all of them at init,
+  where A = 0) is arbitrary and device dependent; ours is then a sliding window. The kept set is
+  computed by counting, for every key, the keys of each prefix that outrank it (dynamic_mask).
+- The bias rides inside the attention matmul as one extra key coordinate (DMAttn.forward) instead of
+  a float mask, so SDPA keeps its fused kernel and no (B, H, T, T) tensor needs a gradient.
+
+Names follow Hugging Face's leaves (q_proj, dt_proj, A, input_residual, router_gate, down_embed, ...)
+so that HF weights load by a prefix rename (spec 9's name map); config fields follow the spec.
 """
 import math
 from dataclasses import dataclass
@@ -43,20 +51,21 @@ import torch.nn.functional as F
 class Config:
     vocab_size: int = 65          # set by train.py from the dataset's tokenizer
     block_size: int = 64          # training context length
-    n_layer: int = 4
-    n_head: int = 4               # query heads H (head size n_embd / n_head)
+    n_layer: int = 4              # L
+    n_head: int = 4               # query heads H (head size hd = n_embd / n_head)
     n_kv_head: int = 2            # key/value heads G; the dynamic mask has one delta per KV head
     n_embd: int = 128             # d
-    intermediate_size: int = 256  # dense SwiGLU width (2d, as Doge-20M/60M)
+    intermediate_size: int = 256  # I, dense SwiGLU width (2d, as Doge-20M/60M; the spec's n_inner)
     keep_window_size: int = 32    # kws: keys each query keeps once more are visible (< block_size here,
-                                  # so the dynamic top-k actually runs; the recipes use kws = context)
-    rope_theta: float = 1e4
-    norm_eps: float = 1e-6
+                                  # so the top-k actually runs; the recipes use kws = context: bias only)
+    rope_theta: float = 1e4       # RoPE base
+    norm_eps: float = 1e-6        # RMSNorm epsilon, also of the QK-norm
     dropout: float = 0.0          # on both residual branches (0 in every Doge config)
-    init_std: float = 0.02
+    init_std: float = 0.02        # N(0, init_std) for every Linear and embedding
     is_moe: bool = False          # CDMoE (dense MLP + product-key experts) instead of the dense MLP
-    n_experts: int = 256          # E = K^2 private experts, K half keys per side
+    n_experts: int = 256          # E = K^2 private experts (a perfect square), K half keys per side
     n_experts_per_head: int = 8   # k experts per token
+    moe_aux_coef: float = 0.0     # weight of the load-balance loss (off in every Doge recipe)
 
 
 PRESETS = {  # the published shapes (vocab 32768 is Doge's own tokenizer; train.py sets vocab_size)
@@ -127,25 +136,25 @@ class MLP(nn.Module):
 
 
 def dynamic_mask(delta, kws):
-    """Which keys each query keeps (B, G, T, T) bool, from per-key biases delta (B, G, T): key j is
-    kept by query i when j <= i and it is among the kws largest delta of keys 0..i; None while
-    T <= kws (plain causal attention).
+    """Which keys each query keeps (B, G, T, T) bool, from the per-key biases delta (B, G, T): key j
+    is kept by query i when j <= i and j is among the kws largest delta of keys 0..i (ties: the later
+    key ranks higher); None while T <= kws, where every row keeps all its keys (plain causal).
 
-    Instead of a top-k per row, rank every key within each prefix: key j survives in row i when
-    fewer than kws keys of 0..i beat it (a larger delta, or an equal delta at a later position).
-    "beats" is a (T, T) comparison and its cumulative sum over the rows gives every prefix's count."""
+    Instead of a top-k per row (spec 2.4), rank every key within every prefix at once: key j survives
+    in row i when fewer than kws keys of 0..i outrank it. "j' outranks j" is a (T, T) comparison and
+    its cumulative sum down the rows counts the outranking keys of each prefix."""
     B, G, T = delta.shape
     if T <= kws:
         return None
     t = torch.arange(T, device=delta.device)
     d_row, d_col = delta[..., :, None], delta[..., None, :]
-    beats = (d_row > d_col) | ((d_row == d_col) & (t[:, None] > t[None, :]))  # [j', j]: j' ranks above j
-    return (t[None, :] <= t[:, None]) & (beats.cumsum(dim=-2) < kws)          # [i, j]: fewer than kws above j in 0..i
+    outranks = (d_row > d_col) | ((d_row == d_col) & (t[:, None] > t[None, :]))  # [j', j]: j' above j
+    return (t[None, :] <= t[:, None]) & (outranks.cumsum(dim=-2) < kws)           # [i, j]: < kws above j in 0..i
 
 
 class DMAttn(nn.Module):
-    """Dynamic mask attention: GQA softmax attention with QK-norm and RoPE, plus the value-derived
-    per-key bias delta and the keep_window_size top-k over it."""
+    """Dynamic mask attention (spec 2.4): GQA softmax attention with QK-norm and RoPE, plus the
+    value-derived per-key bias delta and the keep_window_size top-k over it."""
 
     def __init__(self, config):
         super().__init__()
@@ -167,20 +176,22 @@ class DMAttn(nn.Module):
         H, G, hd = self.n_head, self.n_kv_head, self.head_dim
         q = self.q_norm(self.q_proj(x).view(B, T, H, hd)).transpose(1, 2)   # (B, H, T, hd)
         k = self.k_norm(self.k_proj(x).view(B, T, G, hd)).transpose(1, 2)   # (B, G, T, hd)
-        v = self.v_proj(x)                                                   # (B, T, G*hd)
+        v = self.v_proj(x)                                                   # (B, T, G*hd), head-major
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        # delta_j = exp(A * softplus(dt_j)), from key j's value alone: (B, G, T), in fp32
-        dt = self.dt_proj(v).float()
-        delta = torch.exp(self.A.float() * F.softplus(dt)).transpose(1, 2)
-        # adding delta_j to every score of key j = one more key coordinate delta_j * sqrt(hd) met by
-        # a query coordinate 1 (the scale stays 1/sqrt(hd)): the bias rides in the attention matmul,
-        # where its gradient is cheap (as a float mask it needs SDPA's slow path and a (B, H, T, T) gradient)
-        q = torch.cat([q, torch.ones_like(q[..., :1])], dim=-1)
-        k = torch.cat([k, (delta * math.sqrt(hd)).unsqueeze(-1).to(k.dtype)], dim=-1)
-        v = F.pad(v.view(B, T, G, hd).transpose(1, 2), (0, 1))  # same head size as q, k: the fused kernel
+        # delta_j = exp(A * softplus(dt_j)) from key j's value alone: (B, G, T), in fp32
+        delta = torch.exp(self.A.float() * F.softplus(self.dt_proj(v).float())).transpose(1, 2)
         keep = dynamic_mask(delta.detach(), self.kws)                       # (B, G, T, T) bool, or None
-        self.masked_frac = 0.0 if keep is None else 1 - keep.sum() / (B * G * T * (T + 1) / 2)  # for stats()
-        self.delta_mean = delta.detach().mean()
+        self.delta_mean = delta.detach().mean()                             # for stats()
+        self.masked_frac = 0.0 if keep is None else 1 - keep.sum() / (B * G * T * (T + 1) / 2)
+        # Adding delta_j to every score of key j is one more key channel delta_j * sqrt(hd) met by a
+        # query channel 1 (SDPA scales scores by 1/sqrt(hd)): q.k/sqrt(hd) + delta_j, exactly the
+        # reference's float mask, but the bias stays inside the fused attention kernel (a float mask
+        # takes SDPA's slow path and materialises a (B, H, T, T) gradient). 8 channels instead of 1
+        # (zeros after the first; v gets 8 zero channels too) keep q, k, v the same head size, a
+        # multiple of 8, as the fused CPU and GPU kernels require.
+        q = torch.cat([q, torch.ones_like(q[..., :1]), q.new_zeros(B, H, T, 7)], dim=-1)
+        k = torch.cat([k, (delta * math.sqrt(hd)).unsqueeze(-1).to(k.dtype), k.new_zeros(B, G, T, 7)], dim=-1)
+        v = F.pad(v.view(B, T, G, hd).transpose(1, 2), (0, 8))
         if keep is not None:
             keep = keep.repeat_interleave(H // G, dim=1)                   # kv group g serves its H/G query heads
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, is_causal=keep is None, scale=hd ** -0.5,
@@ -189,39 +200,60 @@ class DMAttn(nn.Module):
 
 
 class CDMoE(MLP):
-    """Cross-domain MoE: the dense SwiGLU MLP (the shared expert, its weights inherited from MLP)
-    plus k of E = K^2 private experts, each a single SiLU neuron (down vector D_e, up vector U_e),
-    retrieved with product keys (specs/doge.md section 2.6)."""
+    """Cross-domain MoE (spec 2.6): the dense SwiGLU MLP (the shared expert, its weights inherited
+    from MLP) plus k of E = K^2 private experts, each a single SiLU neuron (down vector D_e, up vector
+    U_e), retrieved with product keys."""
 
     def __init__(self, config):
         super().__init__(config)
         self.K = math.isqrt(config.n_experts)
         self.k = config.n_experts_per_head
+        self.aux_coef = config.moe_aux_coef
         self.router_gate = nn.Linear(config.n_embd, 2 * self.K, bias=False)  # rows: K x-half keys, K y-half keys
         self.down_embed = nn.Embedding(config.n_experts, config.n_embd)      # D
         self.up_embed = nn.Embedding(config.n_experts, config.n_embd)        # U
 
     def route(self, u):
-        """The k experts of each token (ids in [0, K^2)) and their weights g (softmax over the k)."""
+        """Each token's k experts (ids in [0, K^2)), their weights g (softmax over the k) and the
+        router logits (B, T, 2, K)."""
         K, k = self.K, self.k
-        # the fix: each token's 2K scores split into its own two halves (the reference reshapes the
-        # (B, T, 2K) output as (2, B*T, K), mixing halves of later tokens and other sequences)
+        # THE FIX (spec 5): each token's own 2K scores are split into its two halves, z.view(N, 2, K):
+        # row r < K of router_gate is x-key r, row K + r is y-key r. The reference reshapes the whole
+        # (B, T, 2K) output as (2, B*T, K), so a token's x and y halves come from other tokens, later
+        # ones and other sequences in the batch: its experts would depend on the future and the batch.
         z = self.router_gate(u).float().unflatten(-1, (2, K))                 # (B, T, 2, K)
         top = z.topk(k, dim=-1)                                               # each half's best k keys
         (sx, sy), (ix, iy) = top.values.unbind(-2), top.indices.unbind(-2)
-        # product keys: the best k of the k*k pair sums are the best k of all K^2 (each half of an
-        # overall top-k pair is in its own half's top k)
+        # product keys: expert e = a*K + b scores zx_a + zy_b; the best k of all K^2 pairs lie among the
+        # k*k pairs of the halves' own top k (a pair outside them is beaten by k pairs inside)
         pair_score = (sx[..., :, None] + sy[..., None, :]).flatten(-2)        # (B, T, k*k)
         pair_id = (ix[..., :, None] * K + iy[..., None, :]).flatten(-2)
         score, best = pair_score.topk(k, dim=-1)
-        return pair_id.gather(-1, best), torch.softmax(score, dim=-1)
+        return pair_id.gather(-1, best), torch.softmax(score, dim=-1), z
 
     def forward(self, u):
-        experts, weight = self.route(u)                                       # (B, T, k) each
-        self.last_experts = experts.detach()  # for stats()
-        # a_m = silu(<D_e, u>) * g_m;  out = dense MLP + sum_m a_m U_e  (elementwise: k is small)
-        activation = F.silu((self.down_embed(experts) * u[..., None, :]).sum(-1)) * weight.to(u.dtype)
-        return super().forward(u) + (activation[..., None] * self.up_embed(experts)).sum(-2)
+        experts, g, z = self.route(u)                                         # (B, T, k) each
+        self.router_logits, self.experts = z.detach(), experts                # for stats()
+        self.aux_loss = self.balance_loss(z, experts) if self.training and self.aux_coef > 0 else None
+        # a_m = silu(<D_e, u>) * g_m;  y = sum_m a_m U_e  (elementwise: k rows per token, no matmul)
+        a = F.silu((self.down_embed(experts) * u[..., None, :]).sum(-1)) * g.to(u.dtype)
+        sparse = (a[..., None] * self.up_embed(experts)).sum(-2)
+        return self.dropout(self.down_proj(F.silu(self.gate_proj(u)) * self.up_proj(u)) + sparse)
+
+    def expert_load(self, experts):
+        """How many of the N*k selections in experts (B, T, k) picked each expert: (E,)."""
+        e = experts.flatten()
+        return torch.zeros(self.K ** 2, device=e.device).index_add_(0, e, torch.ones(e.shape, device=e.device))
+
+    def balance_loss(self, z, experts):
+        """Switch-style load balance (spec 4): E * sum_e f_e * P_e, 1 when uniform. f_e: share of the
+        N*k selections that picked e; P_e: mean over tokens of the router's probability of e = a*K + b
+        over all K^2 pairs, softmax(zx)_a * softmax(zy)_b. Per layer (HF pools all layers' selections
+        into one count, though their experts are unrelated); gradients reach the router through P."""
+        px, py = z.softmax(dim=-1).flatten(0, -3).unbind(-2)                  # (N, K) each
+        P = (px.T @ py).flatten() / px.shape[0]                               # (E,), index a*K + b
+        f = self.expert_load(experts) / experts.numel()
+        return self.K ** 2 * (f * P).sum()
 
 
 class DogeBlock(nn.Module):
@@ -235,7 +267,7 @@ class DogeBlock(nn.Module):
         self.post_attention_residual = nn.Parameter(torch.ones(config.n_embd))   # alpha2
 
     def forward(self, x, cos, sin):
-        # the scale multiplies the carried stream, not the branch (specs/doge.md §2.2)
+        # the scale multiplies the carried stream, not the branch (spec 2.2)
         x = self.input_residual * x + self.attn(self.input_layernorm(x), cos, sin)
         return self.post_attention_residual * x + self.mlp(self.post_attention_layernorm(x))
 
@@ -248,8 +280,8 @@ class Doge(nn.Module):
         if config.is_moe and math.isqrt(config.n_experts) ** 2 != config.n_experts:
             raise ValueError(f"n_experts={config.n_experts} must be a perfect square (E = K^2 product keys), "
                              f"e.g. {math.isqrt(config.n_experts) ** 2} or {(math.isqrt(config.n_experts) + 1) ** 2}")
-        if config.is_moe and config.n_experts_per_head > math.isqrt(config.n_experts):
-            raise ValueError("n_experts_per_head must not exceed sqrt(n_experts)")
+        if config.is_moe and not 0 < config.n_experts_per_head <= math.isqrt(config.n_experts):
+            raise ValueError("n_experts_per_head must be between 1 and sqrt(n_experts)")
         self.config = config
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         self.rope = RotaryEmbedding(config.n_embd // config.n_head, config.rope_theta)
@@ -260,7 +292,7 @@ class Doge(nn.Module):
         self.apply(self._init_weights)
 
     def _init_weights(self, module):
-        # HF's init: Linear weights and all embeddings (tokens, expert tables) ~ N(0, 0.02);
+        # HF's init (spec 2.7): Linear weights and all embeddings (tokens, expert tables) ~ N(0, 0.02);
         # norms and residual scales 1, A 0 (set where they are created)
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
@@ -277,30 +309,36 @@ class Doge(nn.Module):
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+            if self.training and self.config.is_moe and self.config.moe_aux_coef > 0:
+                aux = sum(block.mlp.aux_loss for block in self.blocks) / len(self.blocks)
+                loss = loss + self.config.moe_aux_coef * aux
         return logits, loss
 
     def stats(self):
-        attns = [block.attn for block in self.blocks]
-        if not hasattr(attns[0], "delta_mean"):
+        if not hasattr(self.blocks[0].attn, "delta_mean"):
             return {}
+        attns = [block.attn for block in self.blocks]
         out = {f"delta_mean_l{l}": float(attn.delta_mean) for l, attn in enumerate(attns)}
-        out["masked_frac"] = sum(float(attn.masked_frac) for attn in attns) / len(attns)  # visible keys dropped
+        out["masked_frac"] = sum(float(attn.masked_frac) for attn in attns) / len(attns)  # of the visible keys
         if self.config.is_moe:  # expert usage in the last batch, averaged over layers
-            loads = [torch.bincount(block.mlp.last_experts.flatten(), minlength=self.config.n_experts).float()
-                     for block in self.blocks]
-            out["experts_used"] = sum((load > 0).float().mean().item() for load in loads) / len(loads)
-            out["max_load"] = sum((load.max() / load.mean()).item() for load in loads) / len(loads)
+            with torch.no_grad():
+                moes = [block.mlp for block in self.blocks]
+                loads = [moe.expert_load(moe.experts) for moe in moes]
+                out["experts_used"] = sum(float((load > 0).float().mean()) for load in loads) / len(loads)
+                out["max_load"] = sum(float(load.max() / load.mean()) for load in loads) / len(loads)
+                out["balance_loss"] = sum(float(moe.balance_loss(moe.router_logits, moe.experts))
+                                          for moe in moes) / len(moes)
         return out
 
     def flops_per_token(self):
-        # nanoGPT's accounting over the parameters a token actually uses: all but the expert tables,
-        # of which it reads k rows of D and U per layer; plus attention's 12 d T per layer
+        # nanoGPT's accounting, 6 per parameter a token uses (all but the expert tables, of which it
+        # reads k rows of D and U per layer), plus attention's 2 * 2 * T * (head channels) per layer
+        # forward, times 3 for the backward; the head channels include the 8 of the bias (DMAttn)
         c = self.config
         n_params = sum(p.numel() for p in self.parameters())
         if c.is_moe:
-            n_params -= c.n_layer * 2 * c.n_experts * c.n_embd
-            n_params += c.n_layer * 2 * c.n_experts_per_head * c.n_embd
-        return 6 * n_params + 12 * c.n_layer * c.n_embd * c.block_size
+            n_params -= c.n_layer * 2 * (c.n_experts - c.n_experts_per_head) * c.n_embd
+        return 6 * n_params + 12 * c.n_layer * c.n_head * (c.n_embd // c.n_head + 8) * c.block_size
 
 
 Model = Doge

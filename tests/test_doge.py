@@ -1,4 +1,9 @@
-"""Doge (model_doge.py): the checks of specs/doge.md section 9 beyond the generic contract tests."""
+"""Doge (model_doge.py): the checks of specs/doge.md section 9 beyond the generic contract tests.
+
+Parity with Hugging Face's DogeForCausalLM (spec 9.8) needs `transformers`, which this repo does not
+depend on; it is not tested here."""
+
+import math
 
 import pytest
 import torch
@@ -21,34 +26,82 @@ def randomise(model, seed=0):
             block.attn.A.copy_(torch.randn(block.attn.A.shape, generator=g))
             block.attn.dt_proj.weight.normal_(0, 0.5, generator=g)
             for p in (block.input_residual, block.post_attention_residual, block.attn.q_norm.weight,
-                      block.input_layernorm.weight):
+                      block.attn.k_norm.weight, block.input_layernorm.weight):
                 p.add_(0.2 * torch.randn(p.shape, generator=g))
     return model
 
 
 def distinct_tokens(B=3, T=64, seed=1):
-    """Rows of distinct ids, so that no two keys of a row tie on delta in layer 0."""
+    """Rows of distinct ids, so that no two keys of a row tie on delta in layer 0 (spec 8.2)."""
     g = torch.Generator().manual_seed(seed)
     return torch.stack([torch.randperm(65, generator=g)[:T] for _ in range(B)])
 
 
+def reference_attention(attn, x, cos, sin, kws):
+    """DMAttn as the spec writes it: the float mask M = delta_j where kept, -inf elsewhere, added to
+    the scores, with kv heads repeated; the kept set by a per-row top-k loop."""
+    B, T, _ = x.shape
+    H, G, hd = attn.n_head, attn.n_kv_head, attn.head_dim
+    q = attn.q_norm(attn.q_proj(x).view(B, T, H, hd)).transpose(1, 2)
+    k = attn.k_norm(attn.k_proj(x).view(B, T, G, hd)).transpose(1, 2)
+    v = attn.v_proj(x)
+    delta = torch.exp(attn.A * F.softplus(attn.dt_proj(v))).transpose(1, 2)        # (B, G, T)
+    q, k = model_doge.apply_rope(q, cos, sin), model_doge.apply_rope(k, cos, sin)
+    mask = torch.full((B, G, T, T), -math.inf)
+    for i in range(T):
+        kept = delta[..., :i + 1].topk(min(i + 1, kws), dim=-1).indices               # (B, G, n)
+        mask[:, :, i].scatter_(-1, kept, delta[..., :i + 1].gather(-1, kept))
+    r = H // G
+    v = v.view(B, T, G, hd).transpose(1, 2)
+    scores = q @ k.repeat_interleave(r, 1).transpose(-1, -2) / math.sqrt(hd) + mask.repeat_interleave(r, 1)
+    y = scores.softmax(-1) @ v.repeat_interleave(r, 1)
+    return attn.o_proj(y.transpose(1, 2).reshape(B, T, H * hd))
+
+
+# --- shapes and parameters -----------------------------------------------------------------------
+
+def spec_param_count(c):
+    """specs/doge.md section 3: no biases, tied embedding."""
+    d, H, G, I = c.n_embd, c.n_head, c.n_kv_head, c.intermediate_size
+    hd = d // H
+    attn = d * H * hd + 2 * d * G * hd + H * hd * d + G * hd * G + G + 2 * hd
+    block = attn + 3 * d * I + 4 * d
+    if c.is_moe:
+        K = math.isqrt(c.n_experts)
+        block += 2 * K * d + 2 * c.n_experts * d
+    return c.vocab_size * d + c.n_layer * block + d
+
+
 def test_parameter_counts():
     count = lambda m: sum(p.numel() for p in m.parameters())
-    assert count(build()) == 601_096
-    assert count(build(is_moe=True)) == 879_624
+    assert count(build()) == spec_param_count(model_doge.Config()) == 601_096
+    assert count(build(is_moe=True)) == spec_param_count(model_doge.Config(is_moe=True)) == 879_624
     for name, expected in (("doge-20m", 13_118_728), ("doge-60m", 54_571_552), ("doge-20m-moe", 17_444_104)):
+        config = model_doge.Config(vocab_size=32768, **model_doge.PRESETS[name])
         with torch.device("meta"):
-            assert count(Doge(model_doge.Config(vocab_size=32768, **model_doge.PRESETS[name]))) == expected
+            assert count(Doge(config)) == spec_param_count(config) == expected, name
 
 
 def test_experts_must_be_a_perfect_square():
     with pytest.raises(ValueError, match="perfect square"):
         build(is_moe=True, n_experts=250)
+    build(n_experts=250)  # only checked when the experts exist
 
 
-@pytest.mark.parametrize("is_moe", [False, True])
+def test_flops_count_the_experts_a_token_reads():
+    dense, moe = build(), build(is_moe=True)
+    c = dense.config
+    attention = 12 * c.n_layer * c.n_head * (c.n_embd // c.n_head + 8) * c.block_size
+    assert dense.flops_per_token() == 6 * 601_096 + attention
+    # the MoE token adds the router (2K x d) and k rows of D and U per layer, not all E rows
+    assert moe.flops_per_token() - dense.flops_per_token() == 6 * c.n_layer * (2 * 16 * 128 + 2 * 8 * 128)
+
+
+# --- causality ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("is_moe", [False, True], ids=["dense", "moe"])
 @pytest.mark.parametrize("kws", [64, 16])
-@pytest.mark.parametrize("train", [False, True])
+@pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
 def test_causal_and_batch_independent(is_moe, kws, train):
     model = randomise(build(is_moe=is_moe, keep_window_size=kws)).train(train)
     x = distinct_tokens()
@@ -57,16 +110,37 @@ def test_causal_and_batch_independent(is_moe, kws, train):
         for p in (1, 20, 41):
             x2 = x.clone()
             x2[:, p:] = distinct_tokens(seed=7)[:, p:]
-            assert torch.equal(model(x2)[0][:, :p], base[:, :p])
+            out = model(x2)[0]
+            assert torch.equal(out[:, :p], base[:, :p]), f"logits before {p} depend on later tokens"
+            assert not torch.equal(out[:, p:], base[:, p:])
         x3 = x.clone()
         x3[1:] = distinct_tokens(seed=9)[1:]
-        assert torch.equal(model(x3)[0][0], base[0])
+        assert torch.equal(model(x3)[0][0], base[0]), "a row depends on the other rows"
         alone = model(x[:1])[0]
     torch.testing.assert_close(alone[0], base[0], atol=1e-5, rtol=0)  # B=1 vs in a batch
 
 
+def test_router_split_is_per_token():
+    """The fix of spec 5: a token's experts and weights come from its own 2K router scores, so routing
+    tokens one at a time gives the batch's routing (the reference's reshape would not)."""
+    torch.manual_seed(0)
+    moe = CDMoE(model_doge.Config(is_moe=True))
+    u = torch.randn(3, 10, 128)
+    experts, g, _ = moe.route(u)
+    for b in range(3):
+        for t in range(10):
+            e1, g1, _ = moe.route(u[b, t])
+            assert torch.equal(e1, experts[b, t])
+            torch.testing.assert_close(g1, g[b, t])  # equal up to matmul rounding
+    z = moe.router_gate(u[0, 0])
+    assert set(experts[0, 0].tolist()) <= {a * 16 + c for a in z[:16].topk(8).indices.tolist()
+                                           for c in z[16:].topk(8).indices.tolist()}
+
+
+# --- dynamic mask attention ----------------------------------------------------------------------
+
 def test_dynamic_mask_keeps_the_largest_delta_among_visible_keys():
-    delta = torch.rand(2, 3, 40) + 0.1
+    delta = torch.rand(2, 3, 40) + 0.1  # distinct with probability 1
     kws = 12
     keep = dynamic_mask(delta, kws)
     for b in range(2):
@@ -75,7 +149,7 @@ def test_dynamic_mask_keeps_the_largest_delta_among_visible_keys():
                 kept = keep[b, g, i].nonzero().flatten()
                 assert len(kept) == min(i + 1, kws)
                 assert torch.equal(kept, delta[b, g, :i + 1].topk(min(i + 1, kws)).indices.sort().values)
-    assert dynamic_mask(delta, 40) is None  # the top-k only fires when more than kws keys exist
+    assert dynamic_mask(delta, 40) is None and dynamic_mask(delta, 100) is None  # fires only when T > kws
 
 
 def test_dynamic_mask_ties_go_to_the_most_recent_keys():
@@ -84,24 +158,17 @@ def test_dynamic_mask_ties_go_to_the_most_recent_keys():
         assert keep[0, 0, i].nonzero().flatten().tolist() == list(range(max(0, i - 2), i + 1))
 
 
-def test_delta_is_added_to_the_scores_of_its_key():
-    """The augmented-coordinate form equals the reference's float mask (delta where kept, -inf else)."""
-    model = randomise(build(keep_window_size=16))
+@pytest.mark.parametrize("kws", [64, 16, 1])
+def test_attention_equals_the_float_mask_reference(kws):
+    """The extra-channel form of the bias plus the boolean keep mask equals the spec's float mask
+    (delta where kept by a per-row top-k, -inf elsewhere) added to the scores."""
+    model = randomise(build(keep_window_size=kws))
     attn = model.blocks[1].attn
     x = torch.randn(2, 64, 128)
     cos, sin = model.rope(torch.arange(64))
-    B, T, H, G, hd = 2, 64, 4, 2, 32
-    q = attn.q_norm(attn.q_proj(x).view(B, T, H, hd)).transpose(1, 2)
-    k = attn.k_norm(attn.k_proj(x).view(B, T, G, hd)).transpose(1, 2)
-    v = attn.v_proj(x)
-    delta = torch.exp(attn.A * F.softplus(attn.dt_proj(v))).transpose(1, 2)
-    q, k = model_doge.apply_rope(q, cos, sin), model_doge.apply_rope(k, cos, sin)
-    keep = dynamic_mask(delta, 16)
-    mask = torch.where(keep, delta[..., None, :], -float("inf")).repeat_interleave(2, dim=1)
-    v = v.view(B, T, G, hd).transpose(1, 2)
-    y = F.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), attn_mask=mask)
-    expected = attn.o_proj(y.transpose(1, 2).reshape(B, T, H * hd))
-    torch.testing.assert_close(attn(x, cos, sin), expected, atol=1e-5, rtol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(attn(x, cos, sin), reference_attention(attn, x, cos, sin, kws),
+                                   atol=1e-5, rtol=0)
 
 
 def test_zero_A_and_wide_window_is_plain_causal_attention_with_qk_norm():
@@ -116,24 +183,39 @@ def test_zero_A_and_wide_window_is_plain_causal_attention_with_qk_norm():
     v = attn.v_proj(x).view(2, 64, 2, 32).transpose(1, 2)
     q, k = model_doge.apply_rope(q, cos, sin), model_doge.apply_rope(k, cos, sin)
     k, v = k.repeat_interleave(2, dim=1), v.repeat_interleave(2, dim=1)
-    y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # delta = 1 shifts every score alike
     expected = attn.o_proj(y.transpose(1, 2).reshape(2, 64, 128))
     torch.testing.assert_close(attn(x, cos, sin), expected, atol=1e-5, rtol=0)
 
+
+def test_top_k_fires_only_when_more_than_kws_keys_are_visible():
+    x = distinct_tokens(B=2)
+    logits = {}
+    for kws in (64, 1000, 63):
+        model = randomise(build(keep_window_size=kws)).eval()
+        with torch.no_grad():
+            logits[kws] = model(x)[0]
+        assert (model.stats()["masked_frac"] > 0) == (kws < 64)
+    assert torch.equal(logits[64], logits[1000])
+    assert torch.equal(logits[63][:, :63], logits[64][:, :63])  # rows 0..62 see at most 63 keys
+    assert not torch.allclose(logits[63][:, 63], logits[64][:, 63])
+
+
+# --- cross-domain MoE ----------------------------------------------------------------------------
 
 def test_product_key_routing_equals_brute_force():
     torch.manual_seed(0)
     moe = CDMoE(model_doge.Config(is_moe=True))
     u = torch.randn(3, 10, 128)
-    experts, weight = moe.route(u)
+    experts, g, _ = moe.route(u)
     z = moe.router_gate(u)
     K, k = 16, 8
     all_scores = (z[..., :K, None] + z[..., None, K:]).flatten(-2)  # score of e = a*K + b is zx_a + zy_b
     best = all_scores.topk(k, dim=-1)
     assert torch.equal(experts.sort(-1).values, best.indices.sort(-1).values)
     assert ((experts >= 0) & (experts < K * K)).all()
-    torch.testing.assert_close(weight, torch.softmax(best.values, dim=-1))
-    torch.testing.assert_close(weight.sum(-1), torch.ones(3, 10))
+    torch.testing.assert_close(g, torch.softmax(best.values, dim=-1))
+    torch.testing.assert_close(g.sum(-1), torch.ones(3, 10))
 
 
 def test_moe_is_the_dense_mlp_plus_the_expert_sum():
@@ -141,12 +223,12 @@ def test_moe_is_the_dense_mlp_plus_the_expert_sum():
     moe = CDMoE(model_doge.Config(is_moe=True))
     u = torch.randn(2, 5, 128)
     dense = moe.down_proj(F.silu(moe.gate_proj(u)) * moe.up_proj(u))
-    experts, weight = moe.route(u)
+    experts, g, _ = moe.route(u)
     expert_sum = torch.zeros_like(u)
     for b in range(2):
         for t in range(5):
-            for e, g in zip(experts[b, t], weight[b, t]):
-                expert_sum[b, t] += F.silu(moe.down_embed.weight[e] @ u[b, t]) * g * moe.up_embed.weight[e]
+            for e, w in zip(experts[b, t], g[b, t]):
+                expert_sum[b, t] += F.silu(moe.down_embed.weight[e] @ u[b, t]) * w * moe.up_embed.weight[e]
     torch.testing.assert_close(moe(u), dense + expert_sum, atol=1e-6, rtol=1e-5)
     with torch.no_grad():
         moe.down_embed.weight.zero_()
@@ -154,14 +236,49 @@ def test_moe_is_the_dense_mlp_plus_the_expert_sum():
     assert torch.equal(moe(u), dense)
 
 
+def test_balance_loss_against_the_full_softmax_over_all_experts():
+    torch.manual_seed(0)
+    moe = CDMoE(model_doge.Config(is_moe=True))
+    u = torch.randn(2, 7, 128)
+    experts, _, z = moe.route(u)
+    pair = (z[..., 0, :, None] + z[..., 1, None, :]).flatten(-2).view(14, 256)  # all K^2 pair sums
+    P = pair.softmax(-1).mean(0)
+    f = torch.bincount(experts.flatten(), minlength=256) / experts.numel()
+    torch.testing.assert_close(moe.balance_loss(z, experts), 256 * (f * P).sum())
+
+
+def test_aux_loss_only_in_training_and_only_when_asked():
+    x = distinct_tokens(B=2)
+    y = torch.roll(x, -1, dims=1)
+    on, off = randomise(build(is_moe=True, moe_aux_coef=0.1)), randomise(build(is_moe=True))
+    on.load_state_dict(off.state_dict())
+    for train in (True, False):
+        on.train(train), off.train(train)
+        loss_on, loss_off = on(x, y)[1], off(x, y)[1]
+        if train:
+            aux = sum(block.mlp.balance_loss(block.mlp.router_logits, block.mlp.experts) for block in on.blocks) / 4
+            torch.testing.assert_close(loss_on - loss_off, 0.1 * aux)
+            assert aux > 0.5
+            loss_on.backward()
+            assert on.blocks[0].mlp.router_gate.weight.grad.abs().sum() > 0
+        else:
+            assert torch.equal(loss_on, loss_off)
+
+
 def test_stats_report_masking_deltas_and_expert_usage():
     model = randomise(build(is_moe=True, keep_window_size=16))
+    x = distinct_tokens()
     with torch.no_grad():
-        model(distinct_tokens())
+        model(x)
     stats = model.stats()
-    # rows 16..63 keep 16 of i+1 keys: 1 - 64*16 - ... fraction of visible keys masked
+    # row i keeps min(i + 1, 16) of its i + 1 visible keys
     visible = sum(i + 1 for i in range(64))
     kept = sum(min(i + 1, 16) for i in range(64))
     assert abs(stats["masked_frac"] - (1 - kept / visible)) < 1e-6
-    assert 0 < stats["experts_used"] <= 1 and stats["max_load"] >= 1
-    assert all(stats[f"delta_mean_l{l}"] > 0 for l in range(4))
+    load = torch.bincount(model.blocks[2].mlp.experts.flatten(), minlength=256).float()
+    assert 0 < stats["experts_used"] <= 1 and stats["max_load"] >= 1 and stats["balance_loss"] > 0
+    assert model.blocks[2].mlp.expert_load(model.blocks[2].mlp.experts).tolist() == load.tolist()
+    assert len(stats) <= 12
+    for l in range(4):  # delta = exp(A * softplus(dt)) > 0, = 1 exactly where A = 0
+        assert stats[f"delta_mean_l{l}"] > 0
+    assert build().eval().stats() == {}  # nothing before the first forward
