@@ -352,6 +352,7 @@ def main(argv):
     use_compile = cfg.compile == "True" or (cfg.compile == "auto" and device.type == "cuda")
     if use_compile:
         model = compile_or_eager(model, train_data, cfg.batch_size, block_size, device, autocast)
+        use_compile = model is not raw_model  # False when compiling failed and the eager model trains
     train_model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None) if ddp else model
 
     def batch(split_data, step, process=rank):

@@ -38,3 +38,28 @@ def test_train_with_compile_flag(tmp_path):
                        cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "2"})
     assert r.returncode == 0, r.stderr[-2000:]
     assert ", compiled" in r.stdout and "torch.compile failed" not in r.stderr and "iter 2:" in r.stdout
+
+
+def test_a_failing_compile_falls_back_to_the_eager_model(monkeypatch):
+    """Inductor can fail on the first backward (torch 2.13 on CPU does for DTF at batch 2 or 3):
+    train.py must warn, restore what the probe step changed, and train the eager model."""
+    import pytest
+    import train
+
+    class Broken:
+        def __init__(self, model):
+            self.model = model
+
+        def __call__(self, x, y):
+            self.model(x, y)[1].backward()  # the probe got as far as a backward ...
+            raise RuntimeError("inductor codegen failed")  # ... and then compiling failed
+
+    monkeypatch.setattr(torch, "compile", Broken)
+    torch.manual_seed(0)
+    model = model_gpt.GPT(model_gpt.Config(n_layer=1, block_size=32))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    data = [torch.randint(0, 65, (500,)).numpy()]
+    with pytest.warns(UserWarning, match="torch.compile failed .RuntimeError: inductor codegen failed."):
+        out = train.compile_or_eager(model, data, 2, 32, torch.device("cpu"), torch.autocast("cpu", enabled=False))
+    assert out is model and all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
