@@ -7,7 +7,9 @@ Sample text from a checkpoint written by train.py.
 
 The model and the tokenizer come from the checkpoint. A model whose file offers its own exact and
 faster `generate` (BDH's recurrent form) is sampled with it; any other model re-runs its forward
-on the last block_size tokens for every new token, as nanoGPT does.
+on the last block_size tokens for every new token, as nanoGPT does. BDH's recurrent state carries
+the whole text, also beyond the block_size it was trained on, where a model trained on short
+blocks writes worse text; `--crop=True` samples every model the nanoGPT way instead.
 """
 import sys
 
@@ -23,6 +25,7 @@ OPTIONS = {
     "max_new_tokens": 500,
     "temperature": 0.8,      # < 1 sharpens the distribution, > 1 flattens it
     "top_k": 200,            # sample among the top_k most likely tokens (1 = greedy; 0 = all)
+    "crop": False,           # True: re-run the forward on the last block_size tokens, even for BDH
     "seed": 1337,
     "device": "auto",
     "dtype": "auto",
@@ -42,6 +45,12 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None):
         next_id = torch.multinomial(torch.softmax(logits.float(), dim=-1), num_samples=1)
         idx = torch.cat((idx, next_id), dim=1)
     return idx
+
+
+def pick_sampler(model, crop):
+    """The model's own generate (BDH's recurrent form) unless crop is asked for or there is none."""
+    own = None if crop else getattr(model, "generate", None)
+    return own or (lambda *a, **k: generate(model, *a, **k))
 
 
 def main(argv):
@@ -80,7 +89,7 @@ def main(argv):
         raise UserError("the prompt is empty; give at least one character with --start")
 
     torch.manual_seed(opts["seed"])
-    sampler = getattr(model, "generate", None) or (lambda *a, **k: generate(model, *a, **k))
+    sampler = pick_sampler(model, opts["crop"])
     ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
     autocast = torch.autocast(device.type, dtype=ptdtype, enabled=dtype != "float32")
     for _ in range(opts["num_samples"]):

@@ -162,6 +162,24 @@ def test_sampling_matches_the_generic_sampler_draw_for_draw():
     assert torch.equal(ours, theirs)
 
 
+def test_sample_crop_option_picks_the_cropping_sampler_beyond_block_size():
+    """sample.py --crop=True re-runs the forward on the last block_size tokens; by default BDH keeps
+    its recurrent state over the whole text. Past block_size the two must differ, and each must be
+    the sampler it claims to be."""
+    from sample import generate as rerun_forward, pick_sampler
+    model = build(**SMALL)
+    prompt, n = tokens(1, 4), 2 * model.config.block_size
+    runs = {}
+    for crop in (False, True):
+        torch.manual_seed(3)
+        runs[crop] = pick_sampler(model, crop)(prompt, n, temperature=1.0)
+    torch.manual_seed(3)
+    assert torch.equal(runs[True], rerun_forward(model, prompt, n, temperature=1.0))
+    torch.manual_seed(3)
+    assert torch.equal(runs[False], model.generate(prompt, n, temperature=1.0))
+    assert not torch.equal(runs[False], runs[True])
+
+
 def test_generate_runs_under_bf16_autocast():
     """sample.py generates under autocast on CUDA; bf16 read-outs must mix with the fp32 state."""
     model = trained(**SMALL)
