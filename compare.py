@@ -74,7 +74,7 @@ def loss_at(evals, key, x):
     return None
 
 
-DIAGNOSTICS = ("frac_routed", "density", "dead", "used_frac")  # stats() keys worth a table column
+DIAGNOSTICS = ("frac_routed", "density", "dead", "used_frac", "masked_frac", "experts_used")  # stats() keys for the table
 
 
 def summarise(models, out):
