@@ -3,9 +3,11 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 import model_gpt
+import train
 from conftest import ROOT, make_text
 from prepare_data import prepare
 
@@ -43,8 +45,6 @@ def test_train_with_compile_flag(tmp_path):
 def test_a_failing_compile_falls_back_to_the_eager_model(monkeypatch):
     """Inductor can fail on the first backward (torch 2.13 on CPU does for DTF at batch 2 or 3):
     train.py must warn, restore what the probe step changed, and train the eager model."""
-    import pytest
-    import train
 
     class Broken:
         def __init__(self, model):
@@ -52,6 +52,8 @@ def test_a_failing_compile_falls_back_to_the_eager_model(monkeypatch):
 
         def __call__(self, x, y):
             self.model(x, y)[1].backward()  # the probe got as far as a backward ...
+            with torch.no_grad():  # ... changed state, as a routed model's running threshold would ...
+                self.model.lm_head.weight.add_(1.0)
             raise RuntimeError("inductor codegen failed")  # ... and then compiling failed
 
     monkeypatch.setattr(torch, "compile", Broken)
