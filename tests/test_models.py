@@ -253,3 +253,45 @@ def test_copy_check_can_fail(tmp_path, monkeypatch):
     monkeypatch.setitem(globals(), "ROOT", str(fake_root))
     with pytest.raises(AssertionError, match="differs"):
         test_marked_copies_are_identical("fake")
+
+
+# --- incremental decoding: init_cache / forward_cached ---------------------------------------
+
+def cached_logits(model, x, chunks):
+    """Feed x (B, T) through forward_cached in chunks of the given sizes; the logits concatenated."""
+    cache = model.init_cache(x.size(0))
+    out, t = [], 0
+    for n in chunks:
+        out.append(model.forward_cached(x[:, t:t + n], cache))
+        t += n
+    return torch.cat(out, dim=1)
+
+
+@pytest.mark.parametrize("B", [1, 3])
+def test_cached_decoding_equals_full_forward(warm_model, B):
+    """A prompt, then one token at a time (and a chunk of several in the middle), up to block_size:
+    every position's logits equal the full eval forward's, for one row and for different rows."""
+    name, model = warm_model
+    state = copy.deepcopy(model.state_dict())
+    model.eval()
+    x = random_tokens(model, B, seed=5)
+    T = x.size(1)
+    with torch.no_grad():
+        full = model(x)[0]
+    chunks = [5] + [1] * (T // 2 - 5) + [7] + [1] * (T - T // 2 - 7)
+    for chunks in (chunks, [T]):
+        got = cached_logits(model, x, chunks)
+        assert got.shape == full.shape
+        torch.testing.assert_close(got, full, atol=1e-4, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+    after = model.state_dict()
+    assert all(torch.equal(state[k], after[k]) for k in state), "cached decoding changed the model's state"
+
+
+def test_cache_refuses_more_than_block_size(warm_model):
+    name, model = warm_model
+    model.eval()
+    x = random_tokens(model, 1)
+    cache = model.init_cache(1)
+    model.forward_cached(x, cache)  # exactly block_size tokens: allowed
+    with pytest.raises(ValueError, match="block_size"):
+        model.forward_cached(x[:, :1], cache)
