@@ -3,15 +3,17 @@ Benchmark training or generation speed of model files on the current device (a b
 
     python bench.py --model=gpt,mod,dtf                      # laptop configs, batch 12 x block 64
     python bench.py --model=gpt --preset=gpt2-124m --block_size=1024 --batch_size=16 --compile=True
-    python bench.py --model=bdh,gpt --mode=generate --new_tokens=512
+    python bench.py --model=gpt,mod,dtf --mode=generate --new_tokens=512   # block_size 16 + 512
+    python bench.py --model=gpt,mod --mode=generate --new_tokens=1008       # block_size 1024
     python bench.py --model=doge --is_moe=True                 # any other --key=value sets a Config field
     python bench.py --mode=tokenize --text=data/shakespeare_char/input.txt   # prepare_data.py c4's tokenizer
 
 mode=train times fwd+bwd+AdamW steps after warm-up and prints ms/step, tokens/s, peak memory (CUDA:
 the allocator's high-water mark; CPU: peak RSS growth over the process before the model was built)
 and, on a GPU, MFU from the model's flops_per_token(). mode=generate times greedy generation of
-new_tokens tokens: with the model's own generate() when it has one (BDH's recurrent form), and by
-re-running the full forward for every token, and checks both produce the same tokens.
+new_tokens tokens after a 16-token prompt at block_size 16 + new_tokens (nothing is cropped): with
+sample.py's cached decoding and by re-running the full forward for every token (--crop=True), and
+checks both produce the same tokens.
 mode=tokenize times prepare_data.py's C4 path (gzip JSON lines -> GPT-2 BPE token shard) on a
 20 MB file of ~2 KB documents cut from --text, with 1 process and with all cores.
 Every measurement runs in a fresh process, models are interleaved over `repeats` rounds and the
@@ -67,7 +69,7 @@ def build(opts, name, device):
     fields["vocab_size"] = opts["vocab_size"]
     if opts["block_size"]:
         fields["block_size"] = opts["block_size"]
-    if opts["mode"] == "generate":  # no cropping: the forward re-reads the whole sequence
+    if opts["mode"] == "generate":  # no cropping: the whole text fits in one block
         fields["block_size"] = 16 + opts["new_tokens"]
     for f in dataclasses.fields(module.Config):
         if "dropout" in f.name:
@@ -136,22 +138,17 @@ def measure_train(opts, name, device, dtype):
 
 
 def measure_generate(opts, name, device, dtype):
-    from sample import generate  # the generic sampler: re-runs the forward on the whole prefix
+    from sample import generate
     model = build(opts, name, device).eval()
     prompt = torch.randint(0, model.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
     prompt = prompt.to(device)
     result = {"params": sum(p.numel() for p in model.parameters())}
-    ways = {"forward": lambda: generate(model, prompt, opts["new_tokens"], top_k=1)}
-    if hasattr(model, "generate"):
-        ways["own"] = lambda: model.generate(prompt, opts["new_tokens"], top_k=1)
     outputs = {}
-    for way, run in ways.items():
+    for way, crop in (("cached", False), ("forward", True)):  # crop=True: the whole forward per token
         t0 = time.perf_counter()
-        with torch.no_grad():
-            outputs[way] = run()
+        outputs[way] = generate(model, prompt, opts["new_tokens"], top_k=1, crop=crop)
         result[f"{way}_tok_s"] = opts["new_tokens"] / (time.perf_counter() - t0)
-    if "own" in outputs:
-        result["same_tokens"] = bool(torch.equal(outputs["own"], outputs["forward"]))
+    result["same_tokens"] = bool(torch.equal(outputs["cached"], outputs["forward"]))
     return result
 
 
@@ -248,15 +245,13 @@ def main(argv):
                    f"{tok_s:,.0f} | {tok_s / ref:.2f}x | {median(name, 'peak_mem_mb'):,.0f} |")
             print(row + (f" {r0['flops_per_token'] * tok_s / peak:.1%} |" if peak else ""))
     else:
-        print("| model | params | own generate tok/s | full forward tok/s | speed-up | same tokens |")
-        print("|---|---:|---:|---:|---:|---|")
+        print("| model | params | cached tok/s | vs first | full forward tok/s | speed-up | same tokens |")
+        print("|---|---:|---:|---:|---:|---:|---|")
+        ref = median(names[0], "cached_tok_s")
         for name in names:
-            fwd, own = median(name, "forward_tok_s"), runs[name][0].get("own_tok_s")
-            own = median(name, "own_tok_s") if own is not None else None
-            print(f"| {name} | {runs[name][0]['params']:,} | {f'{own:,.0f}' if own else '-'} | {fwd:,.0f} | "
-                  f"{f'{own / fwd:.1f}x' if own else '-'} | "
-                  f"{all(r['same_tokens'] for r in runs[name]) if own else '-'} |")
-
+            cached, fwd = median(name, "cached_tok_s"), median(name, "forward_tok_s")
+            print(f"| {name} | {runs[name][0]['params']:,} | {cached:,.0f} | {cached / ref:.2f}x | {fwd:,.0f} | "
+                  f"{cached / fwd:.1f}x | {all(r['same_tokens'] for r in runs[name])} |")
 
 if __name__ == "__main__":
     try:

@@ -32,8 +32,8 @@ and this file, keep the residual in D-space and recompute xs from x in every lay
 
 Read as a recurrence (spec §4; step()), each layer and head keeps a state S of N x D numbers,
 S_t = sum_{s<t} RoPE_s(xs_s) (outer) x_s, and a_t = LN(S_t^T RoPE_t(xs_t)): the token reads S first and
-writes itself into it afterwards. generate() samples this way, O(n*D) work and memory per token at
-any length, with nothing cropped to block_size.
+writes itself into it afterwards. forward_cached() decodes this way: O(n*D) work and memory per
+token at any position, where attention would read a cache that grows with the text.
 
 Causality. The reference is strictly causal and so is this file (spec §5): everything but the
 attention acts on one position, and the attention reads positions s < t only. The diagonal is
@@ -186,23 +186,25 @@ class BDH(nn.Module):
             x = layer_norm(x + layer_norm(m))
         return x @ self.lm_head
 
+    def init_cache(self, batch_size):
+        """What incremental decoding carries: the synaptic states and the number of tokens they hold."""
+        return {"state": self.initial_state(batch_size), "t": 0}
+
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
-        """Append max_new_tokens sampled tokens to idx (B, T0). The prompt goes through step() token
-        by token, filling the states exactly as the parallel form would; then every sampled token is
-        fed back the same way. O(n*D) per token at any length; no crop to block_size."""
-        state = self.initial_state(idx.size(0))
-        T0 = idx.size(1)
-        for t in range(T0 + max_new_tokens - 1):
-            logits = self.step(idx[:, t], t, state)
-            if t < T0 - 1:
-                continue  # still inside the prompt: the token only writes the states
-            logits = logits / temperature
-            if top_k:
-                kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
-                logits = logits.masked_fill(logits < kth, -float("inf"))
-            idx = torch.cat((idx, torch.multinomial(torch.softmax(logits.float(), dim=-1), 1)), dim=1)
-        return idx
+    def forward_cached(self, idx, cache):
+        """Logits (B, t, V) of the next t tokens idx (B, t) after the cache's, through step() one token
+        at a time: exactly the parallel form's logits, at O(n*D) per token whatever the position.
+        The recurrence itself has no window, but a model trained on block_size tokens writes worse
+        text past them, so the cache holds at most block_size tokens like every other model's
+        (sample.py then refills it from the last block_size/2 tokens)."""
+        if cache["t"] + idx.size(1) > self.config.block_size:
+            raise ValueError(f"the cache holds {cache['t']} tokens; {idx.size(1)} more exceed block_size "
+                             f"{self.config.block_size}")
+        logits = []
+        for token in idx.unbind(1):
+            logits.append(self.step(token, cache["t"], cache["state"]))
+            cache["t"] += 1
+        return torch.stack(logits, dim=1)
 
     def stats(self):
         """Activation density of the last forward (spec §6): the fraction of nonzeros in xs, ys and

@@ -5,11 +5,10 @@ Sample text from a checkpoint written by train.py.
     python sample.py --out_dir=out-bdh --start="ROMEO:" --num_samples=3 --max_new_tokens=200
     python sample.py --start=FILE:prompt.txt --temperature=0.8 --top_k=200
 
-The model and the tokenizer come from the checkpoint. A model whose file offers its own exact and
-faster `generate` (BDH's recurrent form) is sampled with it; any other model re-runs its forward
-on the last block_size tokens for every new token, as nanoGPT does. BDH's recurrent state carries
-the whole text, also beyond the block_size it was trained on, where a model trained on short
-blocks writes worse text; `--crop=True` samples every model the nanoGPT way instead.
+The model and the tokenizer come from the checkpoint. Every model decodes incrementally through
+its cache (a KV cache; BDH's recurrent state), all num_samples in one batch; past block_size the
+cache is refilled from the last block_size/2 tokens. `--crop=True` re-runs the whole forward on
+the last block_size tokens for every token instead, as nanoGPT does.
 """
 import sys
 
@@ -25,7 +24,7 @@ OPTIONS = {
     "max_new_tokens": 500,
     "temperature": 0.8,      # < 1 sharpens the distribution, > 1 flattens it
     "top_k": 200,            # sample among the top_k most likely tokens (1 = greedy; 0 = all)
-    "crop": False,           # True: re-run the forward on the last block_size tokens, even for BDH
+    "crop": False,           # True: re-run the whole forward on the last block_size tokens per token
     "seed": 1337,
     "device": "auto",
     "dtype": "auto",
@@ -33,24 +32,36 @@ OPTIONS = {
 
 
 @torch.no_grad()
-def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None):
-    """Append max_new_tokens sampled tokens to idx (B, T), re-running the model on the last
-    block_size tokens each time (exact for every causal model; a cache would only be faster)."""
+def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, crop=False):
+    """Append max_new_tokens sampled tokens to every row of idx (B, T).
+
+    Incremental decoding: the prompt fills the model's cache once (forward_cached), then each new
+    token costs one cached step, with logits equal to a full forward over the same tokens. A cache
+    holds at most block_size tokens; when it is full it is refilled from the last block_size/2
+    tokens, so every token is predicted from between block_size/2 and block_size tokens of context
+    and no position goes past what the model was trained on. crop=True instead re-runs the whole
+    forward on the last block_size tokens for every token, as nanoGPT does (always block_size of
+    context once the text is that long, and far slower)."""
+    block_size = model.config.block_size
+    cache, held = None, 0  # held: tokens in the cache
     for _ in range(max_new_tokens):
-        logits, _ = model(idx[:, -model.config.block_size:])
-        logits = logits[:, -1, :] / temperature
+        if crop:
+            logits = model(idx[:, -block_size:])[0][:, -1]
+        elif cache is None or held == block_size:
+            context = idx[:, -(block_size if cache is None else max(1, block_size // 2)):]
+            cache = model.init_cache(idx.size(0))
+            logits = model.forward_cached(context, cache)[:, -1]
+            held = context.size(1)
+        else:
+            logits = model.forward_cached(idx[:, -1:], cache)[:, -1]
+            held += 1
+        logits = logits.float() / temperature
         if top_k:
             kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
-            logits[logits < kth] = -float("inf")
-        next_id = torch.multinomial(torch.softmax(logits.float(), dim=-1), num_samples=1)
+            logits = logits.masked_fill(logits < kth, -float("inf"))
+        next_id = torch.multinomial(torch.softmax(logits, dim=-1), num_samples=1)
         idx = torch.cat((idx, next_id), dim=1)
     return idx
-
-
-def pick_sampler(model, crop):
-    """The model's own generate (BDH's recurrent form) unless crop is asked for or there is none."""
-    own = None if crop else getattr(model, "generate", None)
-    return own or (lambda *a, **k: generate(model, *a, **k))
 
 
 def main(argv):
@@ -89,14 +100,13 @@ def main(argv):
         raise UserError("the prompt is empty; give at least one character with --start")
 
     torch.manual_seed(opts["seed"])
-    sampler = pick_sampler(model, opts["crop"])
     ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
     autocast = torch.autocast(device.type, dtype=ptdtype, enabled=dtype != "float32")
-    for _ in range(opts["num_samples"]):
-        with autocast:
-            out = sampler(idx, opts["max_new_tokens"], temperature=opts["temperature"],
-                          top_k=opts["top_k"] or None)
-        print(decode(out[0].tolist()))
+    with autocast:  # all samples at once: one batch of num_samples rows
+        out = generate(model, idx.expand(opts["num_samples"], -1), opts["max_new_tokens"],
+                       temperature=opts["temperature"], top_k=opts["top_k"] or None, crop=opts["crop"])
+    for row in out.tolist():
+        print(decode(row))
         print("---------------")
 
 

@@ -135,56 +135,28 @@ def test_recurrent_form_equals_parallel_form(dtype, tol, fields):
 
 @pytest.mark.parametrize("dtype,fields", [(torch.float64, SMALL), (torch.float32, dict(block_size=32))],
                          ids=["fp64-small", "fp32-laptop"])
-def test_greedy_generation_equals_the_parallel_argmax_beyond_block_size(dtype, fields):
-    """generate() consumes the prompt, then samples; greedy tokens equal the parallel forward's argmax,
-    also past block_size (the recurrence has no window: nothing is cropped). At init, where greedy
-    text still wanders instead of repeating one token."""
+def test_greedy_cached_decoding_equals_the_parallel_argmax(dtype, fields):
+    """sample.py's generate through the recurrent cache: greedy tokens equal the parallel forward's
+    argmax at every position up to block_size. At init, where greedy text still wanders instead of
+    repeating one token."""
+    from sample import generate
     model = build(dtype, **fields)
     prompt = tokens(2, 5)
-    out = model.generate(prompt, 50, top_k=1)  # 55 tokens with block_size 32
-    assert out.shape == (2, 55) and torch.equal(out[:, :5], prompt)
+    T = model.config.block_size
+    out = generate(model, prompt, T - 5, top_k=1)
+    assert out.shape == (2, T) and torch.equal(out[:, :5], prompt)
     assert len(out[:, 5:].unique()) > 5
-    model.config.block_size = 64  # the same weights, allowed to read the whole sequence at once
     with torch.no_grad():
         parallel_next = model(out[:, :-1])[0].argmax(-1)  # the argmax at t is the token at t + 1
     assert torch.equal(parallel_next[:, 4:], out[:, 5:])
 
 
-def test_sampling_matches_the_generic_sampler_draw_for_draw():
-    """Temperature and top-k as sample.py's generate (which re-runs the forward): same seed, same text."""
-    from sample import generate as rerun_forward
-    model = build(**SMALL)
-    prompt = tokens(3, 4)
-    torch.manual_seed(5)
-    ours = model.generate(prompt, 25, temperature=0.8, top_k=10)
-    torch.manual_seed(5)
-    theirs = rerun_forward(model, prompt, 25, temperature=0.8, top_k=10)
-    assert torch.equal(ours, theirs)
-
-
-def test_sample_crop_option_picks_the_cropping_sampler_beyond_block_size():
-    """sample.py --crop=True re-runs the forward on the last block_size tokens; by default BDH keeps
-    its recurrent state over the whole text. Past block_size the two must differ, and each must be
-    the sampler it claims to be."""
-    from sample import generate as rerun_forward, pick_sampler
-    model = build(**SMALL)
-    prompt, n = tokens(1, 4), 2 * model.config.block_size
-    runs = {}
-    for crop in (False, True):
-        torch.manual_seed(3)
-        runs[crop] = pick_sampler(model, crop)(prompt, n, temperature=1.0)
-    torch.manual_seed(3)
-    assert torch.equal(runs[True], rerun_forward(model, prompt, n, temperature=1.0))
-    torch.manual_seed(3)
-    assert torch.equal(runs[False], model.generate(prompt, n, temperature=1.0))
-    assert not torch.equal(runs[False], runs[True])
-
-
-def test_generate_runs_under_bf16_autocast():
+def test_cached_decoding_under_bf16_autocast():
     """sample.py generates under autocast on CUDA; bf16 read-outs must mix with the fp32 state."""
+    from sample import generate
     model = trained(**SMALL)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = model.generate(tokens(1, 4), 10, temperature=0.8, top_k=5)
+        out = generate(model, tokens(1, 4), 10, temperature=0.8, top_k=5)
     assert out.shape == (1, 14) and out.dtype == torch.long
 
 

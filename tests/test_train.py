@@ -96,13 +96,14 @@ def test_sample_from_checkpoint(trained, tmp_path):
 
 
 def test_sampler_is_exact_with_top_k_1(trained):
-    """The generic sampler's greedy tokens are the argmax of the eval forward at every position."""
+    """The nanoGPT way (crop=True): greedy tokens are the argmax of the eval forward on the last
+    block_size tokens at every position."""
     from sample import generate
     ckpt = load(trained)
     module = train.load_model_module("gpt")
     model = module.Model(module.Config(**ckpt["model_config"])).eval()
     model.load_state_dict(ckpt["model"])
-    out = generate(model, torch.tensor([[1, 2, 3]]), 80, top_k=1)  # longer than block_size: crops
+    out = generate(model, torch.tensor([[1, 2, 3]]), 80, top_k=1, crop=True)  # past block_size: crops
     assert out.shape == (1, 83)
     for t in range(3, 83):
         window = out[:, max(0, t - 64):t]
