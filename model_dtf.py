@@ -474,7 +474,8 @@ class DTF(nn.Module):
         if start + t > self.config.block_size:
             raise ValueError(f"the cache would hold {start + t} tokens, more than block_size {self.config.block_size}")
         was_training = self.training
-        self.eval()  # dropout off
+        if was_training:
+            self.eval()  # dropout off (only when on: eval() walks every module, a cost per token)
         try:
             cos, sin = self.rope(torch.arange(start, start + t, device=idx.device))  # true positions
             x = self.wte(idx)
@@ -483,7 +484,8 @@ class DTF(nn.Module):
             cache.length += t
             return self.lm_head(self.norm_f(x))
         finally:
-            self.train(was_training)
+            if was_training:
+                self.train()
 
     def stats(self):
         # the realised routed fraction per pair (target gamma), the rest averaged over pairs.

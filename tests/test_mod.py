@@ -306,3 +306,19 @@ def test_routed_cache_respects_the_cap():
         assert c.n.tolist() == [16, 16, 16]
         for b in range(3):
             torch.testing.assert_close(c.v[b], stored_values(block, xin, sel, b), atol=1e-5, rtol=0)
+
+
+def test_cached_decoding_is_the_eval_computation_in_training_mode():
+    """With dropout on and the model in training mode, forward_cached still gives the eval forward's
+    logits (no dropout, no tau update) and leaves the model in training mode."""
+    model = build(dropout=0.2)
+    x = tokens(B=2)
+    set_tau_to_median(model, x)
+    state = copy.deepcopy(model.state_dict())
+    with torch.no_grad():
+        full = model.eval()(x)[0]
+    model.train()
+    logits, _ = decode(model, x, [9] + [1] * 55)
+    assert model.training
+    torch.testing.assert_close(logits, full, atol=1e-4, rtol=1e-4)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
