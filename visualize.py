@@ -225,7 +225,7 @@ def attention_strip(label, probs, keep, bias, q, T):
             continue
         kind = "kept" if keep[j] else "masked"
         b = "" if bias is None else f", bias delta = {bias[j]:.4f}"
-        cells.append({"cls": kind, "alpha": 0.15 + 0.85 * probs[j] / top if keep[j] else 0.0,
+        cells.append({"cls": kind + (" query" if j == q else ""), "alpha": 0.15 + 0.85 * probs[j] / top if keep[j] else 0.0,
                       "title": f"{kind}: attention weight {probs[j]:.4f}{b}"})
     return {"label": label, "cells": cells}
 
