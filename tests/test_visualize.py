@@ -1,0 +1,191 @@
+"""visualize.py: a page for every model_*.py, whose numbers are the model's own.
+
+Each model is built tiny, saved in train.py's checkpoint format, rendered with visualize.main, and
+the HTML is parsed: every token is there, escaped; nothing is loaded from outside; the tags nest;
+and the routed / masked cells agree with counts taken independently of visualize.py's own
+recomputation (the model's stats() after a plain forward, keep_window_size arithmetic).
+"""
+import dataclasses
+import glob
+import importlib
+import os
+from html.parser import HTMLParser
+
+import pytest
+import torch
+
+import visualize
+from conftest import ROOT
+from prepare_data import UserError
+
+MODEL_NAMES = sorted(os.path.basename(p)[len("model_"):-len(".py")]
+                     for p in glob.glob(os.path.join(ROOT, "model_*.py")))
+CHARS = "\n !&',-.:;<>?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+TEXT = "ROMEO:\nBut soft, what light <b>&amp; yonder window?"  # HTML-looking on purpose
+TINY = dict(vocab_size=len(CHARS), block_size=64, n_layer=2, n_embd=32, n_head=2, n_kv_head=1,
+            intermediate_size=64, mlp_internal_dim_multiplier=4, rank=8, knowledge_rank=8, d_space=16,
+            keep_window_size=8)
+
+
+def tiny_model(name):
+    module = importlib.import_module(f"model_{name}")
+    fields = {f.name for f in dataclasses.fields(module.Config)}
+    cfg = {k: v for k, v in TINY.items() if k in fields}
+    cfg.update({f: 0.0 for f in fields if "dropout" in f})
+    torch.manual_seed(0)
+    model = module.Model(module.Config(**cfg))
+    # routing thresholds as training would leave them, so that some tokens are routed, some not
+    for block in list(getattr(model, "blocks", [])) + list(getattr(model, "pairs", [])):
+        if hasattr(block, "tau"):
+            block.tau.fill_(0.0 if name == "mod" else 0.5)
+            if name == "dtf":  # make the gates vary around tau
+                block.log_o_ce.data.fill_(0.0)
+    return model.eval(), cfg
+
+
+def save(model, name, cfg, out_dir):
+    """A checkpoint with the keys train.py writes (the optimizer state is not needed to visualize)."""
+    os.makedirs(out_dir, exist_ok=True)
+    torch.save({"model": model.state_dict(), "model_name": name, "model_config": cfg, "iter_num": 0,
+                "tokenizer": {"kind": "char", "chars": CHARS}}, os.path.join(out_dir, "ckpt.pt"))
+
+
+class Page(HTMLParser):
+    """Collects token spans (class, text), external references and tag-nesting errors."""
+    VOID = {"meta", "br", "img", "link", "input", "hr"}
+
+    def __init__(self, text):
+        super().__init__(convert_charrefs=True)
+        self.stack, self.errors, self.urls, self.spans, self.cur = [], [], [], [], None
+        self.feed(text)
+        self.close()
+        if self.stack:
+            self.errors.append(f"unclosed {self.stack}")
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        for key in ("src", "href"):
+            if key in attrs:
+                self.urls.append(attrs[key])
+        if tag == "script" and "src" in attrs:
+            self.errors.append("external script")
+        if tag not in self.VOID:
+            self.stack.append(tag)
+        if tag == "span" and "tok" in attrs.get("class", "").split():
+            self.cur = [attrs["class"].split()[1], ""]
+
+    def handle_endtag(self, tag):
+        if not self.stack or self.stack[-1] != tag:
+            self.errors.append(f"</{tag}> closes {self.stack[-1:] or 'nothing'}")
+        else:
+            self.stack.pop()
+        if tag == "span" and self.cur is not None:
+            self.spans.append(tuple(self.cur))
+            self.cur = None
+
+    def handle_data(self, data):
+        if self.cur is not None:
+            self.cur[1] += data
+
+
+def render(name, tmp_path, *extra):
+    model, cfg = tiny_model(name)
+    out_dir = str(tmp_path / name)
+    save(model, name, cfg, out_dir)
+    path = visualize.main([f"--out_dir={out_dir}", f"--text={TEXT}", *extra])
+    with open(path, encoding="utf-8") as f:
+        return model, f.read()
+
+
+def strips(page, cls):
+    return [s for s in page.spans if s[0] == cls]
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_page_is_complete_self_contained_and_escaped(name, tmp_path):
+    _, text = render(name, tmp_path)
+    page = Page(text)
+    assert page.errors == []
+    assert not any(u.startswith(("http", "//")) or "://" in u for u in page.urls)
+    assert "http" not in text.split("<body>")[0].lower()  # no external stylesheet or font
+    # every token, whitespace made visible, in order in the next-token strip
+    shown = [s[1] for s in page.spans[:len(TEXT)]]
+    assert shown == [c.replace(" ", "\u2423").replace("\n", "\u21b5") for c in TEXT]
+    assert "<b>" not in text and "&lt;b&gt;&amp;amp;" not in text  # escaped once per character
+    assert "&lt;" in text and "&amp;" in text
+    title = {"gpt": "GPT: attention", "mod": "MoD: which tokens", "dtf": "DTF: which tokens",
+             "dawn": "DAWN: the most frequently picked", "bdh": "BDH: firing density",
+             "doge": "Doge: keys kept and masked"}.get(name, "stats()")
+    assert title in text
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_hooks_do_not_change_the_logits(name):
+    model, _ = tiny_model(name)
+    idx = torch.tensor([[CHARS.index(c) for c in TEXT]])
+    with torch.no_grad():
+        plain = model(idx)[0]
+    opts = dict(visualize.OPTIONS)
+    data = visualize.EXTRACTORS.get(name, visualize.extract_other)(model, idx, opts)
+    assert torch.equal(data["logits"], plain)
+    for m in model.modules():  # and no hook is left behind
+        assert not m._forward_hooks and not m._forward_pre_hooks
+
+
+@pytest.mark.parametrize("name,prefix", [("mod", "frac_routed_l"), ("dtf", "frac_routed_p")])
+def test_routed_cells_match_the_models_own_stats(name, prefix, tmp_path):
+    if name not in MODEL_NAMES:
+        pytest.skip(f"no model_{name}.py")
+    model, text = render(name, tmp_path)
+    idx = torch.tensor([[CHARS.index(c) for c in TEXT]])
+    with torch.no_grad():
+        model(idx)
+    stats = model.stats()
+    routed = round(sum(v for k, v in stats.items() if k.startswith(prefix)) * len(TEXT))
+    n_layers = sum(k.startswith(prefix) for k in stats)
+    page = Page(text)
+    assert 0 < routed < n_layers * len(TEXT)  # the test means something: some routed, some not
+    assert len(strips(page, "routed")) == routed
+    assert len(strips(page, "skipped")) == n_layers * len(TEXT) - routed
+
+
+def test_doge_masks_all_but_keep_window_size_keys(tmp_path):
+    _, text = render("doge", tmp_path, "--query=30")
+    page = Page(text)
+    kws, rows = TINY["keep_window_size"], TINY["n_layer"] * TINY["n_kv_head"]
+    assert len(strips(page, "masked")) == rows * (31 - kws)
+    assert len(strips(page, "kept")) - len(TEXT) == rows * kws  # minus the next-token strip's cells
+    assert len(strips(page, "future")) == rows * (len(TEXT) - 31)
+
+
+def test_dawn_lists_the_neurons_of_its_routing_path(tmp_path):
+    model, text = render("dawn", tmp_path, "--layer=1")
+    idx = torch.tensor([[CHARS.index(c) for c in TEXT]])
+    path = model.routing_path(idx)[1]
+    last = " ".join(str(n) for n in sorted(path["fKn"][-1].tolist()))
+    row = text.split(f"<tr><td>{len(TEXT) - 1}</td>")[1].split("</tr>")[0]
+    assert row.split("</td>")[1 + 6] == f"<td>{last}"  # after t and the token: fQ fK fV rQ rK rV fKn
+    assert "DAWN layer 0" not in text and "DAWN layer 1" in text
+
+
+def test_bad_input_is_one_line_error(tmp_path):
+    model, cfg = tiny_model("gpt")
+    save(model, "gpt", cfg, str(tmp_path))
+    for argv, message in [(["--nope=1"], "unknown or malformed"), (["--query=99"], "outside the text"),
+                          (["--layer=5"], "not a layer"), (["--text="], "empty"),
+                          (["--text=FILE:/nonexistent"], "cannot read"), (["--text=~"], "not in this model")]:
+        with pytest.raises(UserError, match=message):
+            visualize.main([f"--out_dir={tmp_path}", *argv])
+    with pytest.raises(UserError, match="no checkpoint"):
+        visualize.main([f"--out_dir={tmp_path / 'missing'}"])
+
+
+def test_long_text_is_cropped_with_a_note(tmp_path, capsys):
+    model, cfg = tiny_model("gpt")
+    save(model, "gpt", cfg, str(tmp_path))
+    html_path = str(tmp_path / "page.html")
+    visualize.main([f"--out_dir={tmp_path}", "--text=" + "ab" * 40, f"--html={html_path}"])
+    with open(html_path, encoding="utf-8") as f:
+        text = f.read()
+    assert "only its first block_size = 64 are shown" in text
+    assert "cropped" in capsys.readouterr().err

@@ -1,0 +1,452 @@
+"""
+See where the computation goes: render a model's routing and sparsity over a text as one HTML page.
+
+    python visualize.py --out_dir=out-mod --text="ROMEO: But soft, what light"
+    python visualize.py --out_dir=out-doge --text=FILE:prompt.txt --query=10 --layer=1
+    python visualize.py --out_dir=out-dawn --text="To be" --html=/tmp/dawn.html
+
+Per token of the text, from one eval forward (no_grad) of the checkpoint's model:
+  mod, dtf   routed or skipped in each routed layer, and the router score (MoD r, DTF gate G) vs tau
+  dawn       the neurons each of the eight routings picked, and the most used neurons of each pool
+  bdh        the fraction of the H*N neurons that fire (g = xs*ys > 0) per layer, and the most active
+  doge       for one query (--query): which keys the dynamic mask kept, the per-key bias delta and the
+             attention weights; with CDMoE also the experts each token picked
+  gpt        the attention weights of one query, for comparison
+Every model also gets its next-token guess per token. The internals are read with forward hooks
+and pre-hooks on submodules and recomputed from their inputs with the model files' own functions
+(model_mod.route, model_doge.dynamic_mask, ...); the hooks only record, so the logits are the
+model's own. The page is self-contained: inline CSS, no scripts, no external assets.
+"""
+import html
+import math
+import os
+import sys
+from collections import Counter
+
+import torch
+import torch.nn.functional as F
+
+from prepare_data import UserError, get_tokenizer
+from train import load_checkpoint, load_model_module, parse_value, pick_device
+
+OPTIONS = {
+    "out_dir": "out-gpt",
+    "text": "ROMEO:\nBut soft, what light through yonder window breaks?",  # or FILE:path
+    "html": "",        # output file; default out_dir/visualize.html
+    "query": -1,       # doge/gpt: the query position whose attention is shown (negative: from the end)
+    "layer": -1,       # show only this layer in the per-layer tables (-1: every layer)
+    "top": 8,          # how many neurons / experts to list per token or pool
+    "device": "cpu",
+}
+
+
+# --- capturing inputs of submodules --------------------------------------------------------------
+
+class Recorder:
+    """Forward pre-hooks (inputs) and forward hooks (outputs) that only store what passes."""
+
+    def __init__(self):
+        self.handles, self.seen = [], {}
+
+    def inputs(self, module, key):
+        self.handles.append(module.register_forward_pre_hook(
+            lambda m, args: self.seen.setdefault(key, []).append(args)))
+
+    def outputs(self, module, key):
+        self.handles.append(module.register_forward_hook(
+            lambda m, args, out: self.seen.setdefault(key, []).append(out)))
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+def run(model, idx, rec):
+    """The eval forward with the hooks in place; returns the logits (1, T, V)."""
+    try:
+        with torch.no_grad():
+            return model(idx)[0]
+    finally:
+        rec.remove()
+
+
+def attention_probs(q, k, scale, bias=None, keep=None):
+    """Softmax attention weights (B, H, T, T) from q (B, H, T, hd), k (B, G, T, hd): GQA repeat,
+    causal, plus an optional per-key bias (B, G, T) and boolean keep mask (B, G, T, T)."""
+    H, G, T = q.size(1), k.size(1), q.size(2)
+    rep = lambda t: t.repeat_interleave(H // G, dim=1)
+    s = (q.float() @ rep(k).float().transpose(-1, -2)) * scale
+    if bias is not None:
+        s = s + rep(bias)[..., None, :]
+    allowed = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    if keep is not None:
+        allowed = allowed & rep(keep)
+    return torch.softmax(s.masked_fill(~allowed, float("-inf")), dim=-1)
+
+
+# --- one extractor per model family: plain dicts of per-token data --------------------------------
+# Each returns {"logits": ..., "sections": [...]}. A section is one of
+#   {"kind": "strips", "title", "note", "rows": [{"label", "cells": [{"cls", "alpha", "title"}]}]}
+#       one line of the text per row, every token a coloured cell (cls: routed/skipped/kept/...)
+#   {"kind": "table", "title", "note", "header": [...], "rows": [[...]]}   plain text cells
+
+def scaled(values):
+    """Values mapped to 0.15..1 for a background alpha (constant rows map to 0.6)."""
+    lo, hi = min(values), max(values)
+    return [0.6 if hi - lo < 1e-12 else 0.15 + 0.85 * (v - lo) / (hi - lo) for v in values]
+
+
+def routing_sections(name, layers, score_name):
+    """Shared by MoD and DTF: layers = [(label, scores, routed, tau)]."""
+    rows, table = [], []
+    for label, scores, routed, tau in layers:
+        alpha = scaled(scores)
+        rows.append({"label": f"{label} ({sum(routed)}/{len(routed)})", "cells": [
+            {"cls": "routed" if r else "skipped", "alpha": a,
+             "title": f"{'routed' if r else 'skipped'}: {score_name} = {s:.4f}, tau = {tau:.4f}"}
+            for s, r, a in zip(scores, routed, alpha)]})
+    for t in range(len(layers[0][1]) if layers else 0):
+        table.append([f"{l[1][t]:.4f} {'routed' if l[2][t] else 'skip'}" for l in layers])
+    note = (f"A token goes through a routed block when its {score_name} >= tau (the running threshold "
+            f"from training) and fewer than K earlier tokens were routed (the per-row cap). Shade: {score_name}.")
+    return [{"kind": "strips", "title": f"{name}: which tokens get the routed block", "note": note, "rows": rows},
+            {"kind": "table", "title": f"{score_name} per token and routed layer",
+             "header": [l[0] for l in layers], "rows": table, "note": "", "per_token": True}]
+
+
+def extract_mod(model, idx, opts):
+    import model_mod
+    rec = Recorder()
+    routed_layers = [(l, b) for l, b in enumerate(model.blocks) if isinstance(b, model_mod.MoDBlock)]
+    for l, b in routed_layers:
+        rec.inputs(b, l)
+    logits = run(model, idx, rec)
+    layers = []
+    for l, b in routed_layers:
+        x = rec.seen[l][0][0]
+        T = x.size(1)
+        C = b.config.mod_capacity
+        K = min(T, math.ceil(b.config.capacity_factor * C * b.config.block_size))  # as MoDBlock.forward
+        r = (x.float() * b.router.float()).sum(-1)
+        sel, _, _ = model_mod.route(r, b.tau, K)
+        layers.append((f"layer {l}", r[0].tolist(), sel[0].tolist(), b.tau.item()))
+    return {"logits": logits, "sections": routing_sections("MoD", layers, "router score r")}
+
+
+def extract_dtf(model, idx, opts):
+    import model_dtf
+    rec = Recorder()
+    for p, pair in enumerate(model.pairs):
+        rec.inputs(pair, ("h", p))
+        rec.outputs(pair.decision, ("post", p))
+        rec.outputs(pair.prior, ("prior", p))
+    logits = run(model, idx, rec)
+    layers = []
+    with torch.no_grad():
+        for p, pair in enumerate(model.pairs):
+            h, post, prior = rec.seen[("h", p)][0][0], rec.seen[("post", p)][0], rec.seen[("prior", p)][0]
+            saved = dict(pair.last)
+            G = pair.gate(h, post, prior)  # the pair's own gate on the captured tensors
+            pair.last = saved              # gate() writes its means into last; keep the forward's
+            T = h.size(1)
+            c = pair.config
+            K = min(T, math.ceil(c.capacity_factor * c.dtf_capacity * c.block_size))  # as DTFPair.forward
+            sel, _, _ = model_dtf.route(G, pair.tau, K)
+            layers.append((f"pair {p} (dynamic block {2 * p + 1})", G[0].tolist(), sel[0].tolist(), pair.tau.item()))
+    return {"logits": logits, "sections": routing_sections("DTF", layers, "surprise gate G")}
+
+
+def extract_dawn(model, idx, opts):
+    import model_dawn
+    logits = run(model, idx, Recorder())  # DAWN keeps the selected neurons of its last forward itself
+    selected = model.last["selected"]     # per layer {pool: (1, T, m, k)}
+    names = [(pool, i, n) for pool, ns in model_dawn.ROUTINGS.items() for i, n in enumerate(ns)]
+    sections = []
+    counts = {pool: Counter() for pool in model_dawn.ROUTINGS}
+    for l, layer in enumerate(selected):
+        for pool in model_dawn.ROUTINGS:
+            counts[pool].update(layer[pool].flatten().tolist())
+        if opts["layer"] not in (-1, l):
+            continue
+        rows = [[" ".join(str(n) for n in sorted(layer[pool][0, t, i].tolist())) for pool, i, _ in names]
+                for t in range(idx.size(1))]
+        sections.append({"kind": "table", "title": f"DAWN layer {l}: the neurons each routing picked",
+                         "header": [f"{n} ({pool})" for pool, _, n in names], "rows": rows, "per_token": True,
+                         "note": "Neuron ids within their pool; every layer composes from the same shared pools."})
+    top = [[pool, model.pool_sizes[pool], ", ".join(f"{n} ({c}x)" for n, c in counts[pool].most_common(opts["top"]))]
+           for pool in model_dawn.ROUTINGS]
+    sections.insert(0, {"kind": "table", "title": "DAWN: the most frequently picked neurons per pool",
+                        "header": ["pool", "neurons", "most picked over all tokens, layers and routings"],
+                        "rows": top, "note": ""})
+    return {"logits": logits, "sections": sections}
+
+
+def extract_bdh(model, idx, opts):
+    rec = Recorder()
+    rec.inputs(model.drop, "g")  # BDH's dropout acts only on g = xs * ys, once per layer
+    logits = run(model, idx, rec)
+    H, _, N = model.encoder.shape
+    T = idx.size(1)
+    rows, table = [], [[] for _ in range(T)]
+    for l, (g,) in enumerate(rec.seen["g"]):
+        g = g.view(H, T, N).transpose(0, 1).reshape(T, H * N)  # neuron h*N + i, as the decoder's rows
+        density = (g > 0).float().mean(-1).tolist()
+        alpha = scaled(density)
+        rows.append({"label": f"layer {l}", "cells": [
+            {"cls": "fire", "alpha": a, "title": f"{d:.2%} of {H * N} neurons fire"} for d, a in zip(density, alpha)]})
+        if opts["layer"] in (-1, l):
+            top = g.topk(min(opts["top"], H * N), dim=-1)
+            for t in range(T):
+                table[t].append(f"{density[t]:.1%}: " + " ".join(
+                    f"{i}" for v, i in zip(top.values[t].tolist(), top.indices[t].tolist()) if v > 0))
+    shown = [l for l in range(len(rows)) if opts["layer"] in (-1, l)]
+    return {"logits": logits, "sections": [
+        {"kind": "strips", "title": "BDH: firing density per token", "rows": rows,
+         "note": "Fraction of the n = H*N neurons with g = relu(x D_x) * relu(a D_y) > 0. Shade: density."},
+        {"kind": "table", "title": "BDH: density and the most active neurons (largest g) per token",
+         "header": [f"layer {l}" for l in shown], "rows": table, "per_token": True,
+         "note": "Neuron id h*N + i: neuron i of head h (row of the decoder)."}]}
+
+
+def query_position(opts, T):
+    q = opts["query"] + T if opts["query"] < 0 else opts["query"]
+    if not 0 <= q < T:
+        raise UserError(f"--query={opts['query']} is outside the text's {T} tokens")
+    return q
+
+
+def attention_strip(label, probs, keep, bias, q, T):
+    """One strip row for query q: keys after q are 'future', masked keys 'masked', kept 'kept'."""
+    cells = []
+    top = max(probs[: q + 1]) or 1.0
+    for j in range(T):
+        if j > q:
+            cells.append({"cls": "future", "alpha": 0.0, "title": "after the query: not visible"})
+            continue
+        kind = "kept" if keep[j] else "masked"
+        b = "" if bias is None else f", bias delta = {bias[j]:.4f}"
+        cells.append({"cls": kind + (" query" if j == q else ""), "alpha": 0.15 + 0.85 * probs[j] / top if keep[j] else 0.0,
+                      "title": f"{kind}: attention weight {probs[j]:.4f}{b}"})
+    return {"label": label, "cells": cells}
+
+
+def extract_doge(model, idx, opts):
+    import model_doge
+    rec = Recorder()
+    for l, block in enumerate(model.blocks):
+        rec.inputs(block.attn, l)
+    logits = run(model, idx, rec)
+    T = idx.size(1)
+    q_pos = query_position(opts, T)
+    rows, table, sections = [], [[] for _ in range(T)], []
+    header = []
+    with torch.no_grad():
+        for l, block in enumerate(model.blocks):
+            a = block.attn
+            x, cos, sin = rec.seen[l][0]
+            B, H, G, hd = 1, a.n_head, a.n_kv_head, a.head_dim
+            q = a.q_norm(a.q_proj(x).view(B, T, H, hd)).transpose(1, 2)
+            k = a.k_norm(a.k_proj(x).view(B, T, G, hd)).transpose(1, 2)
+            q, k = model_doge.apply_rope(q, cos, sin), model_doge.apply_rope(k, cos, sin)
+            delta = torch.exp(a.A.float() * F.softplus(a.dt_proj(a.v_proj(x)).float())).transpose(1, 2)
+            keep = model_doge.dynamic_mask(delta, a.kws)
+            probs = attention_probs(q, k, hd ** -0.5, bias=delta, keep=keep)  # (1, H, T, T)
+            keep_rows = torch.ones(G, T, T, dtype=torch.bool).tril() if keep is None else keep[0]
+            for g in range(G):
+                p = probs[0, g * H // G:(g + 1) * H // G, q_pos].mean(0).tolist()
+                kept = keep_rows[g, q_pos].tolist()
+                n_kept = sum(kept[: q_pos + 1])
+                rows.append(attention_strip(f"layer {l} kv head {g} ({n_kept}/{q_pos + 1} kept)",
+                                            p, kept, delta[0, g].tolist(), q_pos, T))
+            if opts["layer"] in (-1, l):
+                header += [f"l{l} delta h{g}" for g in range(G)]
+                for t in range(T):
+                    table[t] += [f"{delta[0, g, t].item():.4f}" for g in range(G)]
+            if model.config.is_moe and opts["layer"] in (-1, l):
+                experts = block.mlp.experts[0]  # the CDMoE keeps its last routing itself
+                sections.append({"kind": "table", "title": f"Doge CDMoE layer {l}: experts each token picked",
+                                 "header": ["experts (id = a*K + b)"], "note": "", "per_token": True,
+                                 "rows": [[" ".join(str(e) for e in experts[t].tolist())] for t in range(T)]})
+    note = (f"Query: token {q_pos}. Each query keeps the keep_window_size = {model.config.keep_window_size} "
+            "keys with the largest per-key bias delta among keys 0..query (all of them while there are "
+            "fewer); masked keys get no attention. Shade: attention weight (mean over the group's query heads).")
+    return {"logits": logits, "sections": [
+        {"kind": "strips", "title": f"Doge: keys kept and masked for query {q_pos}", "note": note, "rows": rows},
+        {"kind": "table", "title": "Doge: per-key bias delta = exp(A * softplus(dt(v)))", "header": header,
+         "rows": table, "note": "", "per_token": True}] + sections}
+
+
+def extract_gpt(model, idx, opts):
+    import model_gpt
+    rec = Recorder()
+    for l, block in enumerate(model.blocks):
+        rec.inputs(block.attn, l)
+    logits = run(model, idx, rec)
+    T = idx.size(1)
+    q_pos = query_position(opts, T)
+    rows = []
+    with torch.no_grad():
+        for l, block in enumerate(model.blocks):
+            a = block.attn
+            x, cos, sin = rec.seen[l][0][:3]
+            H, G, hd = a.n_head, a.n_kv_head, a.head_dim
+            q, k, _ = a.qkv_proj(x).split([H * hd, G * hd, G * hd], dim=-1)
+            q = model_gpt.apply_rope(q.view(1, T, H, hd).transpose(1, 2), cos, sin)
+            k = model_gpt.apply_rope(k.view(1, T, G, hd).transpose(1, 2), cos, sin)
+            p = attention_probs(q, k, hd ** -0.5)[0, :, q_pos].mean(0).tolist()
+            rows.append(attention_strip(f"layer {l}", p, [True] * T, None, q_pos, T))
+    return {"logits": logits, "sections": [
+        {"kind": "strips", "title": f"GPT: attention of query {q_pos} (dense, every earlier key)", "rows": rows,
+         "note": "Shade: attention weight, mean over heads. Every key up to the query is used."}]}
+
+
+def extract_other(model, idx, opts):
+    """A model file this script does not know: its stats() after the forward, nothing per layer."""
+    logits = run(model, idx, Recorder())
+    stats = model.stats() if hasattr(model, "stats") else {}
+    return {"logits": logits, "sections": [{"kind": "table", "title": "stats() of this forward",
+                                            "header": ["key", "value"], "note": "",
+                                            "rows": [[k, f"{v:.4g}"] for k, v in stats.items()]}]}
+
+
+EXTRACTORS = {"mod": extract_mod, "dtf": extract_dtf, "dawn": extract_dawn, "bdh": extract_bdh,
+              "doge": extract_doge, "gpt": extract_gpt}
+
+
+# --- the one renderer -----------------------------------------------------------------------------
+
+CSS = """
+body { font: 14px/1.4 sans-serif; margin: 1.5em; color: #222; max-width: 1400px; }
+h1 { font-size: 1.3em; } h2 { font-size: 1.1em; margin-top: 1.6em; } .note { color: #666; }
+.strip { margin: .3em 0; } .label { display: block; color: #555; font-size: .85em; }
+.tok, .lg { font-family: monospace; white-space: pre; display: inline-block; padding: 1px 1px; margin: 1px 0;
+       border-bottom: 3px solid transparent; }
+.routed { background: rgba(230, 110, 0, var(--a)); border-bottom-color: #b34700; }
+.skipped { background: rgba(120, 120, 120, calc(var(--a) * .25)); color: #999; }
+.kept { background: rgba(0, 110, 230, var(--a)); border-bottom-color: #0050a8; }
+.masked { background: #eee; color: #bbb; text-decoration: line-through; }
+.future { color: #ddd; }
+.fire { background: rgba(0, 150, 70, var(--a)); }
+.query { outline: 2px solid #c00; }
+table { border-collapse: collapse; font-size: .85em; margin-top: .4em; }
+td, th { border: 1px solid #ddd; padding: 1px 6px; text-align: left; font-family: monospace; white-space: pre; }
+th { background: #f4f4f4; }
+.legend span { margin-right: 1em; }
+"""
+
+
+def visible(token):
+    """The decoded token with its whitespace visible, escaped for HTML."""
+    return html.escape(token.replace(" ", "\u2423").replace("\n", "\u21b5").replace("\t", "\u21e5"))
+
+
+def render(title, tokens, data, notes):
+    e = html.escape
+    out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">', f"<title>{e(title)}</title>",
+           f"<style>{CSS}</style></head><body>", f"<h1>{e(title)}</h1>"]
+    out += [f'<p class="note">{e(n)}</p>' for n in notes]
+    out.append('<p class="legend"><span class="lg routed" style="--a:.8">routed</span>'
+               '<span class="lg skipped" style="--a:.8">skipped</span><span class="lg kept" style="--a:.8">'
+               'kept key</span><span class="lg masked">masked key</span><span class="lg fire" style="--a:.8">'
+               'firing</span> (hover a token for its numbers)</p>')
+    for s in data["sections"]:
+        out.append(f"<h2>{e(s['title'])}</h2>")
+        if s.get("note"):
+            out.append(f'<p class="note">{e(s["note"])}</p>')
+        if s["kind"] == "strips":
+            for row in s["rows"]:
+                cells = "".join(
+                    f'<span class="tok {c["cls"]}" style="--a:{c["alpha"]:.3f}" title="{e(f"{t}: {tokens[t]!r} - " + c["title"])}">'
+                    f"{visible(tokens[t])}</span>" for t, c in enumerate(row["cells"]))
+                out.append(f'<div class="strip"><span class="label">{e(row["label"])}</span>{cells}</div>')
+        else:
+            head = "".join(f"<th>{e(h)}</th>" for h in s["header"])
+            tok_col = s.get("per_token", False)  # one row per token: lead with its position and text
+            rows = []
+            for t, r in enumerate(s["rows"]):
+                lead = f"<td>{t}</td><td>{visible(tokens[t])}</td>" if tok_col else ""
+                rows.append("<tr>" + lead + "".join(f"<td>{e(str(c))}</td>" for c in r) + "</tr>")
+            lead_head = "<th>t</th><th>token</th>" if tok_col else ""
+            out.append(f"<table><tr>{lead_head}{head}</tr>{''.join(rows)}</table>")
+    return "\n".join(out) + "\n</body></html>\n"
+
+
+def prediction_section(logits, decode, tokens):
+    """Every model: the next token it guesses after each position, shaded by its probability."""
+    p = torch.softmax(logits[0].float(), dim=-1)
+    best = p.max(dim=-1)
+    cells = []
+    for t in range(len(tokens)):
+        guess = decode([best.indices[t].item()])
+        cells.append({"cls": "kept", "alpha": 0.1 + 0.9 * best.values[t].item(),
+                      "title": f"guesses {guess!r} next, p = {best.values[t].item():.3f}"})
+    return {"kind": "strips", "title": "Next-token guess (shade: the model's confidence)", "note": "",
+            "rows": [{"label": "all models", "cells": cells}]}
+
+
+def main(argv):
+    opts = dict(OPTIONS)
+    for arg in argv:
+        key, eq, value = arg[2:].partition("=") if arg.startswith("--") else ("", "", "")
+        if arg in ("-h", "--help"):
+            print(__doc__ + "\noptions: " + ", ".join(f"--{k}={v!r}" for k, v in OPTIONS.items()))
+            return
+        if key not in OPTIONS or not eq:
+            raise UserError(f"unknown or malformed option {arg!r}; options: {', '.join('--' + k for k in OPTIONS)}")
+        opts[key] = parse_value(key, value, OPTIONS[key])
+    text = opts["text"]
+    if text.startswith("FILE:"):
+        try:
+            with open(text[5:], encoding="utf-8") as f:
+                text = f.read()
+        except OSError as e:
+            raise UserError(f"cannot read the text file {text[5:]}: {e.strerror}") from None
+    if opts["top"] < 1:
+        raise UserError("--top must be at least 1")
+
+    device, _ = pick_device(opts["device"], "float32")
+    ckpt = load_checkpoint(f"{opts['out_dir']}/ckpt.pt", device)
+    module = load_model_module(ckpt["model_name"])
+    model = module.Model(module.Config(**ckpt["model_config"]))
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise UserError(f"the checkpoint's weights do not fit model_{ckpt['model_name']}.py "
+                        f"({str(e).splitlines()[0]}); was it written by another version?") from None
+    model.eval().to(device)
+    encode, decode = get_tokenizer(ckpt["tokenizer"])
+    ids = encode(text)
+    if not ids:
+        raise UserError("the text is empty; give at least one token with --text")
+    notes = [f"{ckpt['model_name']} checkpoint from {opts['out_dir']} (iteration {ckpt.get('iter_num', '?')}, "
+             f"eval mode, one forward)."]
+    block_size = model.config.block_size
+    if len(ids) > block_size:
+        notes.append(f"The text has {len(ids)} tokens; only its first block_size = {block_size} are shown.")
+        print(f"visualize.py: note: text cropped to its first {block_size} of {len(ids)} tokens", file=sys.stderr)
+        ids = ids[:block_size]
+    n_layer = getattr(model.config, "n_layer", 0)
+    if opts["layer"] != -1 and not 0 <= opts["layer"] < n_layer:
+        raise UserError(f"--layer={opts['layer']} is not a layer of this {n_layer}-layer model (or -1 for all)")
+    idx = torch.tensor([ids], dtype=torch.long, device=device)
+    tokens = [decode([i]) for i in ids]
+
+    extract = EXTRACTORS.get(ckpt["model_name"], extract_other)
+    data = extract(model, idx, opts)
+    data["sections"].insert(0, prediction_section(data["logits"], decode, tokens))
+    page = render(f"visualize.py: {ckpt['model_name']} on {len(ids)} tokens", tokens, data, notes)
+    path = opts["html"] or os.path.join(opts["out_dir"], "visualize.html")
+    try:
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(page)
+    except OSError as e:
+        raise UserError(f"cannot write {path}: {e.strerror}") from None
+    print(f"wrote {path}")
+    return path
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except UserError as e:
+        sys.exit(f"visualize.py: error: {e}")
