@@ -96,8 +96,8 @@ def fetch_weights(repo):
 # safetensors: 8-byte little-endian header length n, n bytes of JSON {name: {dtype, shape,
 # data_offsets: [begin, end]}} (offsets relative to the end of the header), then the raw data
 
-SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.int16, "F64": np.float64,
-                      "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8}
+# BF16 has no numpy type: its 16 bits are read as int16 and viewed as torch.bfloat16
+SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.int16, "F64": np.float64}
 
 
 def read_safetensors(path):

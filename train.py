@@ -327,10 +327,14 @@ def main(argv):
     elif hf_repo:  # the checkpoint fixes the shapes; the dataset must speak its tokenizer
         if "preset" in given:
             raise UserError("--init_from=hf:... takes the model's shape from the checkpoint; drop --preset")
+        if ddp and not master:
+            dist.barrier()  # rank 0 downloads first (one writer per cache file); the others then reuse its files
         model_config = module.Config(**pretrained.model_fields(hf_repo, model_overrides, meta["vocab_size"]))
         if not pretrained.same_tokenizer(meta["tokenizer"], pretrained.tokenizer_descriptor(hf_repo)):
             raise UserError(f"dataset {cfg.dataset} was not tokenized with hf:{hf_repo}'s tokenizer; prepare it "
                             f"with: python prepare_data.py shakespeare --tokenizer=hf:{hf_repo} --name=NAME")
+        if ddp and master:
+            dist.barrier()
     else:
         fields = {**(module.PRESETS[cfg.preset] if cfg.preset else {}), **model_overrides}
         vocab_size = max(meta["vocab_size"], fields.get("vocab_size", 0))  # larger = padding, allowed
