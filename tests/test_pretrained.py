@@ -144,6 +144,14 @@ def test_bad_checkpoints_give_one_line_errors(hub, tmp_path):
     hub.files["/tiny/wide/resolve/main/model.safetensors"] = read("model.safetensors")
     with pytest.raises(UserError, match=r"blocks.0.mlp.gate_proj.weight has shape \(64, 32\), model_gpt.py expects \(96, 32\)"):
         load("gpt", "tiny/wide")
+    # Qwen2.5's own config.json (older transformers) has rope_theta at the top, not in rope_parameters
+    old = {**{k: v for k, v in config.items() if k != "rope_parameters"}, "rope_theta": 1e6}
+    hub.files["/tiny/old/resolve/main/config.json"] = json.dumps(old).encode()
+    assert pretrained.model_fields("tiny/old", {}, 0)["rope_theta"] == 1e6
+    yarn = {**config, "rope_parameters": {"rope_type": "yarn", "factor": 4.0}}
+    hub.files["/tiny/yarn/resolve/main/config.json"] = json.dumps(yarn).encode()
+    with pytest.raises(UserError, match="uses yarn; only plain RoPE"):
+        pretrained.model_fields("tiny/yarn", {}, 0)
     with pytest.raises(UserError, match="fixed by hf:tiny/qwen2's weights"):
         pretrained.model_fields("tiny/qwen2", {"n_layer": 4}, 0)
     with pytest.raises(UserError, match="not a Hugging Face repo id"):
