@@ -160,7 +160,9 @@ def bench_tokenize(opts):
         with open(opts["text"], encoding="utf-8") as f:
             text = f.read()
     except OSError as e:
-        raise UserError(f"cannot read --text={opts['text']}: {e.strerror}") from None
+        raise UserError(f"cannot read --text={opts['text']}: {e.strerror}; prepare tiny Shakespeare first "
+                        f"(python prepare_data.py shakespeare_char, offline: --input=FILE) or give "
+                        f"--text=ANY_UTF8_FILE") from None
     docs = [text[i:i + 2000] for i in range(0, len(text), 2000)]
     with tempfile.TemporaryDirectory() as tmp:
         gz = os.path.join(tmp, "docs.json.gz")

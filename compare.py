@@ -11,6 +11,10 @@ log.jsonl); the table goes to <out>/results.md and stdout, everything in it to <
 and the curves to <out>/loss.svg (a small SVG written here, so no plotting package is needed).
 With --time_budget each model first trains 30 iterations to measure its speed, and then gets the
 number of iterations that fits the budget, with its full warmup and decay schedule.
+
+Rerunning an interrupted command continues it: a model whose run finished is not trained again (its
+folder holds compare.json with the training options it finished with; other options train it
+again), and an unfinished run restarts from scratch, replacing its partial checkpoint and log.
 """
 import json
 import os
@@ -20,17 +24,28 @@ import sys
 
 import torch
 
-from prepare_data import UserError
+from prepare_data import UserError, write_json
 from train import load_model_module, parse_args, parse_value
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def run_train(model, out_dir, args):
-    """train.py in a subprocess, its output passed through; each model trains in a fresh process."""
-    cmd = [sys.executable, os.path.join(HERE, "train.py"), f"--model={model}", f"--out_dir={out_dir}", *args]
+    """train.py in a subprocess, its output passed through; each model trains in a fresh process, from
+    scratch (replacing what an earlier, unfinished run left in out_dir)."""
+    cmd = [sys.executable, os.path.join(HERE, "train.py"), f"--model={model}", f"--out_dir={out_dir}",
+           "--overwrite=True", *args]
     if subprocess.run(cmd).returncode:
         raise UserError(f"training {model} failed (see above); command: {' '.join(cmd)}")
+
+
+def read_json(path):
+    """The JSON in path, or None when there is none (or it is unreadable)."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
 
 
 def read_log(out_dir):
@@ -180,10 +195,17 @@ def main(argv):
         parse_args([f"--model={model}", *train_args])  # a one-line error for a bad option, before any run
     if not plot_only:
         for model in models:
+            out_dir, request = os.path.join(out, model), {"train_args": train_args, "time_budget": time_budget}
+            if read_json(os.path.join(out_dir, "compare.json")) == request:
+                print(f"{model}: finished earlier in {out_dir}, not trained again")
+                continue
             args = train_args
             if time_budget:
                 args = [*train_args, f"--max_iters={iterations_for_budget(model, out, train_args, time_budget)}"]
-            run_train(model, os.path.join(out, model), args)
+            if os.path.exists(os.path.join(out_dir, "compare.json")):
+                os.remove(os.path.join(out_dir, "compare.json"))  # other options: this run is replaced
+            run_train(model, out_dir, args)
+            write_json(os.path.join(out_dir, "compare.json"), request)
     for model in models:
         if not os.path.exists(os.path.join(out, model, "log.jsonl")):
             raise UserError(f"no run of {model} in {out}/{model}; run compare.py without --plot_only first")
@@ -203,3 +225,6 @@ if __name__ == "__main__":
         main(sys.argv[1:])
     except UserError as e:
         sys.exit(f"compare.py: error: {e}")
+    except KeyboardInterrupt:
+        sys.exit("\ncompare.py: interrupted; rerun the same command to continue (finished models are "
+                 "not trained again)")

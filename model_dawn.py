@@ -30,6 +30,11 @@ a weighted sum over n; restore  sum_n w_n (h R_n) = [w_1 h, .., w_N h] @ [R_1; .
 This is dense over the N neurons of a pool (unselected ones multiply by zero): top-k buys
 interpretability here, not FLOPs.
 
+Incremental decoding (init_cache, forward_cached). Routing is per token, from the token's own state,
+so a new token routes exactly as in the full forward and only attention looks back: the cache holds
+each layer's keys and values for block_size positions, nothing for the router. The learned position
+table has block_size rows, so a cache can never hold more tokens than that.
+
 Causality. The earlier DAWN-24M result (perplexity 8.4) came from *sequence-level* routing: one
 neuron mixture per sequence, chosen from importance scores over all positions (computed from the
 last position's state), so every position used information from the whole window, future included;
@@ -119,7 +124,10 @@ class DAWNLayer(nn.Module):
         self.ln2 = nn.LayerNorm(config.n_embd)
         self.drop = nn.Dropout(config.dropout)
 
-    def forward(self, x, dawn, keys):
+    def forward(self, x, dawn, keys, cache=None, t0=0):
+        """x (B, T, d) -> (x, routings). With a cache (incremental decoding: this layer's buffers of
+        DAWN.init_cache, t0 positions filled) x holds positions t0..t0+T-1 and attends over the cached
+        keys and values too."""
         c = self.config
         B, T, d = x.shape
         # attention: six routings of u = LN1(x); Q/K/V composed from the pools; causal softmax attention
@@ -133,8 +141,17 @@ class DAWNLayer(nn.Module):
                                routings["R_qk"][0], dawn.R_qk).unbind(-2)  # Q and K side by side
         v = compose_restore(compose_feature(u, dawn.F_v, routings["F_v"][0]), routings["R_v"][0], dawn.R_v)
         heads = lambda t: t.reshape(B, T, c.n_head, d // c.n_head).transpose(1, 2)
-        a = F.scaled_dot_product_attention(heads(q), heads(k), heads(v), is_causal=True,
-                                           dropout_p=c.dropout if self.training else 0.0)
+        q, k, v = heads(q), heads(k), heads(v)
+        if cache is None:
+            a = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                               dropout_p=c.dropout if self.training else 0.0)
+        else:  # decoding: the new keys and values join the cached ones, and query t0 + i sees keys
+            # 0..t0 + i (an explicit mask: SDPA's is_causal would align the first new query with key 0)
+            t1 = t0 + T
+            cache["k"][:, :, t0:t1], cache["v"][:, :, t0:t1] = k, v
+            pos = torch.arange(t1, device=x.device)
+            a = F.scaled_dot_product_attention(q, cache["k"][:, :, :t1], cache["v"][:, :, :t1],
+                                               attn_mask=pos[None, :] <= pos[t0:, None])
         x = x + self.drop(self.W_O(a.transpose(1, 2).reshape(B, T, d)))
         # knowledge: two routings of u' = LN2(x), feature d -> r_k, restore r_k -> d, no activation
         u = self.ln2(x)
@@ -220,6 +237,38 @@ class DAWN(nn.Module):
                 loss = loss + c.lb_coef * aux["lb"] + c.orth_coef * aux["orth"] + c.div_coef * aux["div"]
         self.remember(all_routings, aux)
         return logits, loss
+
+    # --- incremental decoding -------------------------------------------------------------------
+
+    def init_cache(self, batch_size):
+        """An empty cache for batch_size rows: per layer, keys and values (B, n_head, block_size, head
+        size) and t, the positions filled. Routing needs nothing: each token routes from its own state."""
+        c = self.config
+        shape = (batch_size, c.n_head, c.block_size, c.n_embd // c.n_head)
+        w = self.wte.weight
+        return {"t": 0, "layers": [{"k": w.new_zeros(shape), "v": w.new_zeros(shape)} for _ in self.layers]}
+
+    @torch.no_grad()
+    def forward_cached(self, idx, cache):
+        """Logits (B, T, V) of the next T tokens idx (B, T) after the cache's t, equal to the eval
+        forward's at those positions; writes their keys and values into the cache. Always the eval
+        computation (no dropout), whatever self.training says; stats() keeps the last forward's."""
+        t0, T = cache["t"], idx.size(1)
+        if t0 + T > self.config.block_size:  # the position table ends there
+            raise ValueError(f"the cache holds {t0} tokens; {T} more would exceed block_size "
+                             f"{self.config.block_size} (DAWN has learned positions)")
+        was_training = self.training
+        self.eval()
+        try:
+            x = self.wte(idx) + self.wpe(torch.arange(t0, t0 + T, device=idx.device))
+            keys = self.keys()
+            for layer, layer_cache in zip(self.layers, cache["layers"]):
+                x, _ = layer(x, self, keys, layer_cache, t0)
+            logits = self.lm_head(self.ln_f(x))
+        finally:
+            self.train(was_training)
+        cache["t"] = t0 + T
+        return logits
 
     # --- auxiliary losses (training mode, reference weights) ---------------------------------
 

@@ -33,8 +33,18 @@ Two choices of ours, both exact:
   reference calls topk over a (T, T) tensor, whose choice among equal delta (all of them at init,
   where A = 0) is arbitrary and device dependent; ours is then a sliding window. The kept set is
   computed by counting, for every key, the keys of each prefix that outrank it (dynamic_mask).
-- The bias rides inside the attention matmul as one extra key coordinate (DMAttn.forward) instead of
+- The bias rides inside the attention matmul as one extra key coordinate (DMAttn.project) instead of
   a float mask, so SDPA keeps its fused kernel and no (B, H, T, T) tensor needs a gradient.
+
+Incremental decoding (init_cache, forward_cached). Each layer keeps block_size positions of keys and
+values as the attention reads them (bias channels included) and of delta; a new query rotates by its
+absolute position and keeps the rows of the forward's own dynamic_mask over the cached delta, so the
+kept keys and their tie-breaking are the forward's. There is no recurrent state despite the SSM
+reading: the top-k only limits which cached keys a query reads. The one limit: keys whose delta tie
+exactly (the same token in layer 0 once A != 0) are ranked by recency, but the last bit of a matmul
+or softplus can depend on how many positions one call computes, so a cached step may order two such
+keys the other way and, where they straddle the kws-th place, keep the other one. Distinct tokens
+never tie, and at A = 0 every delta is exactly 1 in both.
 
 Names follow Hugging Face's leaves (q_proj, dt_proj, A, input_residual, router_gate, down_embed, ...)
 so that HF weights load by a prefix rename (spec 9's name map); config fields follow the spec.
@@ -171,7 +181,9 @@ class DMAttn(nn.Module):
         self.o_proj = nn.Linear(config.n_head * hd, config.n_embd, bias=False)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, cos, sin):
+    def project(self, x, cos, sin):
+        """x (B, T, d) at the positions of cos and sin -> q (B, H, T, hd + 8), k and v (B, G, T, hd + 8)
+        as SDPA reads them, and the per-key bias delta (B, G, T) in fp32."""
         B, T, _ = x.shape
         H, G, hd = self.n_head, self.n_kv_head, self.head_dim
         q = self.q_norm(self.q_proj(x).view(B, T, H, hd)).transpose(1, 2)   # (B, H, T, hd)
@@ -180,9 +192,6 @@ class DMAttn(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         # delta_j = exp(A * softplus(dt_j)) from key j's value alone: (B, G, T), in fp32
         delta = torch.exp(self.A.float() * F.softplus(self.dt_proj(v).float())).transpose(1, 2)
-        keep = dynamic_mask(delta.detach(), self.kws)                       # (B, G, T, T) bool, or None
-        self.delta_mean = delta.detach().mean()                             # for stats()
-        self.masked_frac = 0.0 if keep is None else 1 - keep.sum() / (B * G * T * (T + 1) / 2)
         # Adding delta_j to every score of key j is one more key channel delta_j * sqrt(hd) met by a
         # query channel 1 (SDPA scales scores by 1/sqrt(hd)): q.k/sqrt(hd) + delta_j, exactly the
         # reference's float mask, but the bias stays inside the fused attention kernel (a float mask
@@ -192,11 +201,47 @@ class DMAttn(nn.Module):
         q = torch.cat([q, torch.ones_like(q[..., :1]), q.new_zeros(B, H, T, 7)], dim=-1)
         k = torch.cat([k, (delta * math.sqrt(hd)).unsqueeze(-1).to(k.dtype), k.new_zeros(B, G, T, 7)], dim=-1)
         v = F.pad(v.view(B, T, G, hd).transpose(1, 2), (0, 8))
+        return q, k, v, delta
+
+    def attend(self, q, k, v, keep):
+        """Attention of q (B, H, T, hd + 8) over k, v (B, G, S, hd + 8) where keep (B, G, T, S) allows,
+        causal when keep is None, then the output projection: (B, T, d)."""
+        B, H, T, _ = q.shape
+        G, hd = self.n_kv_head, self.head_dim
         if keep is not None:
             keep = keep.repeat_interleave(H // G, dim=1)                   # kv group g serves its H/G query heads
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, is_causal=keep is None, scale=hd ** -0.5,
                                            enable_gqa=G != H)
         return self.resid_dropout(self.o_proj(y[..., :hd].transpose(1, 2).reshape(B, T, H * hd)))
+
+    def forward(self, x, cos, sin):
+        B, T, _ = x.shape
+        q, k, v, delta = self.project(x, cos, sin)
+        keep = dynamic_mask(delta.detach(), self.kws)                       # (B, G, T, T) bool, or None
+        self.delta_mean = delta.detach().mean()                             # for stats()
+        self.masked_frac = 0.0 if keep is None else 1 - keep.sum() / (B * self.n_kv_head * T * (T + 1) / 2)
+        return self.attend(q, k, v, keep)
+
+    def forward_cached(self, x, cos, sin, cache, t0):
+        """Incremental decoding: x (B, T, d) holds positions t0..t0+T-1, cache this layer's buffers
+        (Doge.init_cache) with t0 positions filled. Writes the T new keys, values and delta, then
+        attends over all t0 + T."""
+        B, T, _ = x.shape
+        t1 = t0 + T
+        q, k, v, delta = self.project(x, cos, sin)
+        cache["k"][:, :, t0:t1], cache["v"][:, :, t0:t1], cache["delta"][:, :, t0:t1] = k, v, delta
+        k, v, delta = cache["k"][:, :, :t1], cache["v"][:, :, :t1], cache["delta"][:, :, :t1]
+        # The keys the new queries keep are rows t0..t1-1 of the forward's own dynamic mask over all t1
+        # keys, so the kept sets and their tie-breaking are the forward's (a (t1, t1) ranking per step,
+        # only while more than kws keys are visible). Until then every visible key, as an explicit mask:
+        # SDPA's is_causal would align the first new query with key 0.
+        keep = dynamic_mask(delta, self.kws)                                 # (B, G, t1, t1) bool, or None
+        if keep is not None:
+            keep = keep[:, :, t0:]
+        else:
+            pos = torch.arange(t1, device=x.device)
+            keep = (pos[None, :] <= pos[t0:, None]).expand(B, self.n_kv_head, T, t1)
+        return self.attend(q, k, v, keep)
 
 
 class CDMoE(MLP):
@@ -266,9 +311,12 @@ class DogeBlock(nn.Module):
         self.mlp = CDMoE(config) if config.is_moe else MLP(config)
         self.post_attention_residual = nn.Parameter(torch.ones(config.n_embd))   # alpha2
 
-    def forward(self, x, cos, sin):
-        # the scale multiplies the carried stream, not the branch (spec 2.2)
-        x = self.input_residual * x + self.attn(self.input_layernorm(x), cos, sin)
+    def forward(self, x, cos, sin, cache=None, t0=0):
+        # the scale multiplies the carried stream, not the branch (spec 2.2); with a cache (decoding),
+        # x holds positions t0.. and the attention also reads the cached keys
+        u = self.input_layernorm(x)
+        a = self.attn(u, cos, sin) if cache is None else self.attn.forward_cached(u, cos, sin, cache, t0)
+        x = self.input_residual * x + a
         return self.post_attention_residual * x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -313,6 +361,38 @@ class Doge(nn.Module):
                 aux = sum(block.mlp.aux_loss for block in self.blocks) / len(self.blocks)
                 loss = loss + self.config.moe_aux_coef * aux
         return logits, loss
+
+    def init_cache(self, batch_size):
+        """An empty cache for incremental decoding of batch_size rows: per layer, block_size positions of
+        keys and values as SDPA reads them (the bias channels included) and of delta in fp32, which the
+        dynamic mask ranks; t counts the positions filled."""
+        c, w = self.config, self.wte.weight
+        shape = (batch_size, c.n_kv_head, c.block_size)
+        hd = c.n_embd // c.n_head + 8
+        return {"t": 0, "layers": [{"k": w.new_zeros(*shape, hd), "v": w.new_zeros(*shape, hd),
+                                    "delta": w.new_zeros(shape, dtype=torch.float32)} for _ in self.blocks]}
+
+    @torch.no_grad()
+    def forward_cached(self, idx, cache):
+        """Logits (B, T, V) of the next T tokens idx (B, T) after the cache's t, equal to the eval
+        forward's at those positions; writes their keys into the cache. Always the eval computation
+        (no dropout, no aux loss), whatever self.training says."""
+        t0, T = cache["t"], idx.size(1)
+        if t0 + T > self.config.block_size:
+            raise ValueError(f"the cache holds {t0} tokens; {T} more would exceed block_size "
+                             f"{self.config.block_size}")
+        was_training = self.training
+        self.eval()
+        try:
+            cos, sin = self.rope(torch.arange(t0, t0 + T, device=idx.device))
+            x = self.wte(idx)
+            for block, layer_cache in zip(self.blocks, cache["layers"]):
+                x = block(x, cos, sin, layer_cache, t0)
+            logits = self.lm_head(self.ln_f(x))
+        finally:
+            self.train(was_training)
+        cache["t"] = t0 + T
+        return logits
 
     def stats(self):
         if not hasattr(self.blocks[0].attn, "delta_mean"):

@@ -34,6 +34,14 @@ Other deliberate differences: o_ce is stored as its log (the reference's raw o_c
 NaN once it reaches 0), every Linear starts at N(0, 0.02) (the reference left its blocks at PyTorch's
 default init), and the router's four scalars learn 10x faster (lr_mult; at the shared lr they barely move).
 
+Incremental decoding (init_cache, forward_cached) gives exactly the full eval forward's logits:
+each new token's G needs only its own decision-block output and prior plus the moving average of
+the row's earlier D_st, which the cache keeps, so it decides on arrival by the forward's rule (G_t >=
+tau, the cap counted over the row's earlier routed tokens). A dynamic block's KV cache holds only
+its routed tokens, at most K a row, each row with its own count; a skipped token does no work
+there. This is the inference saving of routing compute by token (Mixture-of-Depths, Raposo et al.,
+2024, §3.5), which the reference's top-k over a whole sequence cannot deliver to a sampler.
+
 Names: the report's symbols (D_st, D_ch, CE, CU, S_CE, S_CU, G, beta_ce, beta_cu, o_ce, m_cu, gamma,
 tau) in code and comments; the blocks' modules are model_gpt's (Hugging Face Qwen2 names).
 """
@@ -121,12 +129,53 @@ def apply_rope(x, cos, sin):
     return x * cos.to(x.dtype) + torch.cat([-b, a], dim=-1) * sin.to(x.dtype)
 
 
+# Copied from model_gpt.KVCache
+class KVCache:
+    """Keys and values of one attention layer for B rows, for incremental decoding: buffers of `size`
+    entries a row, allocated once and written in place; n (B,) = the entries each row holds. A dense
+    layer stores every token, so all rows hold the same number; a routed layer stores only its routed
+    tokens, so each row fills at its own pace and the mask hides the slots a row has not filled."""
+
+    def __init__(self, B, size, device):
+        self.size = size
+        self.k = self.v = None  # (B, G, size, hd), allocated by the first append in attention's dtype
+        self.n = torch.zeros(B, dtype=torch.long, device=device)
+
+    def append(self, k, v, keep=None):
+        """Store the new keys and values k, v (B, G, t, hd) after each row's earlier entries: all of
+        them, or those keep (B, t) marks (a routed layer's routed tokens, which come first in each row).
+        Returns keys and values over the filled part of the buffers and the boolean mask (B, 1, t, S)
+        for the new queries, or mask None where plain causal attention is exact (every row was empty
+        and stores all t)."""
+        B, G, t, hd = k.shape
+        if self.k is None:
+            self.k = k.new_zeros(B, G, self.size, hd)  # zeros: an unfilled slot holds finite numbers
+            self.v = v.new_zeros(B, G, self.size, hd)
+        if keep is None:
+            keep = torch.ones(B, t, dtype=torch.bool, device=k.device)
+        own = self.n[:, None] + torch.arange(t, device=k.device)  # (B, t): the slot of each stored token
+        b, i = keep.nonzero(as_tuple=True)
+        self.k[b, :, own[b, i]] = k[b, :, i]
+        self.v[b, :, own[b, i]] = v[b, :, i]
+        self.n += keep.sum(dim=1)
+        S = int(self.n.max())
+        if S == t and keep.all():
+            return self.k[:, :, :S], self.v[:, :, :S], None
+        slot = torch.arange(S, device=k.device)
+        # a new token sees its row's stored entries up to its own slot. A token that is not stored
+        # (padding of a routed layer) may have nothing to see; slot 0 keeps its discarded output finite
+        mask = (slot <= own[..., None]) & (slot < self.n[:, None, None]) | (slot == 0)
+        return self.k[:, :, :S], self.v[:, :, :S], mask[:, None]
+
+
 # Copied from model_gpt.Attention
 class Attention(nn.Module):
     """Causal multi-head attention with grouped KV heads, QKV bias and RoPE.
 
     forward(x, cos, sin, mask=None): with no mask it is plain causal attention; a routed layer passes
-    a boolean mask (B, 1, T, T) (True = may attend) and cos/sin at the tokens' true positions."""
+    a boolean mask (B, 1, T, T) (True = may attend) and cos/sin at the tokens' true positions.
+    In incremental decoding x holds the next t tokens and cache is the layer's KVCache: their keys and
+    values (those keep marks) join the cache, and they attend over it with the cache's mask."""
 
     def __init__(self, config):
         super().__init__()
@@ -138,7 +187,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(config.n_head * self.head_dim, config.n_embd, bias=False)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, cos, sin, mask=None):
+    def forward(self, x, cos, sin, mask=None, cache=None, keep=None):
         B, T, _ = x.shape
         H, G, hd = self.n_head, self.n_kv_head, self.head_dim
         q, k, v = self.qkv_proj(x).split([H * hd, G * hd, G * hd], dim=-1)
@@ -146,6 +195,8 @@ class Attention(nn.Module):
         k = k.view(B, T, G, hd).transpose(1, 2)               # (B, G, T, hd)
         v = v.view(B, T, G, hd).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v, mask = cache.append(k, v, keep)
         # enable_gqa: kv head g serves query heads g*H/G .. (g+1)*H/G - 1, without copying k and v
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=G != H,
                                            dropout_p=self.dropout if self.training else 0.0)
@@ -179,43 +230,50 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(config.n_embd, config.norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, mask=None):
-        x = x + self.attn(self.attn_norm(x), cos, sin, mask)
+    def forward(self, x, cos, sin, mask=None, cache=None, keep=None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache, keep)
         return x + self.mlp(self.mlp_norm(x))
 
 
 # Copied from model_mod.route
-def route(score, tau, K):
+def route(score, tau, K, n_routed=0):
     """Which tokens a routed block processes, decided token by token: score_t >= tau, and fewer than
     K earlier tokens of the row already routed (the cap keeps shapes static and compute bounded).
 
-    score: (B, T) fp32. Returns sel (B, T) bool; pos (B, K): the routed positions in ascending
-    order, then unrouted positions as padding; valid (B, K): which slots hold routed tokens.
+    score: (B, T) fp32; n_routed: in incremental decoding, (B, 1) tokens each row routed before these
+    (they count against the cap). Returns sel (B, T) bool; pos (B, min(T, K)): the routed positions
+    in ascending order, then unrouted positions as padding; valid: which slots hold routed tokens.
     sel_t depends only on score_<=t and the constant tau, so routing never looks ahead."""
     B, T = score.shape
     want = score >= tau
-    sel = want & (want.cumsum(dim=1) <= K)
+    sel = want & (n_routed + want.cumsum(dim=1) <= K)
     t = torch.arange(T, device=score.device)
     pos = torch.argsort(torch.where(sel, t, T + t), dim=1)[:, :K]  # routed first, each group by position
-    valid = torch.arange(K, device=score.device) < sel.sum(dim=1, keepdim=True)
+    valid = torch.arange(pos.size(1), device=score.device) < sel.sum(dim=1, keepdim=True)
     return sel, pos, valid
 
 
 # Copied from model_mod.routed_update
-def routed_update(block, x, gate, pos, valid, rope):
+def routed_update(block, x, gate, pos, valid, rope, cache=None, start=0):
     """x plus gate * (block(x) - x) at the routed positions; every other token keeps x exactly.
 
     The K gathered tokens of a row run through the block as a short sequence of their own: a routed
     token attends to the routed tokens at earlier positions of the same row (and itself), with RoPE
     at the true positions, so relative distances stay real. Padding slots are masked as keys and
-    their update is zeroed; attending to themselves keeps their softmax rows finite."""
+    their update is zeroed; attending to themselves keeps their softmax rows finite.
+    In incremental decoding x holds the next tokens after `start` earlier ones and cache is the
+    layer's KVCache: the routed tokens also attend to the row's earlier routed tokens, whose keys and
+    values are all it holds, and only theirs are added to it."""
     B, K = pos.shape
     index = pos[..., None].expand(B, K, x.size(-1))
     xs = x.gather(1, index)                                                    # (B, K, d)
-    slot = torch.arange(K, device=x.device)
-    mask = ((slot[None, :] <= slot[:, None]) & valid[:, None, :]) | torch.eye(K, dtype=torch.bool, device=x.device)
-    cos, sin = rope(pos)                                                       # (B, K, hd)
-    delta = block(xs, cos[:, None], sin[:, None], mask[:, None]) - xs         # attention + MLP updates
+    mask = None  # with a cache, the cache builds the mask over the row's stored routed tokens
+    if cache is None:
+        slot = torch.arange(K, device=x.device)
+        mask = (((slot[None, :] <= slot[:, None]) & valid[:, None, :])
+                | torch.eye(K, dtype=torch.bool, device=x.device))[:, None]          # (B, 1, K, K)
+    cos, sin = rope(start + pos)                                               # (B, K, hd)
+    delta = block(xs, cos[:, None], sin[:, None], mask, cache, valid) - xs    # attention + MLP updates
     weight = (gate.gather(1, pos) * valid).unsqueeze(-1).to(delta.dtype)
     return x.scatter_add(1, index, weight * delta)
 
@@ -276,14 +334,27 @@ class DTFPair(nn.Module):
         self.register_buffer("tau", torch.tensor(float("inf")))  # route nothing before training
         self.last = {}  # detached tensors of the last forward, for stats()
 
-    def gate(self, h, h_post, h_prior):
+    def cap(self):
+        # K, the hard per-row cap, from block_size rather than T: a sampler's shorter prefixes make
+        # exactly the full window's decisions (at most t+1 tokens can precede t anyway)
+        c = self.config
+        return min(c.block_size, math.ceil(c.capacity_factor * c.dtf_capacity * c.block_size))
+
+    def gate(self, h, h_post, h_prior, history=None):
         """G in (0, 1) per token, from the static and change surprises (fp32 even under autocast:
-        at init G varies by ~1e-3 across tokens, which bf16 would round into ties)."""
+        at init G varies by ~1e-3 across tokens, which bf16 would round into ties).
+        history: in incremental decoding, the cache's D_st of the row's tokens so far, these T last;
+        they are written into it here, and the moving average reads the earlier ones."""
+        T = h.size(1)
         d_st = (h_post.float() - h.float()).pow(2).mean(-1)          # static surprise  (B, T)
         d_ch = (h_post.float() - h_prior.float()).pow(2).mean(-1)    # change surprise  (B, T)
         ce = d_st - d_ch + self.log_o_ce                              # expected change
+        if history is None:  # a forward: the sequence itself is the history
+            history = d_st.detach()
+        else:  # incremental decoding: these tokens' D_st join the row's earlier ones in the cache
+            history[:, -T:] = d_st
         # unexpected change; the moving average is a detached baseline over earlier tokens only
-        cu = d_st - self.m_cu * causal_moving_average(d_st.detach(), self.config.ma_window)
+        cu = d_st - self.m_cu * causal_moving_average(history, self.config.ma_window)[:, -T:]
         s_ce = torch.sigmoid(F.softplus(self.beta_ce) * ce)
         s_cu = torch.sigmoid(F.softplus(self.beta_cu) * cu)
         self.last.update(s_ce=s_ce.detach().mean(), s_cu=s_cu.detach().mean())
@@ -296,8 +367,7 @@ class DTFPair(nn.Module):
         h_prior = self.prior(h)
         G = self.gate(h, h_post, h_prior)
         k = max(1, int(self.config.dtf_capacity * T))
-        # cap from block_size, not T: a sampler's shorter prefixes make the full window's decisions
-        K = min(T, math.ceil(self.config.capacity_factor * self.config.dtf_capacity * self.config.block_size))
+        K = min(T, self.cap())
         sel, pos, valid = route(G, self.tau, K)
         out = routed_update(self.dynamic, h_post, G, pos, valid, rope)
         self.last.update(frac_routed=sel.float().mean(), G_mean=G.detach().mean(), G_std=G.detach().std())
@@ -309,6 +379,40 @@ class DTFPair(nn.Module):
             self.last.update(prior_loss=prior_loss.detach())
             update_threshold(self.tau, G.detach(), k, self.config.tau_momentum)  # after deciding with the old tau
         return out, prior_loss
+
+    def forward_cached(self, h, start, cos, sin, cache, rope):
+        """Incremental decoding of h (B, t, d), the next t tokens after `start` earlier ones: the
+        decision block and the prior run on every token, G decides on arrival by the forward's rule
+        (the row's earlier routed tokens counted against the cap), and only routed tokens run the
+        dynamic block and enter its cache."""
+        h_post = self.decision(h, cos, sin, cache=cache.decision)
+        h_prior = self.prior(h)
+        G = self.gate(h, h_post, h_prior, cache.d_st[:, :start + h.size(1)])
+        sel, pos, valid = route(G, self.tau, self.cap(), cache.dynamic.n[:, None])
+        if not sel.any():
+            return h_post  # nothing routed: the dynamic block does no work
+        return routed_update(self.dynamic, h_post, G, pos, valid, rope, cache.dynamic, start)
+
+
+class PairCache:
+    """One pair's incremental-decoding state: the decision block's K/V of every token, the dynamic
+    block's of routed tokens only (at most K a row), and every token's D_st, which the CU moving
+    average of later tokens reads (the MA's window may reach back to the first token)."""
+
+    def __init__(self, B, block_size, K, device):
+        self.decision = KVCache(B, block_size, device)
+        self.dynamic = KVCache(B, K, device)
+        self.d_st = torch.zeros(B, block_size, device=device)
+
+
+# Copied from model_gpt.Cache
+class Cache:
+    """What incremental decoding carries from one forward_cached call to the next: the number of
+    tokens every row has seen and each layer's state (a KVCache)."""
+
+    def __init__(self, layers):
+        self.length = 0
+        self.layers = layers
 
 
 class DTF(nn.Module):
@@ -354,6 +458,34 @@ class DTF(nn.Module):
             if self.training:  # evaluation reports pure CE
                 loss = loss + self.config.prior_loss_weight * torch.stack(prior_losses).mean()
         return logits, loss
+
+    def init_cache(self, batch_size):
+        """An empty cache for batch_size rows: one PairCache per pair."""
+        device = self.wte.weight.device
+        return Cache([PairCache(batch_size, self.config.block_size, pair.cap(), device) for pair in self.pairs])
+
+    @torch.no_grad()
+    def forward_cached(self, idx, cache):
+        """idx (B, t): the next t >= 1 tokens of each row after those the cache holds. Returns logits
+        (B, t, V) and updates the cache in place. Always the eval-mode computation, whatever
+        self.training is (no dropout, no tau update, no prior loss): the full eval forward's logits."""
+        B, t = idx.shape
+        start = cache.length
+        if start + t > self.config.block_size:
+            raise ValueError(f"the cache would hold {start + t} tokens, more than block_size {self.config.block_size}")
+        was_training = self.training
+        if was_training:
+            self.eval()  # dropout off (only when on: eval() walks every module, a cost per token)
+        try:
+            cos, sin = self.rope(torch.arange(start, start + t, device=idx.device))  # true positions
+            x = self.wte(idx)
+            for pair, pair_cache in zip(self.pairs, cache.layers):
+                x = pair.forward_cached(x, start, cos, sin, pair_cache, self.rope)
+            cache.length += t
+            return self.lm_head(self.norm_f(x))
+        finally:
+            if was_training:
+                self.train()
 
     def stats(self):
         # the realised routed fraction per pair (target gamma), the rest averaged over pairs.

@@ -12,6 +12,12 @@ A modern pre-norm decoder in the Qwen2.5 / Llama style (spec: specs/standard.md)
 RMSNorm, the rotary embedding, the attention and the SwiGLU MLP below are the pieces the other model
 files copy (marked "# Copied from model_gpt.<Name>", kept identical by a test), so a reader who
 understands this file can read the others as "GPT plus one idea".
+
+Incremental decoding. init_cache(B) and forward_cached(idx, cache) give a sampler the same logits as
+the full eval forward without recomputing the prefix: every layer keeps the keys and values of the
+tokens seen so far in a KVCache preallocated for block_size positions, and the next tokens attend
+over them, with RoPE at their true positions (the standard KV cache of autoregressive transformers,
+e.g. Pope et al., "Efficiently Scaling Transformer Inference", 2022).
 """
 import math
 from dataclasses import dataclass
@@ -89,11 +95,51 @@ def apply_rope(x, cos, sin):
     return x * cos.to(x.dtype) + torch.cat([-b, a], dim=-1) * sin.to(x.dtype)
 
 
+class KVCache:
+    """Keys and values of one attention layer for B rows, for incremental decoding: buffers of `size`
+    entries a row, allocated once and written in place; n (B,) = the entries each row holds. A dense
+    layer stores every token, so all rows hold the same number; a routed layer stores only its routed
+    tokens, so each row fills at its own pace and the mask hides the slots a row has not filled."""
+
+    def __init__(self, B, size, device):
+        self.size = size
+        self.k = self.v = None  # (B, G, size, hd), allocated by the first append in attention's dtype
+        self.n = torch.zeros(B, dtype=torch.long, device=device)
+
+    def append(self, k, v, keep=None):
+        """Store the new keys and values k, v (B, G, t, hd) after each row's earlier entries: all of
+        them, or those keep (B, t) marks (a routed layer's routed tokens, which come first in each row).
+        Returns keys and values over the filled part of the buffers and the boolean mask (B, 1, t, S)
+        for the new queries, or mask None where plain causal attention is exact (every row was empty
+        and stores all t)."""
+        B, G, t, hd = k.shape
+        if self.k is None:
+            self.k = k.new_zeros(B, G, self.size, hd)  # zeros: an unfilled slot holds finite numbers
+            self.v = v.new_zeros(B, G, self.size, hd)
+        if keep is None:
+            keep = torch.ones(B, t, dtype=torch.bool, device=k.device)
+        own = self.n[:, None] + torch.arange(t, device=k.device)  # (B, t): the slot of each stored token
+        b, i = keep.nonzero(as_tuple=True)
+        self.k[b, :, own[b, i]] = k[b, :, i]
+        self.v[b, :, own[b, i]] = v[b, :, i]
+        self.n += keep.sum(dim=1)
+        S = int(self.n.max())
+        if S == t and keep.all():
+            return self.k[:, :, :S], self.v[:, :, :S], None
+        slot = torch.arange(S, device=k.device)
+        # a new token sees its row's stored entries up to its own slot. A token that is not stored
+        # (padding of a routed layer) may have nothing to see; slot 0 keeps its discarded output finite
+        mask = (slot <= own[..., None]) & (slot < self.n[:, None, None]) | (slot == 0)
+        return self.k[:, :, :S], self.v[:, :, :S], mask[:, None]
+
+
 class Attention(nn.Module):
     """Causal multi-head attention with grouped KV heads, QKV bias and RoPE.
 
     forward(x, cos, sin, mask=None): with no mask it is plain causal attention; a routed layer passes
-    a boolean mask (B, 1, T, T) (True = may attend) and cos/sin at the tokens' true positions."""
+    a boolean mask (B, 1, T, T) (True = may attend) and cos/sin at the tokens' true positions.
+    In incremental decoding x holds the next t tokens and cache is the layer's KVCache: their keys and
+    values (those keep marks) join the cache, and they attend over it with the cache's mask."""
 
     def __init__(self, config):
         super().__init__()
@@ -105,7 +151,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(config.n_head * self.head_dim, config.n_embd, bias=False)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, cos, sin, mask=None):
+    def forward(self, x, cos, sin, mask=None, cache=None, keep=None):
         B, T, _ = x.shape
         H, G, hd = self.n_head, self.n_kv_head, self.head_dim
         q, k, v = self.qkv_proj(x).split([H * hd, G * hd, G * hd], dim=-1)
@@ -113,6 +159,8 @@ class Attention(nn.Module):
         k = k.view(B, T, G, hd).transpose(1, 2)               # (B, G, T, hd)
         v = v.view(B, T, G, hd).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v, mask = cache.append(k, v, keep)
         # enable_gqa: kv head g serves query heads g*H/G .. (g+1)*H/G - 1, without copying k and v
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=G != H,
                                            dropout_p=self.dropout if self.training else 0.0)
@@ -144,9 +192,18 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(config.n_embd, config.norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, mask=None):
-        x = x + self.attn(self.attn_norm(x), cos, sin, mask)
+    def forward(self, x, cos, sin, mask=None, cache=None, keep=None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache, keep)
         return x + self.mlp(self.mlp_norm(x))
+
+
+class Cache:
+    """What incremental decoding carries from one forward_cached call to the next: the number of
+    tokens every row has seen and each layer's state (a KVCache)."""
+
+    def __init__(self, layers):
+        self.length = 0
+        self.layers = layers
 
 
 class GPT(nn.Module):
@@ -187,6 +244,34 @@ class GPT(nn.Module):
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
         return logits, loss
+
+    def init_cache(self, batch_size):
+        """An empty cache for batch_size rows: a KVCache of block_size positions per layer."""
+        device = self.wte.weight.device
+        return Cache([KVCache(batch_size, self.config.block_size, device) for _ in self.blocks])
+
+    @torch.no_grad()
+    def forward_cached(self, idx, cache):
+        """idx (B, t): the next t >= 1 tokens of each row after those the cache holds. Returns logits
+        (B, t, V) and updates the cache in place. Always the eval-mode computation, whatever
+        self.training is: the same logits as the full eval forward, position by position."""
+        B, t = idx.shape
+        start = cache.length
+        if start + t > self.config.block_size:
+            raise ValueError(f"the cache would hold {start + t} tokens, more than block_size {self.config.block_size}")
+        was_training = self.training
+        if was_training:
+            self.eval()  # dropout off (only when on: eval() walks every module, a cost per token)
+        try:
+            cos, sin = self.rope(torch.arange(start, start + t, device=idx.device))  # true positions
+            x = self.wte(idx)
+            for block, layer_cache in zip(self.blocks, cache.layers):
+                x = block(x, cos, sin, cache=layer_cache)
+            cache.length += t
+            return self.lm_head(self.norm_f(x))
+        finally:
+            if was_training:
+                self.train()
 
     def stats(self):
         return {}  # a dense model has no routing or sparsity to report

@@ -35,6 +35,13 @@ every selected token of the other rows. Its reported MoD losses are not reachabl
 sigma(r) instead of the paper's raw r as the gate (as the reference does): bounded, and 0.5 at r = 0,
 so a routed token's update is never flipped in sign or blown up by an unconstrained score.
 
+Incremental decoding (init_cache, forward_cached) delivers the inference saving the paper promises
+for sampling (Raposo et al., 2024, §3.5; the abstract's "upwards of 50% faster to step"). Each new token decides on arrival,
+by the forward's own rule (r_t >= tau and the cap counted over the row's earlier routed tokens), so
+cached decoding gives exactly the full eval forward's logits. A routed layer's KV cache holds only
+its routed tokens, at most K a row (rows route differently, so each keeps its own count), and a
+skipped token costs that layer one dot product: no attention, no MLP.
+
 Names: the paper's symbols (r, w_r, tau, C, k, K) in code and comments; the block's modules are
 model_gpt's (Hugging Face Qwen2 names: qkv_proj, o_proj, gate_proj, up_proj, down_proj).
 """
@@ -117,12 +124,53 @@ def apply_rope(x, cos, sin):
     return x * cos.to(x.dtype) + torch.cat([-b, a], dim=-1) * sin.to(x.dtype)
 
 
+# Copied from model_gpt.KVCache
+class KVCache:
+    """Keys and values of one attention layer for B rows, for incremental decoding: buffers of `size`
+    entries a row, allocated once and written in place; n (B,) = the entries each row holds. A dense
+    layer stores every token, so all rows hold the same number; a routed layer stores only its routed
+    tokens, so each row fills at its own pace and the mask hides the slots a row has not filled."""
+
+    def __init__(self, B, size, device):
+        self.size = size
+        self.k = self.v = None  # (B, G, size, hd), allocated by the first append in attention's dtype
+        self.n = torch.zeros(B, dtype=torch.long, device=device)
+
+    def append(self, k, v, keep=None):
+        """Store the new keys and values k, v (B, G, t, hd) after each row's earlier entries: all of
+        them, or those keep (B, t) marks (a routed layer's routed tokens, which come first in each row).
+        Returns keys and values over the filled part of the buffers and the boolean mask (B, 1, t, S)
+        for the new queries, or mask None where plain causal attention is exact (every row was empty
+        and stores all t)."""
+        B, G, t, hd = k.shape
+        if self.k is None:
+            self.k = k.new_zeros(B, G, self.size, hd)  # zeros: an unfilled slot holds finite numbers
+            self.v = v.new_zeros(B, G, self.size, hd)
+        if keep is None:
+            keep = torch.ones(B, t, dtype=torch.bool, device=k.device)
+        own = self.n[:, None] + torch.arange(t, device=k.device)  # (B, t): the slot of each stored token
+        b, i = keep.nonzero(as_tuple=True)
+        self.k[b, :, own[b, i]] = k[b, :, i]
+        self.v[b, :, own[b, i]] = v[b, :, i]
+        self.n += keep.sum(dim=1)
+        S = int(self.n.max())
+        if S == t and keep.all():
+            return self.k[:, :, :S], self.v[:, :, :S], None
+        slot = torch.arange(S, device=k.device)
+        # a new token sees its row's stored entries up to its own slot. A token that is not stored
+        # (padding of a routed layer) may have nothing to see; slot 0 keeps its discarded output finite
+        mask = (slot <= own[..., None]) & (slot < self.n[:, None, None]) | (slot == 0)
+        return self.k[:, :, :S], self.v[:, :, :S], mask[:, None]
+
+
 # Copied from model_gpt.Attention
 class Attention(nn.Module):
     """Causal multi-head attention with grouped KV heads, QKV bias and RoPE.
 
     forward(x, cos, sin, mask=None): with no mask it is plain causal attention; a routed layer passes
-    a boolean mask (B, 1, T, T) (True = may attend) and cos/sin at the tokens' true positions."""
+    a boolean mask (B, 1, T, T) (True = may attend) and cos/sin at the tokens' true positions.
+    In incremental decoding x holds the next t tokens and cache is the layer's KVCache: their keys and
+    values (those keep marks) join the cache, and they attend over it with the cache's mask."""
 
     def __init__(self, config):
         super().__init__()
@@ -134,7 +182,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(config.n_head * self.head_dim, config.n_embd, bias=False)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, cos, sin, mask=None):
+    def forward(self, x, cos, sin, mask=None, cache=None, keep=None):
         B, T, _ = x.shape
         H, G, hd = self.n_head, self.n_kv_head, self.head_dim
         q, k, v = self.qkv_proj(x).split([H * hd, G * hd, G * hd], dim=-1)
@@ -142,6 +190,8 @@ class Attention(nn.Module):
         k = k.view(B, T, G, hd).transpose(1, 2)               # (B, G, T, hd)
         v = v.view(B, T, G, hd).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v, mask = cache.append(k, v, keep)
         # enable_gqa: kv head g serves query heads g*H/G .. (g+1)*H/G - 1, without copying k and v
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=G != H,
                                            dropout_p=self.dropout if self.training else 0.0)
@@ -175,41 +225,48 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(config.n_embd, config.norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, mask=None):
-        x = x + self.attn(self.attn_norm(x), cos, sin, mask)
+    def forward(self, x, cos, sin, mask=None, cache=None, keep=None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache, keep)
         return x + self.mlp(self.mlp_norm(x))
 
 
-def route(score, tau, K):
+def route(score, tau, K, n_routed=0):
     """Which tokens a routed block processes, decided token by token: score_t >= tau, and fewer than
     K earlier tokens of the row already routed (the cap keeps shapes static and compute bounded).
 
-    score: (B, T) fp32. Returns sel (B, T) bool; pos (B, K): the routed positions in ascending
-    order, then unrouted positions as padding; valid (B, K): which slots hold routed tokens.
+    score: (B, T) fp32; n_routed: in incremental decoding, (B, 1) tokens each row routed before these
+    (they count against the cap). Returns sel (B, T) bool; pos (B, min(T, K)): the routed positions
+    in ascending order, then unrouted positions as padding; valid: which slots hold routed tokens.
     sel_t depends only on score_<=t and the constant tau, so routing never looks ahead."""
     B, T = score.shape
     want = score >= tau
-    sel = want & (want.cumsum(dim=1) <= K)
+    sel = want & (n_routed + want.cumsum(dim=1) <= K)
     t = torch.arange(T, device=score.device)
     pos = torch.argsort(torch.where(sel, t, T + t), dim=1)[:, :K]  # routed first, each group by position
-    valid = torch.arange(K, device=score.device) < sel.sum(dim=1, keepdim=True)
+    valid = torch.arange(pos.size(1), device=score.device) < sel.sum(dim=1, keepdim=True)
     return sel, pos, valid
 
 
-def routed_update(block, x, gate, pos, valid, rope):
+def routed_update(block, x, gate, pos, valid, rope, cache=None, start=0):
     """x plus gate * (block(x) - x) at the routed positions; every other token keeps x exactly.
 
     The K gathered tokens of a row run through the block as a short sequence of their own: a routed
     token attends to the routed tokens at earlier positions of the same row (and itself), with RoPE
     at the true positions, so relative distances stay real. Padding slots are masked as keys and
-    their update is zeroed; attending to themselves keeps their softmax rows finite."""
+    their update is zeroed; attending to themselves keeps their softmax rows finite.
+    In incremental decoding x holds the next tokens after `start` earlier ones and cache is the
+    layer's KVCache: the routed tokens also attend to the row's earlier routed tokens, whose keys and
+    values are all it holds, and only theirs are added to it."""
     B, K = pos.shape
     index = pos[..., None].expand(B, K, x.size(-1))
     xs = x.gather(1, index)                                                    # (B, K, d)
-    slot = torch.arange(K, device=x.device)
-    mask = ((slot[None, :] <= slot[:, None]) & valid[:, None, :]) | torch.eye(K, dtype=torch.bool, device=x.device)
-    cos, sin = rope(pos)                                                       # (B, K, hd)
-    delta = block(xs, cos[:, None], sin[:, None], mask[:, None]) - xs         # attention + MLP updates
+    mask = None  # with a cache, the cache builds the mask over the row's stored routed tokens
+    if cache is None:
+        slot = torch.arange(K, device=x.device)
+        mask = (((slot[None, :] <= slot[:, None]) & valid[:, None, :])
+                | torch.eye(K, dtype=torch.bool, device=x.device))[:, None]          # (B, 1, K, K)
+    cos, sin = rope(start + pos)                                               # (B, K, hd)
+    delta = block(xs, cos[:, None], sin[:, None], mask, cache, valid) - xs    # attention + MLP updates
     weight = (gate.gather(1, pos) * valid).unsqueeze(-1).to(delta.dtype)
     return x.scatter_add(1, index, weight * delta)
 
@@ -239,14 +296,20 @@ class MoDBlock(nn.Module):
         # so an unconstrained score can neither flip the update's sign nor blow it up
         return torch.sigmoid(r)
 
+    def cap(self):
+        # K, the hard per-row cap, from block_size rather than T: a sampler's shorter prefixes then
+        # make exactly the same decisions as the full window (at most t+1 tokens can precede t anyway)
+        c = self.config
+        return min(c.block_size, math.ceil(c.capacity_factor * c.mod_capacity * c.block_size))
+
+    def score(self, x):
+        return (x.float() * self.router.float()).sum(-1)                    # r (B, T), fp32 under autocast
+
     def forward(self, x, rope):
         B, T, _ = x.shape
-        C = self.config.mod_capacity
-        k = max(1, int(C * T))                                              # top-k target count
-        # hard per-row cap, from block_size rather than T: a sampler's shorter prefixes then make
-        # exactly the same decisions as the full window (at most t+1 tokens can precede t anyway)
-        K = min(T, math.ceil(self.config.capacity_factor * C * self.config.block_size))
-        r = (x.float() * self.router.float()).sum(-1)                       # (B, T), fp32 under autocast
+        k = max(1, int(self.config.mod_capacity * T))                       # top-k target count
+        K = min(T, self.cap())
+        r = self.score(x)
         aux = None
         if self.training:
             top_k = torch.zeros_like(r).scatter_(1, r.topk(k, dim=1).indices, 1.0)  # a target, no gradient
@@ -261,6 +324,26 @@ class MoDBlock(nn.Module):
             self.last.update(agreement=((r >= self.tau) == (top_k > 0)).float().mean(), aux_bce=aux.detach())
             update_threshold(self.tau, r.detach(), k, self.config.tau_momentum)  # after deciding with the old tau
         return out, aux
+
+    def forward_cached(self, x, start, cache, rope):
+        """Incremental decoding of x (B, t, d), the next t tokens after `start` earlier ones: each
+        token decides on arrival by the forward's rule, the row's earlier routed tokens (cache.n)
+        counted against the cap, and only routed tokens run the block and enter the cache."""
+        r = self.score(x)
+        sel, pos, valid = route(r, self.tau, self.cap(), cache.n[:, None])
+        if not sel.any():
+            return x  # nothing routed: this layer cost these tokens one dot product each
+        return routed_update(self.block, x, self.gate(r), pos, valid, rope, cache, start)
+
+
+# Copied from model_gpt.Cache
+class Cache:
+    """What incremental decoding carries from one forward_cached call to the next: the number of
+    tokens every row has seen and each layer's state (a KVCache)."""
+
+    def __init__(self, layers):
+        self.length = 0
+        self.layers = layers
 
 
 class MoD(nn.Module):
@@ -311,6 +394,39 @@ class MoD(nn.Module):
             if self.training and aux_losses:  # the paper's auxiliary loss; evaluation reports pure CE
                 loss = loss + self.config.mod_aux_loss_weight * torch.stack(aux_losses).mean()
         return logits, loss
+
+    def init_cache(self, batch_size):
+        """An empty cache for batch_size rows: per dense layer a KVCache of block_size positions, per
+        routed layer one of K, the most tokens a row can route there."""
+        device = self.wte.weight.device
+        return Cache([KVCache(batch_size, block.cap() if isinstance(block, MoDBlock) else self.config.block_size, device)
+                      for block in self.blocks])
+
+    @torch.no_grad()
+    def forward_cached(self, idx, cache):
+        """idx (B, t): the next t >= 1 tokens of each row after those the cache holds. Returns logits
+        (B, t, V) and updates the cache in place. Always the eval-mode computation, whatever
+        self.training is (no dropout, no tau update, no aux loss): the full eval forward's logits."""
+        B, t = idx.shape
+        start = cache.length
+        if start + t > self.config.block_size:
+            raise ValueError(f"the cache would hold {start + t} tokens, more than block_size {self.config.block_size}")
+        was_training = self.training
+        if was_training:
+            self.eval()  # dropout off (only when on: eval() walks every module, a cost per token)
+        try:
+            cos, sin = self.rope(torch.arange(start, start + t, device=idx.device))  # true positions
+            x = self.wte(idx)
+            for block, layer_cache in zip(self.blocks, cache.layers):
+                if isinstance(block, MoDBlock):
+                    x = block.forward_cached(x, start, layer_cache, self.rope)
+                else:
+                    x = block(x, cos, sin, cache=layer_cache)
+            cache.length += t
+            return self.lm_head(self.norm_f(x))
+        finally:
+            if was_training:
+                self.train()
 
     def stats(self):
         # the realised routed fraction per routed layer (target C; a collapsing layer shows here),

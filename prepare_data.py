@@ -78,6 +78,13 @@ def read_tokens(path):
     return np.memmap(path, dtype=dtype, mode="r", offset=4 * HEADER_INTS, shape=(n_tokens,))
 
 
+def write_text(path, text):
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
 def write_json(path, obj):
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
@@ -216,7 +223,9 @@ def prepare_shakespeare(out_dir, tokenizer, input="", url=SHAKESPEARE_URL):
     if input:
         if not os.path.exists(input):
             raise UserError(f"--input file {input} does not exist")
-        src, sha256 = input, None
+        if not os.path.isfile(input):
+            raise UserError(f"--input={input} is a directory; give a UTF-8 text file")
+        src = input
     else:
         src = os.path.join(out_dir, "input.txt")
         sha256 = SHAKESPEARE_SHA256 if url == SHAKESPEARE_URL else None
@@ -229,7 +238,12 @@ def prepare_shakespeare(out_dir, tokenizer, input="", url=SHAKESPEARE_URL):
             text = f.read()
     except UnicodeDecodeError:
         raise UserError(f"{src} is not UTF-8 text") from None
+    except OSError as e:
+        raise UserError(f"cannot read {src}: {e.strerror}") from None
     prepare_text(out_dir, text, tokenizer)
+    copy = os.path.join(out_dir, "input.txt")
+    if input and os.path.abspath(input) != os.path.abspath(copy):  # the text, where a download would be
+        write_text(copy, text)  # (bench.py --mode=tokenize reads it)
 
 
 # -----------------------------------------------------------------------------

@@ -15,7 +15,7 @@ import sys
 import torch
 
 from prepare_data import UserError, get_tokenizer
-from train import load_checkpoint, load_model_module, parse_value, pick_device
+from train import load_checkpoint, model_from_checkpoint, parse_value, pick_device
 
 OPTIONS = {
     "out_dir": "out-gpt",
@@ -74,8 +74,11 @@ def main(argv):
         if key not in OPTIONS or not eq:
             raise UserError(f"unknown or malformed option {arg!r}; options: {', '.join('--' + k for k in OPTIONS)}")
         opts[key] = parse_value(key, value, OPTIONS[key])
-    if opts["temperature"] <= 0:
+    if not opts["temperature"] > 0:
         raise UserError("--temperature must be positive (for greedy decoding use --top_k=1)")
+    for key in ("top_k", "max_new_tokens", "num_samples"):
+        if opts[key] < 0:
+            raise UserError(f"--{key}={opts[key]}: must be 0 or more")
     start = opts["start"]
     if start.startswith("FILE:"):
         try:
@@ -83,16 +86,13 @@ def main(argv):
                 start = f.read()
         except OSError as e:
             raise UserError(f"cannot read the prompt file {start[5:]}: {e.strerror}") from None
+        except UnicodeDecodeError:
+            raise UserError(f"the prompt file {start[5:]} is not UTF-8 text; save it as UTF-8") from None
 
     device, dtype = pick_device(opts["device"], opts["dtype"])
-    ckpt = load_checkpoint(f"{opts['out_dir']}/ckpt.pt", device)
-    module = load_model_module(ckpt["model_name"])
-    model = module.Model(module.Config(**ckpt["model_config"]))
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as e:
-        raise UserError(f"the checkpoint's weights do not fit model_{ckpt['model_name']}.py "
-                        f"({str(e).splitlines()[0]}); was it written by another version?") from None
+    path = f"{opts['out_dir']}/ckpt.pt"
+    ckpt = load_checkpoint(path, device)
+    model = model_from_checkpoint(ckpt, path)
     model.eval().to(device)
     encode, decode = get_tokenizer(ckpt["tokenizer"])
     idx = torch.tensor([encode(start)], dtype=torch.long, device=device)

@@ -33,7 +33,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import pretrained
-from prepare_data import UserError, prepare, read_tokens
+from prepare_data import UserError, get_tokenizer, prepare, read_tokens
 
 
 @dataclass
@@ -44,6 +44,7 @@ class TrainConfig:
     data_dir: str = "data"
     out_dir: str = ""                # default: out-<model>
     init_from: str = "scratch"       # "scratch", "resume" (from out_dir/ckpt.pt) or "hf:OWNER/NAME" (Qwen2 weights)
+    overwrite: bool = False          # True: a new run may replace the ckpt.pt already in out_dir
     # iterations, evaluation, logging
     max_iters: int = 2000
     eval_interval: int = 250
@@ -142,6 +143,12 @@ def parse_args(argv):
                 "gradient_accumulation_steps"):
         if getattr(cfg, key) <= 0 and not (key == "max_iters" and cfg.max_iters == 0):
             raise UserError(f"--{key} must be positive")
+    for key in ("learning_rate", "min_lr", "weight_decay", "grad_clip"):
+        if not 0 <= getattr(cfg, key) < float("inf"):  # also catches nan
+            raise UserError(f"--{key}={getattr(cfg, key)}: must be a finite number >= 0")
+    for key in ("beta1", "beta2"):
+        if not 0 <= getattr(cfg, key) < 1:
+            raise UserError(f"--{key}={getattr(cfg, key)}: must be in [0, 1), e.g. 0.9 or 0.99")
     cfg.out_dir = cfg.out_dir or f"out-{cfg.model}"
     return cfg, model_overrides, set(pairs)
 
@@ -149,13 +156,23 @@ def parse_args(argv):
 # -----------------------------------------------------------------------------
 # data: random windows of block_size + 1 tokens from the memory-mapped token files
 
+def prepare_hint(cfg):
+    """A command that prepares cfg.dataset: prepare_data.py's own name, or any local text under that name."""
+    from prepare_data import DATASETS
+    where = "" if cfg.data_dir == "data" else f" --data_dir={cfg.data_dir}"
+    if cfg.dataset in DATASETS:
+        return f"python prepare_data.py {cfg.dataset}{where}"
+    return (f"python prepare_data.py shakespeare_char --input=YOUR_TEXT.txt --name={cfg.dataset}{where} "
+            f"(prepare_data.py knows: {', '.join(DATASETS)})")
+
+
 def load_split(cfg, split):
     """All token files of a split: data/<dataset>/<split>.bin, or <split>_000.bin, ... for sharded sets."""
     folder = os.path.join(cfg.data_dir, cfg.dataset)
     paths = sorted(glob.glob(os.path.join(folder, f"{split}_*.bin"))) or \
         glob.glob(os.path.join(folder, f"{split}.bin"))
     if not paths:
-        raise UserError(f"no {split} data in {folder}; prepare it with: python prepare_data.py {cfg.dataset}")
+        raise UserError(f"no {split} data in {folder}; prepare it with: {prepare_hint(cfg)}")
     return [read_tokens(p) for p in paths]
 
 
@@ -166,9 +183,16 @@ def load_meta(cfg):
             prepare("shakespeare_char", cfg.data_dir)
         else:
             raise UserError(f"dataset {cfg.dataset!r} is not prepared ({path} is missing); run: "
-                            f"python prepare_data.py {cfg.dataset}")
-    with open(path) as f:
-        return json.load(f)
+                            f"{prepare_hint(cfg)}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            meta = json.load(f)
+        get_tokenizer(meta["tokenizer"])
+        if not isinstance(meta["vocab_size"], int) or meta["vocab_size"] <= 0:
+            raise ValueError
+    except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError, UserError):
+        raise UserError(f"{path} is corrupt; prepare the dataset again: {prepare_hint(cfg)}") from None
+    return meta
 
 
 def get_batch(shards, batch_size, block_size, generator, device):
@@ -265,9 +289,22 @@ def pick_device(name="auto", dtype="auto", local_rank=0):
 
 
 def save_checkpoint(path, ckpt):
-    """Write through a temporary file and a rename: a crash never leaves a half-written ckpt.pt."""
-    torch.save(ckpt, path + ".tmp")
-    os.replace(path + ".tmp", path)
+    """Write through a temporary file and a rename: a crash or a full disk never leaves a half-written
+    ckpt.pt, and the previous one stays intact."""
+    tmp = path + ".tmp"
+    try:
+        torch.save(ckpt, tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        kept = f"the previous {path} is intact" if os.path.exists(path) else "no checkpoint was written"
+        raise UserError(f"could not write {path}: {e.strerror or e} (disk full? read-only?); {kept}; "
+                        f"free some space or choose another --out_dir") from None
+
+
+CHECKPOINT_KEYS = ("model_name", "model_config", "model", "optimizer", "iter_num", "best_val_loss",
+                   "train_config", "train_time", "tokens_seen", "tokenizer")
 
 
 def load_checkpoint(path, device="cpu"):
@@ -275,10 +312,40 @@ def load_checkpoint(path, device="cpu"):
         raise UserError(f"no checkpoint at {path}; train one first (python train.py --model=...) "
                         f"or point --out_dir at the folder holding ckpt.pt")
     try:  # weights_only: a checkpoint is data (tensors, numbers, strings), never code
-        return torch.load(path, map_location=device, weights_only=True)
+        ckpt = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:
         raise UserError(f"{path} is not a readable checkpoint ({e.__class__.__name__}); delete it and "
                         f"train again") from None
+    if not isinstance(ckpt, dict) or any(k not in ckpt for k in CHECKPOINT_KEYS):
+        other = " (it looks like nanoGPT's)" if isinstance(ckpt, dict) and "model_args" in ckpt else ""
+        raise UserError(f"{path} was not written by this repo's train.py{other}; train a model with "
+                        f"train.py, or point --out_dir at one of its checkpoints")
+    return ckpt
+
+
+def model_from_checkpoint(ckpt, path):
+    """The checkpoint's model with its weights loaded (on the checkpoint's device), after checking that
+    its config and weights fit the model file and that every weight is finite."""
+    module = load_model_module(ckpt["model_name"])
+    hint = f"was {path} written by another version of model_{ckpt['model_name']}.py?"
+    try:
+        model = module.Model(module.Config(**ckpt["model_config"]))
+    except (TypeError, ValueError) as e:  # TypeError: a config field this file does not know
+        raise UserError(f"the checkpoint's model config does not fit ({str(e).splitlines()[0]}); {hint}") from None
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise UserError(f"the checkpoint's weights do not fit ({str(e).splitlines()[0][:200]}); {hint}") from None
+    if not all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point()):
+        raise UserError(f"{path} holds NaN or infinite weights; train again from an earlier checkpoint "
+                        f"or from scratch with a lower --learning_rate")
+    return model
+
+
+def format_duration(seconds):
+    """1h02m, 1m23s or 7s."""
+    s = int(seconds)
+    return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s" if s >= 60 else f"{s}s"
 
 
 def log_jsonl(path, record):
@@ -288,8 +355,57 @@ def log_jsonl(path, record):
 
 # -----------------------------------------------------------------------------
 
+def acquire_lock(out_dir):
+    """out_dir/train.lock holding this process's id, created atomically: a second training on the same
+    out_dir stops with an error. A lock whose process has died (killed, machine rebooted) is taken over."""
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "train.lock")
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                with open(path) as f:
+                    pid = int(f.read().strip() or 0)
+                if pid > 0:
+                    os.kill(pid, 0)  # raises if no such process
+                    raise UserError(f"another training (process {pid}) is using {out_dir}; wait for it, "
+                                    f"stop it, or choose another --out_dir")
+            except (ProcessLookupError, ValueError, FileNotFoundError):
+                pass  # stale: its process is gone (or it was just removed)
+            except PermissionError:  # the process exists but belongs to another user
+                raise UserError(f"another training (process {pid}) is using {out_dir}; "
+                                f"choose another --out_dir") from None
+            try:
+                os.remove(path)
+            except FileNotFoundError:
+                pass
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        return path
+    raise UserError(f"could not take the lock {path}; remove it if no training is running")
+
+
 def main(argv):
     cfg, model_overrides, given = parse_args(argv)
+    if int(os.environ.get("RANK", 0)) != 0:  # under torchrun the first process holds the lock
+        return train(cfg, model_overrides, given)
+    lock = acquire_lock(cfg.out_dir)
+    try:
+        return train(cfg, model_overrides, given)
+    except KeyboardInterrupt:
+        ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
+        if not os.path.exists(ckpt_path):
+            sys.exit(f"\ntrain.py: interrupted before the first checkpoint; nothing was saved in {cfg.out_dir}")
+        sys.exit(f"\ntrain.py: interrupted; {ckpt_path} is intact, resume with: "
+                 f"python train.py --model={cfg.model} --out_dir={cfg.out_dir} --init_from=resume")
+    finally:
+        os.remove(lock)
+
+
+def train(cfg, model_overrides, given):
+    """Train with the options parse_args returned; returns the trained model (not the DDP wrapper)."""
     module = load_model_module(cfg.model)
 
     # processes: one, or one per GPU/CPU worker under torchrun (DDP)
@@ -311,6 +427,9 @@ def main(argv):
     # everything comes from the checkpoint (training options given on the command line still apply)
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     ckpt = None
+    if cfg.init_from != "resume" and os.path.exists(ckpt_path) and not cfg.overwrite:  # scratch or hf:
+        raise UserError(f"{cfg.out_dir} already holds a checkpoint; continue it with --init_from=resume, "
+                        f"train into another --out_dir, or replace it with --overwrite=True")
     if cfg.init_from == "resume":
         ckpt = load_checkpoint(ckpt_path)
         if ckpt["model_name"] != cfg.model:
@@ -323,7 +442,12 @@ def main(argv):
     meta = load_meta(cfg)
     hf_repo = cfg.init_from[3:] if cfg.init_from.startswith("hf:") else None
     if ckpt is not None:
-        model_config = module.Config(**ckpt["model_config"])
+        if ckpt["tokenizer"] != meta["tokenizer"]:
+            raise UserError(f"{ckpt_path} was trained on {saved['dataset']!r} with another tokenizer than "
+                            f"{cfg.data_dir}/{cfg.dataset}'s; resume on the checkpoint's dataset "
+                            f"(--dataset={saved['dataset']}) or train a new run into another --out_dir")
+        model = model_from_checkpoint(ckpt, ckpt_path).to(device)
+        model_config = model.config
     elif hf_repo:  # the checkpoint fixes the shapes; the dataset must speak its tokenizer
         if "preset" in given:
             raise UserError("--init_from=hf:... takes the model's shape from the checkpoint; drop --preset")
@@ -340,21 +464,23 @@ def main(argv):
         vocab_size = max(meta["vocab_size"], fields.get("vocab_size", 0))  # larger = padding, allowed
         model_config = module.Config(**{**fields, "vocab_size": vocab_size})
     block_size = model_config.block_size
+    if block_size <= 0:
+        raise UserError(f"--block_size={block_size}: must be positive")
     tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * block_size
 
-    torch.manual_seed(cfg.seed)  # the same initial weights on every process
-    try:
-        model = module.Model(model_config).to(device)
-    except ValueError as e:
-        raise UserError(f"bad {cfg.model} config: {e}") from None
-    if hf_repo and master:  # one download; DDP copies rank 0's weights to the other processes
-        fresh = pretrained.load_weights(model, cfg.model, hf_repo)
-        print(f"loaded hf:{hf_repo}" + (f"; fresh: {', '.join(fresh)}" if fresh else ""))
+    if ckpt is None:
+        torch.manual_seed(cfg.seed)  # the same initial weights on every process
+        try:
+            model = module.Model(model_config).to(device)
+        except ValueError as e:
+            raise UserError(f"bad {cfg.model} config: {e}") from None
+        if hf_repo and master:  # one download; DDP copies rank 0's weights to the other processes
+            fresh = pretrained.load_weights(model, cfg.model, hf_repo)
+            print(f"loaded hf:{hf_repo}" + (f"; fresh: {', '.join(fresh)}" if fresh else ""))
     optimizer = configure_optimizer(model, cfg, device)
     train_data, val_data = load_split(cfg, "train"), load_split(cfg, "val")
     iter_num, best_val_loss, train_time, tokens_seen = 0, float("inf"), 0.0, 0
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
         train_time, tokens_seen = ckpt["train_time"], ckpt["tokens_seen"]
@@ -396,23 +522,34 @@ def main(argv):
         return out
 
     if master:
-        os.makedirs(cfg.out_dir, exist_ok=True)
         n_params = sum(p.numel() for p in raw_model.parameters())
         print(f"{cfg.model}: {n_params:,} parameters, {raw_model.flops_per_token() / 1e6:.2f} MFLOP/token; "
               f"{tokens_per_iter:,} tokens/iter; {device} {dtype}{', compiled' if use_compile else ''}"
               f"{f', {world_size} processes' if ddp else ''}")
+    peak = peak_flops(device)
+    start_iter, start_time = iter_num, train_time
+    x, y = batch(train_data, iter_num * accum_steps)
     log_path = os.path.join(cfg.out_dir, "log.jsonl")
     if master and cfg.init_from != "resume" and os.path.exists(log_path):
-        os.remove(log_path)  # a new run starts a new log; a resumed run appends to its own
-    peak = peak_flops(device)
-    start_iter = iter_num
-    x, y = batch(train_data, iter_num * accum_steps)
+        os.remove(log_path)  # training really starts: a new run starts a new log; a resumed run appends
+    nonfinite = torch.zeros((), dtype=torch.bool, device=device)  # any non-finite loss since the last check
+
+    def check_finite(losses=()):
+        """Stop before anything is saved when a loss was nan or inf (read on log and eval steps only:
+        .item() waits for the GPU)."""
+        if nonfinite.item() or not all(math.isfinite(v) for v in losses):
+            kept = f"the last checkpoint {ckpt_path} is intact" if os.path.exists(ckpt_path) else \
+                "no checkpoint was written"
+            raise UserError(f"the loss became nan or inf by iteration {iter_num}; {kept}; lower "
+                            f"--learning_rate (now {cfg.learning_rate:g}) or set --grad_clip")
+
     t0, logged_time, logged_iter = time.time(), train_time, iter_num
     while True:
         # evaluate, log and save (every eval_interval iterations and at the end)
         if master and (iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters):
             train_time += time.time() - t0
             losses = evaluate()
+            check_finite(losses.values())
             print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
             best_val_loss = min(best_val_loss, losses["val"])
             log_jsonl(log_path, {"iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"],
@@ -438,6 +575,7 @@ def main(argv):
             with autocast:
                 _, loss = train_model(x, y)
                 loss = loss / accum_steps
+            nonfinite |= ~torch.isfinite(loss.detach())
             x, y = batch(train_data, iter_num * accum_steps + micro_step + 1)  # prefetch the next one
             scaler.scale(loss).backward()
         if cfg.grad_clip > 0:
@@ -450,6 +588,7 @@ def main(argv):
         tokens_seen += tokens_per_iter
 
         if master and iter_num % cfg.log_interval == 0:
+            check_finite()
             loss_value = loss.item() * accum_steps  # .item() waits for the GPU: only on log steps
             train_time += time.time() - t0
             t0 = time.time()
@@ -458,7 +597,9 @@ def main(argv):
             record = {"iter": iter_num, "loss": loss_value, "lr": lr, "ms": dt * 1000,
                       "tok_s": tokens_per_iter / dt, "time": train_time, "tokens": tokens_seen,
                       "peak_mem_mb": peak_memory_mb(device)}
-            line = f"iter {iter_num}: loss {loss_value:.4f}, {dt * 1000:.1f}ms, {tokens_per_iter / dt:,.0f} tok/s"
+            eta = (train_time - start_time) / (iter_num - start_iter) * (cfg.max_iters - iter_num)
+            line = (f"iter {iter_num}: {iter_num}/{cfg.max_iters}, loss {loss_value:.4f}, {dt * 1000:.1f}ms, "
+                    f"{tokens_per_iter / dt:,.0f} tok/s, eta {format_duration(eta)}")
             if peak:
                 record["mfu"] = raw_model.flops_per_token() * tokens_per_iter / dt / (peak * world_size)
                 line += f", mfu {record['mfu']:.1%}"
@@ -497,5 +638,5 @@ if __name__ == "__main__":
         main(sys.argv[1:])
     except UserError as e:
         sys.exit(f"train.py: error: {e}")
-    except KeyboardInterrupt:
-        sys.exit("\ntrain.py: interrupted; the last checkpoint is intact (resume with --init_from=resume)")
+    except KeyboardInterrupt:  # during the start, before main's own handler
+        sys.exit("\ntrain.py: interrupted")

@@ -157,3 +157,61 @@ def test_stats_and_routing_path():
     assert path[0]["fV"].shape == (12, 4) and path[0]["fV"].max() < 40 and path[0]["fQ"].max() < 16
     again = model.routing_path(prompt.view(1, -1))
     assert all(torch.equal(a[name], b[name]) for a, b in zip(path, again) for name in a)
+
+
+# --- incremental decoding ------------------------------------------------------------------------
+
+PROMPT_THEN_TOKENS = [5] + [1] * 27 + [7] + [1] * 25  # a chunk of several on a non-empty cache too
+
+
+def test_cached_decoding_routes_every_token_as_the_forward_does():
+    """Routing reads each token's own state, so the cache needs no routing state; but that state at
+    layer l > 0 comes from attention over the cached keys, and at layer 0 from the position table
+    offset by the cache's length: every layer's selected neurons must be routing_path's."""
+    model = build()
+    x = tokens(B=1)
+    path = model.routing_path(x[0])
+    selected = []
+    hooks = [layer.register_forward_hook(lambda module, args, out: selected.append(out[1])) for layer in model.layers]
+    cache, t = model.init_cache(1), 0
+    for n in PROMPT_THEN_TOKENS:
+        model.forward_cached(x[:, t:t + n], cache)
+        t += n
+    for hook in hooks:
+        hook.remove()
+    n_layer = len(model.layers)
+    for l, layer_path in enumerate(path):
+        steps = selected[l::n_layer]  # the calls of layer l, in order
+        for pool, names in model_dawn.ROUTINGS.items():
+            for i, name in enumerate(names):
+                cached = torch.cat([step[pool][2][0, :, i] for step in steps])  # (T, k)
+                assert torch.equal(cached, layer_path[name]), f"layer {l} {name}"
+
+
+def test_cached_decoding_is_the_eval_computation_and_leaves_stats_alone():
+    model = build(dropout=0.1, router_dropout=0.1)
+    x = tokens()
+    model.eval()
+    with torch.no_grad():
+        full = model(x)[0]
+    last = model.last
+    model.train()
+    cache, out, t = model.init_cache(3), [], 0
+    for n in PROMPT_THEN_TOKENS:
+        out.append(model.forward_cached(x[:, t:t + n], cache))
+        t += n
+    torch.testing.assert_close(torch.cat(out, dim=1), full, atol=1e-4, rtol=1e-4)
+    assert model.training and model.last is last
+
+
+def test_cache_stops_at_the_position_table():
+    model = build().eval()
+    x = tokens(B=2)
+    cache = model.init_cache(2)
+    model.forward_cached(x[:, :60], cache)
+    with pytest.raises(ValueError, match="block_size"):
+        model.forward_cached(x[:, :5], cache)  # positions 60..64: the table has 64 rows
+    assert cache["t"] == 60  # refused before writing anything: decoding goes on
+    with torch.no_grad():
+        full = model(x)[0]
+    torch.testing.assert_close(model.forward_cached(x[:, 60:], cache), full[:, 60:], atol=1e-4, rtol=1e-4)

@@ -282,3 +282,74 @@ def test_stats_report_masking_deltas_and_expert_usage():
     for l in range(4):  # delta = exp(A * softplus(dt)) > 0, = 1 exactly where A = 0
         assert stats[f"delta_mean_l{l}"] > 0
     assert build().eval().stats() == {}  # nothing before the first forward
+
+
+# --- incremental decoding ------------------------------------------------------------------------
+
+def decode(model, x, chunks):
+    """x (B, T) through forward_cached in chunks of the given sizes: the logits, concatenated."""
+    cache, out, t = model.init_cache(x.size(0)), [], 0
+    for n in chunks:
+        out.append(model.forward_cached(x[:, t:t + n], cache))
+        t += n
+    return torch.cat(out, dim=1)
+
+
+PROMPT_THEN_TOKENS = [5] + [1] * 27 + [7] + [1] * 25  # a chunk of several on a non-empty cache too
+
+
+@pytest.mark.parametrize("is_moe", [False, True], ids=["dense", "moe"])
+@pytest.mark.parametrize("kws", [16, 3])
+def test_cached_decoding_with_the_mask_active_equals_the_forward(is_moe, kws):
+    """With more visible keys than kws, each cached query must mask the keys the forward masks. Random
+    A and dt make delta differ from key to key; distinct tokens avoid exact ties between keys (see
+    model_doge's docstring on incremental decoding). In training mode, with dropout and the aux loss
+    on, the cached path is the eval computation all the same."""
+    model = randomise(build(is_moe=is_moe, keep_window_size=kws, dropout=0.1, moe_aux_coef=0.1))
+    x = distinct_tokens()
+    model.eval()
+    with torch.no_grad():
+        full = model(x)[0]
+    assert model.stats()["masked_frac"] > 0.5
+    wide = randomise(build(is_moe=is_moe, keep_window_size=64)).eval()
+    with torch.no_grad():  # the mask matters: past kws keys, attending to all of them changes every row
+        assert (wide(x)[0] - full)[:, kws:].abs().amax(-1).min() > 1e-3
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    model.train()
+    for chunks in (PROMPT_THEN_TOKENS, [64]):
+        torch.testing.assert_close(decode(model, x, chunks), full, atol=1e-4, rtol=1e-4)
+    assert model.training
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+
+
+def test_cached_decoding_breaks_delta_ties_like_the_forward():
+    """At A = 0 every delta is exactly 1: the forward keeps the kws most recent keys (a sliding
+    window), and so must the cache, not whichever equal keys a top-k happens to return."""
+    model = build(keep_window_size=8).eval()
+    x = torch.randint(0, 65, (2, 64), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        full = model(x)[0]
+    assert model.stats()["masked_frac"] > 0.5
+    torch.testing.assert_close(decode(model, x, PROMPT_THEN_TOKENS), full, atol=1e-4, rtol=1e-4)
+
+
+def test_cache_holds_keys_values_and_delta_of_every_position():
+    model = randomise(build(keep_window_size=16)).eval()
+    x = distinct_tokens(B=2)
+    cache = model.init_cache(2)
+    assert cache["t"] == 0 and cache["layers"][0]["delta"].shape == (2, 2, 64)
+    model.forward_cached(x[:, :10], cache)
+    model.forward_cached(x[:, 10:11], cache)
+    assert cache["t"] == 11
+    attn = model.blocks[0].attn
+    cos, sin = model.rope(torch.arange(11))
+    with torch.no_grad():
+        _, k, v, delta = attn.project(model.blocks[0].input_layernorm(model.wte(x[:, :11])), cos, sin)
+    layer = cache["layers"][0]
+    torch.testing.assert_close(layer["delta"][:, :, :11], delta)
+    torch.testing.assert_close(layer["k"][:, :, :11], k)
+    torch.testing.assert_close(layer["v"][:, :, :11], v)
+    assert (layer["delta"][:, :, 11:] == 0).all()  # nothing written past the tokens held
+    with pytest.raises(ValueError, match="block_size"):
+        model.forward_cached(distinct_tokens(B=2)[:, :54], cache)
+    assert cache["t"] == 11

@@ -246,3 +246,90 @@ def test_prior_loss_alone_does_not_train_the_decision_block():
 def test_flops_count_only_routed_rows():
     ratio = build().flops_per_token() / model_gpt.GPT(model_gpt.Config()).flops_per_token()
     assert 0.6 < ratio < 0.7  # specs/dtf.md: 0.64 at the laptop cap f = 2 gamma
+
+
+# --- incremental decoding: a dynamic block's cache holds its routed tokens only -----------------
+
+def decode(model, x, chunks, after_each=None):
+    """Feed x through forward_cached in chunks; the logits concatenated, and the cache."""
+    cache, out, t = model.init_cache(x.size(0)), [], 0
+    for n in chunks:
+        out.append(model.forward_cached(x[:, t:t + n], cache))
+        t += n
+        if after_each:
+            after_each(cache, t)
+    return torch.cat(out, dim=1), cache
+
+
+def routed_inputs(model, x):
+    """Per pair, in an eval forward of x: H_post (the dynamic block's input) and the routed tokens."""
+    posts = []
+    hooks = [pair.decision.register_forward_hook(lambda m, args, out: posts.append(out)) for pair in model.pairs]
+    G = gates(model, x)
+    for h in hooks:
+        h.remove()
+    return [(post, route(g, pair.tau, pair.cap())[0]) for pair, post, g in zip(model.pairs, posts, G)]
+
+
+def stored_values(block, h_post, sel, b):
+    """The values a dynamic block's cache must hold for row b: V of the routed tokens, in order."""
+    attn, hd = block.attn, block.attn.head_dim
+    v = attn.qkv_proj(block.attn_norm(h_post[b, sel[b]]))[:, -attn.n_kv_head * hd:]
+    return v.view(-1, attn.n_kv_head, hd).transpose(0, 1)  # (G, n, hd)
+
+
+@pytest.mark.parametrize("ma_window", [100, 5], ids=["window-covers-block", "window-5"])
+def test_dynamic_cache_holds_exactly_the_routed_tokens(ma_window):
+    """Token by token, a dynamic block's cache grows by one exactly when the forward routes the
+    token (skipped tokens add nothing) and ends holding the routed tokens' values, row by row; the
+    decision block's cache holds every token. A window shorter than the sequence checks that the
+    cache carries the moving average's state exactly."""
+    model = build(ma_window=ma_window)
+    x = tokens(B=3)
+    for pair, G in zip(model.pairs, gates(model, x)):
+        pair.tau.fill_(G.quantile(0.8).item())  # about 13 of 64 want: under the cap, rows differ
+    routed = routed_inputs(model, x)
+    counts = torch.stack([sel.sum(1) for _, sel in routed])
+    assert (counts < 16).any() and len(set(counts.flatten().tolist())) > 1  # ragged, not all capped
+
+    def check(cache, t):
+        for c, (_, sel) in zip(cache.layers, routed):
+            assert torch.equal(c.dynamic.n, sel[:, :t].sum(1)), f"after {t} tokens"
+            assert c.decision.n.tolist() == [t] * 3
+
+    logits, cache = decode(model, x, [1] * 64, check)
+    with torch.no_grad():
+        torch.testing.assert_close(logits, model(x)[0], atol=1e-4, rtol=1e-4)
+        for pair, c, (post, sel) in zip(model.pairs, cache.layers, routed):
+            assert c.dynamic.k.shape[2] == 16  # compact: K slots a row, not block_size
+            for b in range(3):
+                torch.testing.assert_close(c.dynamic.v[b, :, :c.dynamic.n[b]],
+                                           stored_values(pair.dynamic, post, sel, b), atol=1e-5, rtol=0)
+
+
+def test_dynamic_cache_respects_the_cap():
+    """With half the tokens wanting, every row stops at K = 16 routed tokens: the cache holds the
+    first 16 wanting ones, later wanting tokens skip, and the logits still equal the forward's."""
+    model = build()
+    x = tokens(B=3)
+    set_tau_to_median(model, x)
+    routed = routed_inputs(model, x)
+    assert all((sel.sum(1) == 16).all() for _, sel in routed)
+    calls = [0] * len(model.pairs)
+    hooks = [pair.dynamic.register_forward_pre_hook(lambda m, args, i=i: calls.__setitem__(i, calls[i] + 1))
+             for i, pair in enumerate(model.pairs)]
+
+    def check(cache, t):
+        assert all((c.dynamic.n <= 16).all() for c in cache.layers)
+
+    logits, cache = decode(model, x, [5] + [1] * 27 + [7] + [1] * 25, check)
+    for h in hooks:
+        h.remove()
+    with torch.no_grad():
+        torch.testing.assert_close(logits, model(x)[0], atol=1e-4, rtol=1e-4)
+    for pair, c, (post, sel) in zip(model.pairs, cache.layers, routed):
+        assert c.dynamic.n.tolist() == [16, 16, 16]
+        for b in range(3):
+            torch.testing.assert_close(c.dynamic.v[b], stored_values(pair.dynamic, post, sel, b), atol=1e-5, rtol=0)
+    # once every row is full, wanting tokens skip: the dynamic block ran for fewer than all 55 calls
+    assert all(n < 55 for n in calls)

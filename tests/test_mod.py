@@ -208,3 +208,117 @@ def test_flops_count_only_routed_rows():
     gpt = model_gpt.GPT(model_gpt.Config())
     ratio = model.flops_per_token() / gpt.flops_per_token()
     assert 0.6 < ratio < 0.7  # specs/mod.md: 0.63 at the laptop cap f = 2C
+
+
+# --- incremental decoding: a routed layer's cache holds its routed tokens only ------------------
+
+def decode(model, x, chunks, after_each=None):
+    """Feed x through forward_cached in chunks; the logits concatenated, and the cache."""
+    cache, out, t = model.init_cache(x.size(0)), [], 0
+    for n in chunks:
+        out.append(model.forward_cached(x[:, t:t + n], cache))
+        t += n
+        if after_each:
+            after_each(cache, t)
+    return torch.cat(out, dim=1), cache
+
+
+def routed_inputs(model, x):
+    """The input of every routed block in an eval forward of x, and the tokens it routed there."""
+    inputs = []
+    hooks = [b.register_forward_pre_hook(lambda m, args: inputs.append(args[0])) for b in routed_blocks(model)]
+    with torch.no_grad():
+        model.eval()(x)
+    for h in hooks:
+        h.remove()
+    return [(xin, route(b.score(xin), b.tau, b.cap())[0]) for b, xin in zip(routed_blocks(model), inputs)]
+
+
+def stored_values(block, xin, sel, b):
+    """The values a cache must hold for row b: V of the routed tokens, in position order."""
+    attn, hd = block.block.attn, block.block.attn.head_dim
+    v = attn.qkv_proj(block.block.attn_norm(xin[b, sel[b]]))[:, -attn.n_kv_head * hd:]
+    return v.view(-1, attn.n_kv_head, hd).transpose(0, 1)  # (G, n, hd)
+
+
+def routed_caches(model, cache):
+    return [c for blk, c in zip(model.blocks, cache.layers) if isinstance(blk, MoDBlock)]
+
+
+def test_routed_cache_holds_exactly_the_routed_tokens():
+    """Token by token, a routed layer's cache grows by one exactly when the forward routes the token
+    (skipped tokens add nothing), and at the end holds the routed tokens' values, row by row."""
+    model = build()
+    x = tokens(B=3)
+    for block, r in zip(routed_blocks(model), router_scores(model, x)):
+        block.tau.fill_(r.quantile(0.8).item())  # about 13 of 64 want: under the cap, rows differ
+    routed = routed_inputs(model, x)
+    counts = torch.stack([sel.sum(1) for _, sel in routed])
+    assert (counts < 16).any() and len(set(counts.flatten().tolist())) > 1  # ragged, not all capped
+
+    def check(cache, t):
+        for c, (_, sel) in zip(routed_caches(model, cache), routed):
+            assert torch.equal(c.n, sel[:, :t].sum(1)), f"after {t} tokens"
+
+    logits, cache = decode(model, x, [1] * 64, check)
+    with torch.no_grad():
+        torch.testing.assert_close(logits, model(x)[0], atol=1e-4, rtol=1e-4)
+        for block, c, (xin, sel) in zip(routed_blocks(model), routed_caches(model, cache), routed):
+            assert c.k.shape[2] == 16  # compact: K slots a row, not block_size
+            for b in range(3):
+                torch.testing.assert_close(c.v[b, :, :c.n[b]], stored_values(block, xin, sel, b), atol=1e-5, rtol=0)
+
+
+def test_skipped_tokens_do_no_block_work():
+    """A routed block runs once per routed token when decoding one row token by token, never for
+    a skipped one."""
+    model = build()
+    x = tokens(B=1)
+    for block, r in zip(routed_blocks(model), router_scores(model, x)):
+        block.tau.fill_(r.quantile(0.8).item())
+    routed = routed_inputs(model, x)
+    calls = [0] * len(routed)
+    hooks = [b.block.register_forward_pre_hook(lambda m, args, i=i: calls.__setitem__(i, calls[i] + args[0].size(1)))
+             for i, b in enumerate(routed_blocks(model))]
+    decode(model, x, [1] * 64)
+    for h in hooks:
+        h.remove()
+    assert calls == [int(sel.sum()) for _, sel in routed] and 0 < sum(calls) < 2 * 64
+
+
+def test_routed_cache_respects_the_cap():
+    """With half the tokens wanting, every row stops at K = 16 routed tokens: the cache holds the
+    first 16 wanting ones, later wanting tokens skip, and the logits still equal the forward's."""
+    model = build()
+    x = tokens(B=3)
+    set_tau_to_median(model, x)
+    routed = routed_inputs(model, x)
+    wanting = [(b.score(xin) >= b.tau).sum(1) for b, (xin, _) in zip(routed_blocks(model), routed)]
+    assert all((w > 20).all() for w in wanting)  # well over the cap
+
+    def check(cache, t):
+        assert all((c.n <= 16).all() for c in routed_caches(model, cache))
+
+    logits, cache = decode(model, x, [5] + [1] * 27 + [7] + [1] * 25, check)
+    with torch.no_grad():
+        torch.testing.assert_close(logits, model(x)[0], atol=1e-4, rtol=1e-4)
+    for block, c, (xin, sel) in zip(routed_blocks(model), routed_caches(model, cache), routed):
+        assert c.n.tolist() == [16, 16, 16]
+        for b in range(3):
+            torch.testing.assert_close(c.v[b], stored_values(block, xin, sel, b), atol=1e-5, rtol=0)
+
+
+def test_cached_decoding_is_the_eval_computation_in_training_mode():
+    """With dropout on and the model in training mode, forward_cached still gives the eval forward's
+    logits (no dropout, no tau update) and leaves the model in training mode."""
+    model = build(dropout=0.2)
+    x = tokens(B=2)
+    set_tau_to_median(model, x)
+    state = copy.deepcopy(model.state_dict())
+    with torch.no_grad():
+        full = model.eval()(x)[0]
+    model.train()
+    logits, _ = decode(model, x, [9] + [1] * 55)
+    assert model.training
+    torch.testing.assert_close(logits, full, atol=1e-4, rtol=1e-4)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())

@@ -183,6 +183,7 @@ def test_fine_tune_and_sample_end_to_end(hub, tmp_path):
     # a dataset in another tokenizer, and a checkpoint of another architecture: one line each
     r = run("prepare_data.py", "shakespeare_char", f"--input={text}", "--name=chars", f"--data_dir={data}", env=env)
     assert r.returncode == 0, r.stderr
+    common.append("--overwrite=True")  # out_dir holds the fine-tuned checkpoint; these runs stop before saving
     r = run("train.py", "--init_from=hf:tiny/qwen2", "--dataset=chars", *common, env=env)
     assert_one_line_error(r, "train.py", "dataset chars was not tokenized with hf:tiny/qwen2's tokenizer")
     llama = {**json.loads(read("config.json")), "model_type": "llama", "architectures": ["LlamaForCausalLM"]}

@@ -116,7 +116,7 @@ def test_bad_input_gives_one_line_errors(data_dir, trained, tmp_path):
     assert_one_line_error(run("train.py", "--colour=red"), "train.py", "unknown option --colour")
     assert_one_line_error(run("train.py", "--max_iters=many"), "train.py", "--max_iters=many: expected int")
     assert_one_line_error(run("train.py", "--dataset=nope", f"--data_dir={data_dir}"), "train.py",
-                          "run: python prepare_data.py nope")
+                          "--name=nope")
     assert_one_line_error(run("train.py", *base, "--preset=huge"), "train.py", "unknown preset 'huge'")
     assert_one_line_error(run("train.py", *base, "--n_head=3"), "train.py", "bad gpt config")
     if not torch.cuda.is_available():
