@@ -3,13 +3,14 @@ Prepare a dataset for train.py: get the text, tokenize it, write uint16 token fi
 
     python prepare_data.py shakespeare_char                  # tiny Shakespeare, one token per character
     python prepare_data.py shakespeare                       # tiny Shakespeare, GPT-2 BPE (tiktoken)
+    python prepare_data.py shakespeare --tokenizer=hf:Qwen/Qwen2.5-0.5B --name=shakespeare_qwen  # a checkpoint's BPE
     python prepare_data.py shakespeare_char --input=my.txt --name=mytext    # any UTF-8 text file
     python prepare_data.py c4 --tokens=5e9                   # C4 English, GPT-2 BPE, token shards
 
 Writes data/<name>/train.bin, val.bin (C4: train_000.bin, ..., val_000.bin) and meta.json (the vocabulary size and how to rebuild the
 tokenizer, which train.py copies into every checkpoint so that sample.py can decode).
-A .bin file is a 1024-byte header (int32: magic, version, token count, zeros) followed by the
-tokens as uint16, so a truncated or foreign file is detected instead of silently trained on.
+A .bin file is a 1024-byte header (int32: magic, version, token count, bytes per token or 0 for 2,
+zeros) followed by the tokens as uint16 (uint32 for vocabularies past 65,536, like Qwen's), so a truncated or foreign file is detected instead of silently trained on.
 Every file is written to a temporary name and renamed, so an interrupted run never leaves a file
 that looks complete; rerunning the same command resumes a partial download.
 """
@@ -44,17 +45,16 @@ class UserError(Exception):
 # token files
 
 def write_tokens(path, tokens):
-    """Write header + uint16 tokens to path through a temporary file and a rename."""
+    """Write header + tokens (uint16, or uint32 when an id needs it) to path through a temporary file and a rename."""
     tokens = np.asarray(tokens)
-    if tokens.size and tokens.max() >= 2**16:
-        raise UserError(f"token id {tokens.max()} does not fit in uint16; use a vocabulary below 65,536")
+    dtype = np.uint32 if tokens.size and tokens.max() >= 2**16 else np.uint16
     header = np.zeros(HEADER_INTS, dtype=np.int32)
-    header[:3] = MAGIC, VERSION, tokens.size
+    header[:4] = MAGIC, VERSION, tokens.size, np.dtype(dtype).itemsize
     tmp = path + ".tmp"
     try:
         with open(tmp, "wb") as f:
             f.write(header.tobytes())
-            f.write(tokens.astype(np.uint16).tobytes())
+            f.write(tokens.astype(dtype).tobytes())
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -67,15 +67,15 @@ def write_tokens(path, tokens):
 def read_tokens(path):
     """The tokens of a .bin file as a read-only np.memmap, after checking its header."""
     header = np.fromfile(path, dtype=np.int32, count=HEADER_INTS)
-    if header.size < 3 or header[0] != MAGIC or header[1] != VERSION:
+    if header.size < 4 or header[0] != MAGIC or header[1] != VERSION or header[3] not in (0, 2, 4):
         raise UserError(f"{path} is not a token file of this repo (bad header); prepare it again "
                         f"with prepare_data.py")
-    n_tokens = int(header[2])
-    found = (os.path.getsize(path) - 4 * HEADER_INTS) // 2
+    n_tokens, dtype = int(header[2]), np.uint32 if header[3] == 4 else np.uint16  # 0: files from before uint32
+    found = (os.path.getsize(path) - 4 * HEADER_INTS) // np.dtype(dtype).itemsize
     if found != n_tokens:
         raise UserError(f"{path} should hold {n_tokens:,} tokens but holds {found:,} (truncated?); "
                         f"prepare it again with prepare_data.py")
-    return np.memmap(path, dtype=np.uint16, mode="r", offset=4 * HEADER_INTS, shape=(n_tokens,))
+    return np.memmap(path, dtype=dtype, mode="r", offset=4 * HEADER_INTS, shape=(n_tokens,))
 
 
 def write_text(path, text):
@@ -108,6 +108,9 @@ def get_tokenizer(desc):
             return [stoi[c] for c in text]
 
         return encode, lambda ids: "".join(chars[i] for i in ids)
+    if desc["kind"] == "tiktoken" and "ranks" in desc:  # a pretrained checkpoint's own BPE
+        import pretrained
+        return pretrained.tiktoken_encoding(desc)
     if desc["kind"] == "tiktoken":
         enc = bpe_encoding(desc["encoding"])
         return enc.encode_ordinary, lambda ids: enc.decode([i for i in ids if i < enc.n_vocab])
@@ -199,6 +202,10 @@ def prepare_text(out_dir, text, tokenizer):
     if tokenizer == "char":
         chars = "".join(sorted(set(text)))
         desc, vocab_size = {"kind": "char", "chars": chars}, len(chars)
+    elif tokenizer.startswith("hf:"):  # to fine-tune that checkpoint (train.py --init_from=hf:...)
+        import pretrained
+        desc = pretrained.tokenizer_descriptor(tokenizer[3:])
+        vocab_size = max([len(desc["ranks"].split(" ")), *[i + 1 for i in desc["special"].values()]])
     else:
         desc, vocab_size = {"kind": "tiktoken", "encoding": BPE_ENCODING}, BPE_VOCAB_SIZE
     encode, _ = get_tokenizer(desc)
@@ -341,7 +348,7 @@ def prepare_c4(out_dir, tokens=0, shards=0, val_shards=1, base_url=C4_URL, procs
 # dataset -> the options it takes, with their defaults
 DATASETS = {
     "shakespeare_char": {"input": "", "url": SHAKESPEARE_URL},
-    "shakespeare": {"input": "", "url": SHAKESPEARE_URL},
+    "shakespeare": {"input": "", "url": SHAKESPEARE_URL, "tokenizer": "gpt2"},  # or hf:OWNER/NAME
     "c4": {"tokens": 0, "shards": 0, "val_shards": 1, "base_url": C4_URL, "procs": 0},
 }
 
@@ -355,13 +362,17 @@ def prepare(dataset, data_dir="data", name="", **options):
     if dataset == "c4":
         prepare_c4(out_dir, **options)
     else:
-        prepare_shakespeare(out_dir, "char" if dataset == "shakespeare_char" else "bpe", **options)
+        tokenizer = options.pop("tokenizer", "gpt2")
+        if dataset == "shakespeare" and tokenizer != "gpt2" and not tokenizer.startswith("hf:"):
+            raise UserError(f"--tokenizer={tokenizer}: use gpt2 or hf:OWNER/NAME (a Qwen2 checkpoint's tokenizer)")
+        prepare_shakespeare(out_dir, "char" if dataset == "shakespeare_char" else tokenizer, **options)
     return out_dir
 
 
 def main(argv):
     usage = ("usage: python prepare_data.py DATASET [--name=NAME] [--data_dir=data] [options]\n"
              "  shakespeare_char, shakespeare: [--input=FILE (a local UTF-8 text instead of the download)] [--url=URL]\n"
+             "  shakespeare: [--tokenizer=gpt2 | hf:OWNER/NAME (a Qwen2 checkpoint's BPE, to fine-tune it)]\n"
              "  c4: [--tokens=N | --shards=N (default 1)] [--val_shards=1] [--base_url=URL] [--procs=N (default: all cores)]")
     positional = [a for a in argv if not a.startswith("-")]
     if "-h" in argv or "--help" in argv:

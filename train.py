@@ -5,6 +5,7 @@ Train any model_<name>.py of this repo. nanoGPT's training loop, for every archi
     python train.py --model=mod --max_iters=500 --learning_rate=2e-3
     python train.py --model=gpt --preset=gpt2-124m --dataset=shakespeare --batch_size=8
     python train.py --model=gpt --init_from=resume                # continue out-gpt/ckpt.pt
+    python train.py --model=mod --init_from=hf:Qwen/Qwen2.5-0.5B --dataset=shakespeare_qwen  # fine-tune (pretrained.py)
     torchrun --standalone --nproc_per_node=8 train.py --model=dtf --gradient_accumulation_steps=8
 
 Options are --key=value: the training settings in TrainConfig below, or any field of the model's
@@ -31,6 +32,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import pretrained
 from prepare_data import UserError, get_tokenizer, prepare, read_tokens
 
 
@@ -41,8 +43,8 @@ class TrainConfig:
     dataset: str = "shakespeare_char"
     data_dir: str = "data"
     out_dir: str = ""                # default: out-<model>
-    init_from: str = "scratch"       # "scratch" or "resume" (from out_dir/ckpt.pt)
-    overwrite: bool = False          # True: a scratch run may replace the ckpt.pt already in out_dir
+    init_from: str = "scratch"       # "scratch", "resume" (from out_dir/ckpt.pt) or "hf:OWNER/NAME" (Qwen2 weights)
+    overwrite: bool = False          # True: a new run may replace the ckpt.pt already in out_dir
     # iterations, evaluation, logging
     max_iters: int = 2000
     eval_interval: int = 250
@@ -67,7 +69,7 @@ class TrainConfig:
     seed: int = 1337
 
 
-CHOICES = {"init_from": ("scratch", "resume"), "compile": ("auto", "True", "False"),
+CHOICES = {"compile": ("auto", "True", "False"),
            "dtype": ("auto", "float32", "bfloat16", "float16")}
 
 
@@ -135,6 +137,8 @@ def parse_args(argv):
     for key, allowed in CHOICES.items():
         if getattr(cfg, key) not in allowed:
             raise UserError(f"--{key}={getattr(cfg, key)}: choose one of {', '.join(allowed)}")
+    if cfg.init_from not in ("scratch", "resume") and not cfg.init_from.startswith("hf:"):
+        raise UserError(f"--init_from={cfg.init_from}: choose scratch, resume or hf:OWNER/NAME")
     for key in ("max_iters", "eval_interval", "eval_iters", "log_interval", "batch_size",
                 "gradient_accumulation_steps"):
         if getattr(cfg, key) <= 0 and not (key == "max_iters" and cfg.max_iters == 0):
@@ -423,7 +427,7 @@ def train(cfg, model_overrides, given):
     # everything comes from the checkpoint (training options given on the command line still apply)
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     ckpt = None
-    if cfg.init_from == "scratch" and os.path.exists(ckpt_path) and not cfg.overwrite:
+    if cfg.init_from != "resume" and os.path.exists(ckpt_path) and not cfg.overwrite:  # scratch or hf:
         raise UserError(f"{cfg.out_dir} already holds a checkpoint; continue it with --init_from=resume, "
                         f"train into another --out_dir, or replace it with --overwrite=True")
     if cfg.init_from == "resume":
@@ -436,6 +440,7 @@ def train(cfg, model_overrides, given):
         cfg = TrainConfig(**{**{k: v for k, v in saved.items() if hasattr(cfg, k)},
                              **{k: getattr(cfg, k) for k in given if hasattr(cfg, k)}})
     meta = load_meta(cfg)
+    hf_repo = cfg.init_from[3:] if cfg.init_from.startswith("hf:") else None
     if ckpt is not None:
         if ckpt["tokenizer"] != meta["tokenizer"]:
             raise UserError(f"{ckpt_path} was trained on {saved['dataset']!r} with another tokenizer than "
@@ -443,6 +448,17 @@ def train(cfg, model_overrides, given):
                             f"(--dataset={saved['dataset']}) or train a new run into another --out_dir")
         model = model_from_checkpoint(ckpt, ckpt_path).to(device)
         model_config = model.config
+    elif hf_repo:  # the checkpoint fixes the shapes; the dataset must speak its tokenizer
+        if "preset" in given:
+            raise UserError("--init_from=hf:... takes the model's shape from the checkpoint; drop --preset")
+        if ddp and not master:
+            dist.barrier()  # rank 0 downloads first (one writer per cache file); the others then reuse its files
+        model_config = module.Config(**pretrained.model_fields(hf_repo, model_overrides, meta["vocab_size"]))
+        if not pretrained.same_tokenizer(meta["tokenizer"], pretrained.tokenizer_descriptor(hf_repo)):
+            raise UserError(f"dataset {cfg.dataset} was not tokenized with hf:{hf_repo}'s tokenizer; prepare it "
+                            f"with: python prepare_data.py shakespeare --tokenizer=hf:{hf_repo} --name=NAME")
+        if ddp and master:
+            dist.barrier()
     else:
         fields = {**(module.PRESETS[cfg.preset] if cfg.preset else {}), **model_overrides}
         vocab_size = max(meta["vocab_size"], fields.get("vocab_size", 0))  # larger = padding, allowed
@@ -458,6 +474,9 @@ def train(cfg, model_overrides, given):
             model = module.Model(model_config).to(device)
         except ValueError as e:
             raise UserError(f"bad {cfg.model} config: {e}") from None
+        if hf_repo and master:  # one download; DDP copies rank 0's weights to the other processes
+            fresh = pretrained.load_weights(model, cfg.model, hf_repo)
+            print(f"loaded hf:{hf_repo}" + (f"; fresh: {', '.join(fresh)}" if fresh else ""))
     optimizer = configure_optimizer(model, cfg, device)
     train_data, val_data = load_split(cfg, "train"), load_split(cfg, "val")
     iter_num, best_val_loss, train_time, tokens_seen = 0, float("inf"), 0.0, 0
@@ -511,7 +530,7 @@ def train(cfg, model_overrides, given):
     start_iter, start_time = iter_num, train_time
     x, y = batch(train_data, iter_num * accum_steps)
     log_path = os.path.join(cfg.out_dir, "log.jsonl")
-    if master and cfg.init_from == "scratch" and os.path.exists(log_path):
+    if master and cfg.init_from != "resume" and os.path.exists(log_path):
         os.remove(log_path)  # training really starts: a new run starts a new log; a resumed run appends
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)  # any non-finite loss since the last check
 
