@@ -140,27 +140,33 @@ class KVCache:
         self.size = size
         self.k = self.v = None  # (B, G, size, hd), allocated by the first append in attention's dtype
         self.n = torch.zeros(B, dtype=torch.long, device=device)
+        self.filled = 0  # a dense layer's n, as a Python int: slicing by it needs no device sync
 
     def append(self, k, v, keep=None):
         """Store the new keys and values k, v (B, G, t, hd) after each row's earlier entries: all of
         them, or those keep (B, t) marks (a routed layer's routed tokens, which come first in each row).
-        Returns keys and values over the filled part of the buffers and the boolean mask (B, 1, t, S)
-        for the new queries, or mask None where plain causal attention is exact (every row was empty
-        and stores all t)."""
+        Returns keys and values over the filled part of the buffers and the boolean mask for the new
+        queries: (B, 1, t, S), (t, S) for a dense layer, or None where plain causal attention is
+        exact (a dense layer's first call)."""
         B, G, t, hd = k.shape
         if self.k is None:
             self.k = k.new_zeros(B, G, self.size, hd)  # zeros: an unfilled slot holds finite numbers
             self.v = v.new_zeros(B, G, self.size, hd)
-        if keep is None:
-            keep = torch.ones(B, t, dtype=torch.bool, device=k.device)
+        if keep is None:  # a dense layer: every row stores all t tokens in the same slots
+            s0, S = self.filled, self.filled + t
+            self.k[:, :, s0:S], self.v[:, :, s0:S] = k, v
+            self.n += t
+            self.filled = S
+            if s0 == 0:
+                return k, v, None
+            mask = torch.arange(S, device=k.device) <= s0 + torch.arange(t, device=k.device)[:, None]  # (t, S)
+            return self.k[:, :, :S], self.v[:, :, :S], mask
         own = self.n[:, None] + torch.arange(t, device=k.device)  # (B, t): the slot of each stored token
         b, i = keep.nonzero(as_tuple=True)
         self.k[b, :, own[b, i]] = k[b, :, i]
         self.v[b, :, own[b, i]] = v[b, :, i]
         self.n += keep.sum(dim=1)
         S = int(self.n.max())
-        if S == t and keep.all():
-            return self.k[:, :, :S], self.v[:, :, :S], None
         slot = torch.arange(S, device=k.device)
         # a new token sees its row's stored entries up to its own slot. A token that is not stored
         # (padding of a routed layer) may have nothing to see; slot 0 keeps its discarded output finite
