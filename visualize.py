@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from prepare_data import UserError, get_tokenizer
-from train import load_checkpoint, load_model_module, parse_value, pick_device
+from train import load_checkpoint, model_from_checkpoint, parse_value, pick_device
 
 OPTIONS = {
     "out_dir": "out-gpt",
@@ -405,15 +405,9 @@ def main(argv):
         raise UserError("--top must be at least 1")
 
     device, _ = pick_device(opts["device"], "float32")
-    ckpt = load_checkpoint(f"{opts['out_dir']}/ckpt.pt", device)
-    module = load_model_module(ckpt["model_name"])
-    model = module.Model(module.Config(**ckpt["model_config"]))
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as e:
-        raise UserError(f"the checkpoint's weights do not fit model_{ckpt['model_name']}.py "
-                        f"({str(e).splitlines()[0]}); was it written by another version?") from None
-    model.eval().to(device)
+    path = f"{opts['out_dir']}/ckpt.pt"
+    ckpt = load_checkpoint(path, device)
+    model = model_from_checkpoint(ckpt, path).eval().to(device)
     encode, decode = get_tokenizer(ckpt["tokenizer"])
     ids = encode(text)
     if not ids:

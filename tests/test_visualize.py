@@ -47,7 +47,8 @@ def save(model, name, cfg, out_dir):
     """A checkpoint with the keys train.py writes (the optimizer state is not needed to visualize)."""
     os.makedirs(out_dir, exist_ok=True)
     torch.save({"model": model.state_dict(), "model_name": name, "model_config": cfg, "iter_num": 0,
-                "tokenizer": {"kind": "char", "chars": CHARS}}, os.path.join(out_dir, "ckpt.pt"))
+                "tokenizer": {"kind": "char", "chars": CHARS}, "optimizer": {}, "best_val_loss": 0.0,
+                "train_config": {}, "train_time": 0.0, "tokens_seen": 0}, os.path.join(out_dir, "ckpt.pt"))
 
 
 class Page(HTMLParser):
