@@ -64,30 +64,43 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, crop=False
     return idx
 
 
-def main(argv):
-    opts = dict(OPTIONS)
+def parse_options(argv, defaults, doc):
+    """--key=value arguments over a dict of defaults (typed like them); None after printing --help."""
+    opts = dict(defaults)
     for arg in argv:
         key, eq, value = arg[2:].partition("=") if arg.startswith("--") else ("", "", "")
         if arg in ("-h", "--help"):
-            print(__doc__ + "\noptions: " + ", ".join(f"--{k}={v!r}" for k, v in OPTIONS.items()))
-            return
-        if key not in OPTIONS or not eq:
-            raise UserError(f"unknown or malformed option {arg!r}; options: {', '.join('--' + k for k in OPTIONS)}")
-        opts[key] = parse_value(key, value, OPTIONS[key])
+            print(doc + "\noptions: " + ", ".join(f"--{k}={v!r}" for k, v in defaults.items()))
+            return None
+        if key not in defaults or not eq:
+            raise UserError(f"unknown or malformed option {arg!r}; options: {', '.join('--' + k for k in defaults)}")
+        opts[key] = parse_value(key, value, defaults[key])
+    return opts
+
+
+def read_text_option(text, what):
+    """The option's text itself, or the contents of the UTF-8 file named by FILE:path."""
+    if not text.startswith("FILE:"):
+        return text
+    try:
+        with open(text[5:], encoding="utf-8") as f:
+            return f.read()
+    except OSError as e:
+        raise UserError(f"cannot read the {what} file {text[5:]}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"the {what} file {text[5:]} is not UTF-8 text; save it as UTF-8") from None
+
+
+def main(argv):
+    opts = parse_options(argv, OPTIONS, __doc__)
+    if opts is None:
+        return
     if not opts["temperature"] > 0:
         raise UserError("--temperature must be positive (for greedy decoding use --top_k=1)")
     for key in ("top_k", "max_new_tokens", "num_samples"):
         if opts[key] < 0:
             raise UserError(f"--{key}={opts[key]}: must be 0 or more")
-    start = opts["start"]
-    if start.startswith("FILE:"):
-        try:
-            with open(start[5:], encoding="utf-8") as f:
-                start = f.read()
-        except OSError as e:
-            raise UserError(f"cannot read the prompt file {start[5:]}: {e.strerror}") from None
-        except UnicodeDecodeError:
-            raise UserError(f"the prompt file {start[5:]} is not UTF-8 text; save it as UTF-8") from None
+    start = read_text_option(opts["start"], "prompt")
 
     device, dtype = pick_device(opts["device"], opts["dtype"])
     path = f"{opts['out_dir']}/ckpt.pt"

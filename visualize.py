@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from prepare_data import UserError, get_tokenizer
-from train import load_checkpoint, model_from_checkpoint, parse_value, pick_device
+from sample import parse_options, read_text_option
+from train import load_checkpoint, model_from_checkpoint, pick_device
 
 OPTIONS = {
     "out_dir": "out-gpt",
@@ -385,22 +386,10 @@ def prediction_section(logits, decode, tokens):
 
 
 def main(argv):
-    opts = dict(OPTIONS)
-    for arg in argv:
-        key, eq, value = arg[2:].partition("=") if arg.startswith("--") else ("", "", "")
-        if arg in ("-h", "--help"):
-            print(__doc__ + "\noptions: " + ", ".join(f"--{k}={v!r}" for k, v in OPTIONS.items()))
-            return
-        if key not in OPTIONS or not eq:
-            raise UserError(f"unknown or malformed option {arg!r}; options: {', '.join('--' + k for k in OPTIONS)}")
-        opts[key] = parse_value(key, value, OPTIONS[key])
-    text = opts["text"]
-    if text.startswith("FILE:"):
-        try:
-            with open(text[5:], encoding="utf-8") as f:
-                text = f.read()
-        except OSError as e:
-            raise UserError(f"cannot read the text file {text[5:]}: {e.strerror}") from None
+    opts = parse_options(argv, OPTIONS, __doc__)
+    if opts is None:
+        return
+    text = read_text_option(opts["text"], "text")
     if opts["top"] < 1:
         raise UserError("--top must be at least 1")
 
