@@ -25,7 +25,7 @@ import sys
 import torch
 
 from prepare_data import UserError, write_json
-from train import load_model_module, parse_args, parse_value
+from train import TrainConfig, load_model_module, parse_args, parse_value
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -171,12 +171,34 @@ def svg_plot(rows, path, width=460, height=330, margin=55):
         f.write(svg)
 
 
+def run_name(model, lr, seed):
+    return os.path.join(model, f"lr{lr:g}-seed{seed}")
+
+
+def final_val_loss(out_dir):
+    """The last eval's val loss of a finished run; None for a run that is missing or failed."""
+    done = read_json(os.path.join(out_dir, "compare.json"))
+    if not done or done.get("failed"):
+        return None
+    return read_log(out_dir)[1][-1]["val_loss"]
+
+
+def best_lr(out, model, lrs, seed):
+    """The learning rate whose run with `seed` ended at the lowest val loss."""
+    losses = {lr: final_val_loss(os.path.join(out, run_name(model, lr, seed))) for lr in lrs}
+    losses = {lr: loss for lr, loss in losses.items() if loss is not None}
+    if not losses:
+        raise UserError(f"every learning rate failed for {model} with seed {seed}")
+    return min(losses, key=losses.get)
+
+
 def main(argv):
     if "-h" in argv or "--help" in argv:
         print(__doc__)
         return
     models, out, time_budget, plot_only = "gpt,bdh,dawn,dtf,mod,doge".split(","), "compare", 0.0, False
-    train_args = []
+    n_seeds, lrs, train_args = 1, [TrainConfig.learning_rate], []
+    base_seed, min_lr_given = TrainConfig.seed, False
     for arg in argv:
         key, _, value = arg[2:].partition("=")
         if key == "models":
@@ -185,39 +207,59 @@ def main(argv):
             out = value
         elif key == "time_budget":
             time_budget = parse_value(key, value, 0.0)
+        elif key == "seeds":
+            n_seeds = parse_value(key, value, 1)
+            if n_seeds < 1:
+                raise UserError("--seeds must be at least 1")
+        elif key == "seed":
+            base_seed = parse_value(key, value, 1)
+        elif key == "learning_rate":
+            lrs = [parse_value(key, v, 1.0) for v in value.split(",")]
         elif arg == "--plot_only":
             plot_only = True
         elif key in ("model", "out_dir", "init_from"):
             raise UserError(f"--{key} is set by compare.py for each model")
         else:
+            min_lr_given |= key == "min_lr"
             train_args.append(arg)
+    seeds = [base_seed + i for i in range(n_seeds)]
+
+    def args_for(lr, seed):
+        """train.py's options for one run; min_lr follows the learning rate (lr/10, the default's ratio)."""
+        return [*train_args, f"--learning_rate={lr:g}", *([] if min_lr_given else [f"--min_lr={lr / 10:g}"]),
+                f"--seed={seed}"]
+
     for model in models:
-        parse_args([f"--model={model}", *train_args])  # a one-line error for a bad option, before any run
+        for lr in lrs:
+            parse_args([f"--model={model}", *args_for(lr, base_seed)])  # a one-line error before any run
     if not plot_only:
-        for model in models:
-            out_dir, request = os.path.join(out, model), {"train_args": train_args, "time_budget": time_budget}
-            if read_json(os.path.join(out_dir, "compare.json")) == request:
-                print(f"{model}: finished earlier in {out_dir}, not trained again")
-                continue
-            args = train_args
-            if time_budget:
-                args = [*train_args, f"--max_iters={iterations_for_budget(model, out, train_args, time_budget)}"]
-            if os.path.exists(os.path.join(out_dir, "compare.json")):
-                os.remove(os.path.join(out_dir, "compare.json"))  # other options: this run is replaced
-            run_train(model, out_dir, args)
-            write_json(os.path.join(out_dir, "compare.json"), request)
-    for model in models:
-        if not os.path.exists(os.path.join(out, model, "log.jsonl")):
-            raise UserError(f"no run of {model} in {out}/{model}; run compare.py without --plot_only first")
-    rows, equal_time = summarise(models, out)
-    text = table(rows, equal_time)
-    print(text)
-    with open(os.path.join(out, "results.md"), "w") as f:
-        f.write(text + "\n")
-    with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump({"command": "python compare.py " + " ".join(argv), "runs": rows}, f, indent=1)
-    svg_plot(rows, os.path.join(out, "loss.svg"))
-    print(f"wrote {out}/results.md, {out}/results.json and {out}/loss.svg")
+        budget_iters = {}
+        for seed in seeds:  # seed by seed, so an early stop still leaves whole comparisons
+            for model in models:
+                # the first seed tries every learning rate; the others train at the best one of those
+                for lr in lrs if seed == seeds[0] else [best_lr(out, model, lrs, seeds[0])]:
+                    out_dir = os.path.join(out, run_name(model, lr, seed))
+                    request = {"train_args": args_for(lr, seed), "time_budget": time_budget}
+                    done = read_json(os.path.join(out_dir, "compare.json")) or {}
+                    if {k: done.get(k) for k in request} == request:
+                        print(f"{run_name(model, lr, seed)}: finished earlier in {out_dir}, not trained again")
+                        continue
+                    args = request["train_args"]
+                    if time_budget:
+                        if model not in budget_iters:
+                            budget_iters[model] = iterations_for_budget(model, out, args, time_budget)
+                        args = [*args, f"--max_iters={budget_iters[model]}"]
+                    if os.path.exists(os.path.join(out_dir, "compare.json")):
+                        os.remove(os.path.join(out_dir, "compare.json"))  # other options: this run is replaced
+                    try:
+                        run_train(model, out_dir, args)
+                    except UserError as e:
+                        if len(lrs) == 1:
+                            raise
+                        print(f"{run_name(model, lr, seed)} failed; the sweep goes on without it")
+                        request["failed"] = str(e)  # e.g. a learning rate at which the loss diverged
+                    write_json(os.path.join(out_dir, "compare.json"), request)
+    raise SystemExit("summary not written yet")
 
 
 if __name__ == "__main__":
