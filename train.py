@@ -23,6 +23,7 @@ import os
 import resource
 import sys
 import time
+import typing
 import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -34,7 +35,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import pretrained
-from cli import UserError, option_pairs, parse_options, parse_value  # parse_value: for compare.py
+from cli import UserError, option_pairs, parse_options, parse_value
 from prepare_data import get_tokenizer, prepare, read_tokens
 
 
@@ -414,7 +415,9 @@ def build_or_resume(cfg, model_overrides, given, device):
         if model_overrides or "preset" in given:
             raise UserError("a resumed run keeps the checkpoint's model config; drop the model options")
         saved = ckpt["train_config"]
-        cfg = TrainConfig(**{**{k: v for k, v in saved.items() if hasattr(cfg, k)},
+        # the saved options are typed as if given again (an older train.py saved --compile as the string "True")
+        types = typing.get_type_hints(TrainConfig)
+        cfg = TrainConfig(**{**{k: parse_value(k, str(v), types[k]) for k, v in saved.items() if k in types},
                              **{k: getattr(cfg, k) for k in given if hasattr(cfg, k)}})
     meta = load_meta(cfg)
     hf_repo = cfg.init_from[3:] if cfg.init_from.startswith("hf:") else None
