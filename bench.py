@@ -28,49 +28,51 @@ import subprocess
 import sys
 import time
 from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
-from prepare_data import UserError
-from train import TrainConfig, configure_optimizer, load_model_module, parse_value, peak_flops, pick_device
+from cli import UserError, option_pairs, parse_options
+from train import TrainConfig, configure_optimizer, load_model_module, peak_flops, pick_device
 
-OPTIONS = {
-    "model": "gpt",          # one name or a comma-separated list; the first is the reference
-    "preset": "",            # a PRESETS entry of every listed model
-    "mode": "train",         # train | generate | tokenize
-    "batch_size": 12,
-    "block_size": 0,         # 0: the config's own (64 at the laptop configs)
-    "vocab_size": 65,
-    "warmup": 3,
-    "steps": 20,
-    "repeats": 3,
-    "new_tokens": 512,       # generate mode: tokens generated after a 16-token prompt
-    "device": "auto",
-    "dtype": "auto",         # as train.py: bf16 on CUDA when supported, float32 on CPU/MPS
-    "compile": False,
-    "peak_flops": 0.0,       # 0: look the GPU up in train.PEAK_FLOPS
-    "profile": False,        # write a torch.profiler trace bench_trace_<model>.json (train mode)
-    "text": "data/shakespeare_char/input.txt",  # tokenize mode: any UTF-8 text
-}
+@dataclass
+class BenchConfig:
+    model: str = "gpt"           # one name or a comma-separated list; the first is the reference
+    preset: str = ""             # a PRESETS entry of every listed model
+    mode: Literal["train", "generate", "tokenize"] = "train"
+    batch_size: int = 12
+    block_size: int = 0          # 0: the config's own (64 at the laptop configs)
+    vocab_size: int = 65
+    warmup: int = 3              # steps before the timed ones
+    steps: int = 20              # timed steps
+    repeats: int = 3             # rounds over all models; the median is kept
+    new_tokens: int = 512        # generate mode: tokens generated after a 16-token prompt
+    device: str = "auto"         # auto: cuda, then mps, then cpu
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # as train.py: bf16 on CUDA when supported, float32 on CPU/MPS
+    compile: bool = False        # time the torch.compile'd model
+    peak_flops: float = 0.0      # 0: look the GPU up in train.PEAK_FLOPS
+    profile: bool = False        # write a torch.profiler trace bench_trace_<model>.json (train mode)
+    text: str = "data/shakespeare_char/input.txt"  # tokenize mode: any UTF-8 text
+    worker: bool = False         # (used by bench.py itself) one measurement in this process, as a JSON line
 
 
-def build(opts, name, device):
+def build(opts, model_args, name, device):
+    """The model `name` as benchmarked: preset, then model_args (--key=value fields of its Config)."""
     module = load_model_module(name)
-    fields_of = {f.name: f for f in dataclasses.fields(module.Config)}
-    overrides = {}
-    for key, value in opts["config"].items():
-        if key not in fields_of:
-            raise UserError(f"--{key} is neither a bench.py option nor a field of model_{name}.Config")
-        overrides[key] = parse_value(key, value, getattr(module.Config(), key))
-    if opts["preset"] and opts["preset"] not in module.PRESETS:
-        raise UserError(f"{name} has no preset {opts['preset']!r}; it has {', '.join(module.PRESETS)}")
-    fields = dict(module.PRESETS[opts["preset"]]) if opts["preset"] else {}
+    config, unknown = parse_options(model_args, module.Config(), rest=True)
+    if unknown:
+        raise UserError(f"{unknown[0]} is neither a bench.py option nor a field of model_{name}.Config")
+    overrides = {key: getattr(config, key) for key in option_pairs(model_args)}
+    if opts.preset and opts.preset not in module.PRESETS:
+        raise UserError(f"{name} has no preset {opts.preset!r}; it has {', '.join(module.PRESETS)}")
+    fields = dict(module.PRESETS[opts.preset]) if opts.preset else {}
     fields.update(overrides)
-    fields["vocab_size"] = opts["vocab_size"]
-    if opts["block_size"]:
-        fields["block_size"] = opts["block_size"]
-    if opts["mode"] == "generate":  # no cropping: the whole text fits in one block
-        fields["block_size"] = 16 + opts["new_tokens"]
+    fields["vocab_size"] = opts.vocab_size
+    if opts.block_size:
+        fields["block_size"] = opts.block_size
+    if opts.mode == "generate":  # no cropping: the whole text fits in one block
+        fields["block_size"] = 16 + opts.new_tokens
     for f in dataclasses.fields(module.Config):
         if "dropout" in f.name:
             fields[f.name] = 0.0  # benchmarks measure the deterministic computation
@@ -87,12 +89,12 @@ def rss_mb(field):
     return float("nan")
 
 
-def measure_train(opts, name, device, dtype):
+def measure_train(opts, model_args, name, device, dtype):
     base_rss = rss_mb("VmRSS") if device.type == "cpu" and os.path.exists("/proc/self/status") else None
-    model = build(opts, name, device).train()
+    model = build(opts, model_args, name, device).train()
     optimizer = configure_optimizer(model, TrainConfig(), device)
-    step_model = torch.compile(model) if opts["compile"] else model
-    B, T, V = opts["batch_size"], model.config.block_size, model.config.vocab_size
+    step_model = torch.compile(model) if opts.compile else model
+    B, T, V = opts.batch_size, model.config.block_size, model.config.vocab_size
     x, y = torch.randint(0, V, (B, T), device=device), torch.randint(0, V, (B, T), device=device)
     autocast = nullcontext() if dtype == "float32" else torch.autocast(device.type, dtype=getattr(torch, dtype))
 
@@ -110,22 +112,22 @@ def measure_train(opts, name, device, dtype):
             torch.mps.synchronize()
 
     t0 = time.perf_counter()
-    for _ in range(opts["warmup"]):
+    for _ in range(opts.warmup):
         step()
     sync()
     warmup_s = time.perf_counter() - t0
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
-    for _ in range(opts["steps"]):
+    for _ in range(opts.steps):
         step()
     sync()
-    dt = (time.perf_counter() - t0) / opts["steps"]
+    dt = (time.perf_counter() - t0) / opts.steps
     if device.type == "cuda":
         peak_mem = torch.cuda.max_memory_allocated(device) / 2**20
     else:
         peak_mem = rss_mb("VmHWM") - base_rss if base_rss is not None else float("nan")
-    if opts["profile"]:
+    if opts.profile:
         from torch.profiler import ProfilerActivity, profile
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
         with profile(activities=activities) as prof:
@@ -137,17 +139,17 @@ def measure_train(opts, name, device, dtype):
             "params": sum(p.numel() for p in model.parameters()), "flops_per_token": model.flops_per_token()}
 
 
-def measure_generate(opts, name, device, dtype):
+def measure_generate(opts, model_args, name, device, dtype):
     from sample import generate
-    model = build(opts, name, device).eval()
+    model = build(opts, model_args, name, device).eval()
     prompt = torch.randint(0, model.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
     prompt = prompt.to(device)
     result = {"params": sum(p.numel() for p in model.parameters())}
     outputs = {}
     for way, crop in (("cached", False), ("forward", True)):  # crop=True: the whole forward per token
         t0 = time.perf_counter()
-        outputs[way] = generate(model, prompt, opts["new_tokens"], top_k=1, crop=crop)
-        result[f"{way}_tok_s"] = opts["new_tokens"] / (time.perf_counter() - t0)
+        outputs[way] = generate(model, prompt, opts.new_tokens, top_k=1, crop=crop)
+        result[f"{way}_tok_s"] = opts.new_tokens / (time.perf_counter() - t0)
     result["same_tokens"] = bool(torch.equal(outputs["cached"], outputs["forward"]))
     return result
 
@@ -157,10 +159,10 @@ def bench_tokenize(opts):
     import tempfile
     from prepare_data import tokenize_c4_file
     try:
-        with open(opts["text"], encoding="utf-8") as f:
+        with open(opts.text, encoding="utf-8") as f:
             text = f.read()
     except OSError as e:
-        raise UserError(f"cannot read --text={opts['text']}: {e.strerror}; prepare tiny Shakespeare first "
+        raise UserError(f"cannot read --text={opts.text}: {e.strerror}; prepare tiny Shakespeare first "
                         f"(python prepare_data.py shakespeare_char, offline: --input=FILE) or give "
                         f"--text=ANY_UTF8_FILE") from None
     docs = [text[i:i + 2000] for i in range(0, len(text), 2000)]
@@ -180,17 +182,16 @@ def bench_tokenize(opts):
             print(f"| {n} | {n_tokens:,} | {dt:.1f} | {n_tokens / dt:,.0f} |")
 
 
-def worker(opts):
+def worker(opts, model_args):
     """One measurement of one model, printed as a JSON line for the parent process."""
-    device, dtype = pick_device(opts["device"], opts["dtype"])
-    name = opts["model"]
-    measure = measure_train if opts["mode"] == "train" else measure_generate
-    print("RESULT " + json.dumps(measure(opts, name, device, dtype)))
+    device, dtype = pick_device(opts.device, opts.dtype)
+    measure = measure_train if opts.mode == "train" else measure_generate
+    print("RESULT " + json.dumps(measure(opts, model_args, opts.model, device, dtype)))
 
 
-def run_worker(opts, name):
-    args = [f"--{k}={v}" for k, v in {**opts, "model": name}.items() if k != "config"] + ["--worker=True"]
-    args += [f"--{k}={v}" for k, v in opts["config"].items()]
+def run_worker(opts, model_args, name):
+    options = dataclasses.asdict(dataclasses.replace(opts, model=name, worker=True))
+    args = [f"--{k}={v}" for k, v in options.items()] + model_args
     proc = subprocess.run([sys.executable, os.path.abspath(__file__)] + args, capture_output=True, text=True)
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
     if proc.returncode or not lines:
@@ -199,44 +200,32 @@ def run_worker(opts, name):
 
 
 def main(argv):
-    opts = dict(OPTIONS, worker=False, config={})
-    for arg in argv:
-        if arg in ("-h", "--help"):
-            print(__doc__ + "\noptions: " + ", ".join(f"--{k}={v}" for k, v in OPTIONS.items()))
-            return
-        key, eq, value = arg[2:].partition("=") if arg.startswith("--") else ("", "", "")
-        if not eq:
-            raise UserError(f"malformed option {arg!r}; options are written --key=value")
-        if key in opts:
-            opts[key] = parse_value(key, value, opts[key])
-        else:
-            opts["config"][key] = value  # a model Config field, checked when the model is built
-    if opts["mode"] not in ("train", "generate", "tokenize"):
-        raise UserError("--mode must be train, generate or tokenize")
-    if opts.pop("worker"):
-        return worker(opts)
-    if opts["mode"] == "tokenize":
+    # any option that is not BenchConfig's is a model Config field, checked when each model is built
+    opts, model_args = parse_options(argv, BenchConfig(), doc=__doc__, rest=True)
+    if opts.worker:
+        return worker(opts, model_args)
+    if opts.mode == "tokenize":
         return bench_tokenize(opts)
 
-    names = opts["model"].split(",")
+    names = opts.model.split(",")
     for name in names:  # one-line errors for an unknown model or field before any work
         with torch.device("meta"):
-            build(opts, name, "meta")
-    device, dtype = pick_device(opts["device"], opts["dtype"])
-    peak = opts["peak_flops"] or peak_flops(device)
-    batch = f"batch {opts['batch_size']}" if opts["mode"] == "train" else "batch 1, 16-token prompt"
+            build(opts, model_args, name, "meta")
+    device, dtype = pick_device(opts.device, opts.dtype)
+    peak = opts.peak_flops or peak_flops(device)
+    batch = f"batch {opts.batch_size}" if opts.mode == "train" else "batch 1, 16-token prompt"
     print(f"device {torch.cuda.get_device_name(device) if device.type == 'cuda' else device}, {dtype}, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads; mode {opts['mode']}, "
-          f"{batch}, {opts['repeats']} rounds, median")
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads; mode {opts.mode}, "
+          f"{batch}, {opts.repeats} rounds, median")
     runs = {name: [] for name in names}
-    for _ in range(opts["repeats"]):  # interleaved, so that a slow moment of the machine hits every model
+    for _ in range(opts.repeats):  # interleaved, so that a slow moment of the machine hits every model
         for name in names:
-            runs[name].append(run_worker(opts, name))
+            runs[name].append(run_worker(opts, model_args, name))
 
     def median(name, key):
         return statistics.median(r[key] for r in runs[name])
 
-    if opts["mode"] == "train":
+    if opts.mode == "train":
         print("| model | params | MFLOP/token | ms/step | tokens/s | vs first | peak mem MiB |"
               + (" MFU |" if peak else ""))
         print("|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if peak else ""))

@@ -14,6 +14,7 @@ zeros) followed by the tokens as uint16 (uint32 for vocabularies past 65,536, li
 Every file is written to a temporary name and renamed, so an interrupted run never leaves a file
 that looks complete; rerunning the same command resumes a partial download.
 """
+import dataclasses
 import gzip
 import hashlib
 import json
@@ -23,9 +24,12 @@ import sys
 import time
 import zlib
 from collections import deque
+from dataclasses import dataclass
 
 import numpy as np
 import requests
+
+from cli import UserError, options_help, parse_options
 
 MAGIC, VERSION, HEADER_INTS = 20261122, 1, 256  # header: 256 int32 = 1024 bytes
 
@@ -35,10 +39,6 @@ SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2d
 # "gpt2" encoding, and is one file (so an offline TIKTOKEN_CACHE_DIR can hold it).
 BPE_ENCODING = "r50k_base"
 BPE_VOCAB_SIZE = 50304  # 50257 padded to a multiple of 64 (faster matmuls; the extra rows never occur)
-
-
-class UserError(Exception):
-    """A problem the user can act on; the scripts print it as one line."""
 
 
 # -----------------------------------------------------------------------------
@@ -345,12 +345,37 @@ def prepare_c4(out_dir, tokens=0, shards=0, val_shards=1, base_url=C4_URL, procs
     print(f"{out_dir}: {i} train shards, {total:,} train tokens, {val_shards} val shards")
 
 
-# dataset -> the options it takes, with their defaults
-DATASETS = {
-    "shakespeare_char": {"input": "", "url": SHAKESPEARE_URL},
-    "shakespeare": {"input": "", "url": SHAKESPEARE_URL, "tokenizer": "gpt2"},  # or hf:OWNER/NAME
-    "c4": {"tokens": 0, "shards": 0, "val_shards": 1, "base_url": C4_URL, "procs": 0},
-}
+# the options of every dataset, then each dataset's own (prepare's keyword arguments)
+
+@dataclass
+class PrepareConfig:
+    name: str = ""             # the folder under data_dir; default: the dataset's name
+    data_dir: str = "data"
+
+
+@dataclass
+class ShakespeareCharConfig:
+    input: str = ""            # a local UTF-8 text file instead of the download
+    url: str = SHAKESPEARE_URL
+
+
+@dataclass
+class ShakespeareConfig:
+    input: str = ""            # a local UTF-8 text file instead of the download
+    url: str = SHAKESPEARE_URL
+    tokenizer: str = "gpt2"    # gpt2, or hf:OWNER/NAME: a Qwen2 checkpoint's BPE, to fine-tune it
+
+
+@dataclass
+class C4Config:
+    tokens: int = 0            # train tokens wanted, e.g. 5e9: as many train files as they need
+    shards: int = 0            # or a number of train files (neither: 1)
+    val_shards: int = 1
+    base_url: str = C4_URL
+    procs: int = 0             # tokenizing processes; 0: all cores
+
+
+DATASETS = {"shakespeare_char": ShakespeareCharConfig, "shakespeare": ShakespeareConfig, "c4": C4Config}
 
 
 def prepare(dataset, data_dir="data", name="", **options):
@@ -370,31 +395,18 @@ def prepare(dataset, data_dir="data", name="", **options):
 
 
 def main(argv):
-    usage = ("usage: python prepare_data.py DATASET [--name=NAME] [--data_dir=data] [options]\n"
-             "  shakespeare_char, shakespeare: [--input=FILE (a local UTF-8 text instead of the download)] [--url=URL]\n"
-             "  shakespeare: [--tokenizer=gpt2 | hf:OWNER/NAME (a Qwen2 checkpoint's BPE, to fine-tune it)]\n"
-             "  c4: [--tokens=N | --shards=N (default 1)] [--val_shards=1] [--base_url=URL] [--procs=N (default: all cores)]")
-    positional = [a for a in argv if not a.startswith("-")]
+    datasets = [a for a in argv if not a.startswith("-")]
     if "-h" in argv or "--help" in argv:
-        print(usage)
+        print(f"{__doc__.strip()}\n\nusage: python prepare_data.py DATASET [--key=value ...]\n\n"
+              f"{options_help(PrepareConfig(), 'options of every dataset')}")
+        for dataset, config in DATASETS.items():
+            print(f"\n{options_help(config(), f'{dataset} options')}")
         return
-    if len(positional) != 1 or positional[0] not in DATASETS:
+    if len(datasets) != 1 or datasets[0] not in DATASETS:
         raise UserError(f"name one dataset: {', '.join(DATASETS)} (see --help)")
-    dataset = positional[0]
-    options = {"name": "", "data_dir": "data", **DATASETS[dataset]}
-    for arg in argv:
-        if arg == dataset:
-            continue
-        key, eq, value = arg[2:].partition("=")
-        if not arg.startswith("--") or key not in options or not eq:
-            raise UserError(f"unknown or malformed option {arg} for {dataset}; options are "
-                            f"{', '.join('--' + k + '=...' for k in options)}")
-        default = options[key]
-        try:
-            options[key] = int(float(value)) if isinstance(default, int) else value  # --tokens=5e9
-        except ValueError:
-            raise UserError(f"--{key}={value}: expected a number") from None
-    prepare(dataset, **options)
+    dataset = datasets[0]
+    common, options = parse_options([a for a in argv if a != dataset], PrepareConfig(), DATASETS[dataset]())
+    prepare(dataset, common.data_dir, common.name, **dataclasses.asdict(options))
 
 
 if __name__ == "__main__":

@@ -27,7 +27,8 @@ import numpy as np
 import requests
 import torch
 
-from prepare_data import UserError, download, file_sha256
+from cli import UserError
+from prepare_data import download, file_sha256
 
 HF_URL = "https://huggingface.co"
 

@@ -11,24 +11,28 @@ cache is refilled from the last block_size/2 tokens. `--crop=True` re-runs the w
 the last block_size tokens for every token instead, as nanoGPT does.
 """
 import sys
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
-from prepare_data import UserError, get_tokenizer
-from train import load_checkpoint, model_from_checkpoint, parse_value, pick_device
+from cli import UserError, parse_options
+from prepare_data import get_tokenizer
+from train import load_checkpoint, model_from_checkpoint, pick_device
 
-OPTIONS = {
-    "out_dir": "out-gpt",
-    "start": "\n",           # the prompt, or FILE:path to read it from a file
-    "num_samples": 10,
-    "max_new_tokens": 500,
-    "temperature": 0.8,      # < 1 sharpens the distribution, > 1 flattens it
-    "top_k": 200,            # sample among the top_k most likely tokens (1 = greedy; 0 = all)
-    "crop": False,           # True: re-run the whole forward on the last block_size tokens per token
-    "seed": 1337,
-    "device": "auto",
-    "dtype": "auto",
-}
+
+@dataclass
+class SampleConfig:
+    out_dir: str = "out-gpt"     # the folder holding train.py's ckpt.pt
+    start: str = "\n"            # the prompt, or FILE:path to read it from a file
+    num_samples: int = 10
+    max_new_tokens: int = 500
+    temperature: float = 0.8     # < 1 sharpens the distribution, > 1 flattens it
+    top_k: int = 200             # sample among the top_k most likely tokens (1 = greedy; 0 = all)
+    crop: bool = False           # True: re-run the whole forward on the last block_size tokens per token
+    seed: int = 1337
+    device: str = "auto"         # auto: cuda, then mps, then cpu
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: as train.py
 
 
 @torch.no_grad()
@@ -64,20 +68,6 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, crop=False
     return idx
 
 
-def parse_options(argv, defaults, doc):
-    """--key=value arguments over a dict of defaults (typed like them); None after printing --help."""
-    opts = dict(defaults)
-    for arg in argv:
-        key, eq, value = arg[2:].partition("=") if arg.startswith("--") else ("", "", "")
-        if arg in ("-h", "--help"):
-            print(doc + "\noptions: " + ", ".join(f"--{k}={v!r}" for k, v in defaults.items()))
-            return None
-        if key not in defaults or not eq:
-            raise UserError(f"unknown or malformed option {arg!r}; options: {', '.join('--' + k for k in defaults)}")
-        opts[key] = parse_value(key, value, defaults[key])
-    return opts
-
-
 def read_text_option(text, what):
     """The option's text itself, or the contents of the UTF-8 file named by FILE:path."""
     if not text.startswith("FILE:"):
@@ -92,18 +82,16 @@ def read_text_option(text, what):
 
 
 def main(argv):
-    opts = parse_options(argv, OPTIONS, __doc__)
-    if opts is None:
-        return
-    if not opts["temperature"] > 0:
+    [opts] = parse_options(argv, SampleConfig(), doc=__doc__)
+    if not opts.temperature > 0:
         raise UserError("--temperature must be positive (for greedy decoding use --top_k=1)")
     for key in ("top_k", "max_new_tokens", "num_samples"):
-        if opts[key] < 0:
-            raise UserError(f"--{key}={opts[key]}: must be 0 or more")
-    start = read_text_option(opts["start"], "prompt")
+        if getattr(opts, key) < 0:
+            raise UserError(f"--{key}={getattr(opts, key)}: must be 0 or more")
+    start = read_text_option(opts.start, "prompt")
 
-    device, dtype = pick_device(opts["device"], opts["dtype"])
-    path = f"{opts['out_dir']}/ckpt.pt"
+    device, dtype = pick_device(opts.device, opts.dtype)
+    path = f"{opts.out_dir}/ckpt.pt"
     ckpt = load_checkpoint(path, device)
     model = model_from_checkpoint(ckpt, path)
     model.eval().to(device)
@@ -112,12 +100,12 @@ def main(argv):
     if idx.size(1) == 0:
         raise UserError("the prompt is empty; give at least one character with --start")
 
-    torch.manual_seed(opts["seed"])
+    torch.manual_seed(opts.seed)
     ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
     autocast = torch.autocast(device.type, dtype=ptdtype, enabled=dtype != "float32")
     with autocast:  # all samples at once: one batch of num_samples rows
-        out = generate(model, idx.expand(opts["num_samples"], -1), opts["max_new_tokens"],
-                       temperature=opts["temperature"], top_k=opts["top_k"] or None, crop=opts["crop"])
+        out = generate(model, idx.expand(opts.num_samples, -1), opts.max_new_tokens,
+                       temperature=opts.temperature, top_k=opts.top_k or None, crop=opts.crop)
     for row in out.tolist():
         print(decode(row))
         print("---------------")

@@ -23,9 +23,11 @@ import os
 import resource
 import sys
 import time
+import typing
 import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -33,21 +35,22 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import pretrained
-from prepare_data import UserError, get_tokenizer, prepare, read_tokens
+from cli import UserError, option_pairs, parse_options, parse_value
+from prepare_data import get_tokenizer, prepare, read_tokens
 
 
 @dataclass
 class TrainConfig:
     model: str = "gpt"               # trains model_<model>.py
     preset: str = ""                 # a name from that file's PRESETS (paper-size shapes)
-    dataset: str = "shakespeare_char"
+    dataset: str = "shakespeare_char"  # a folder of data_dir written by prepare_data.py
     data_dir: str = "data"
     out_dir: str = ""                # default: out-<model>
     init_from: str = "scratch"       # "scratch", "resume" (from out_dir/ckpt.pt) or "hf:OWNER/NAME" (Qwen2 weights)
     overwrite: bool = False          # True: a new run may replace the ckpt.pt already in out_dir
     # iterations, evaluation, logging
     max_iters: int = 2000
-    eval_interval: int = 250
+    eval_interval: int = 250         # evaluate and save a checkpoint every this many iterations
     eval_iters: int = 20             # batches per split in each evaluation
     log_interval: int = 10
     # batch: tokens per iteration = gradient_accumulation_steps * batch_size * block_size
@@ -64,13 +67,9 @@ class TrainConfig:
     grad_clip: float = 1.0           # 0 disables clipping
     # system
     device: str = "auto"             # auto: cuda, then mps, then cpu
-    dtype: str = "auto"              # auto: bfloat16 on CUDA when supported, else float16 on CUDA, float32 elsewhere
-    compile: str = "auto"            # auto: True on CUDA, False on CPU and MPS
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bfloat16 on CUDA when supported, else float16 on CUDA, float32 elsewhere
+    compile: Literal["auto", True, False] = "auto"  # auto: True on CUDA, False on CPU and MPS; a failed compile trains the eager model
     seed: int = 1337
-
-
-CHOICES = {"compile": ("auto", "True", "False"),
-           "dtype": ("auto", "float32", "bfloat16", "float16")}
 
 
 # -----------------------------------------------------------------------------
@@ -87,56 +86,19 @@ def load_model_module(name):
     return importlib.import_module(f"model_{name}")
 
 
-def parse_value(key, text, default):
-    """Convert a command-line string to the type of the option's default."""
-    try:
-        if isinstance(default, bool):
-            if text.lower() not in ("true", "false", "1", "0"):
-                raise ValueError
-            return text.lower() in ("true", "1")
-        if isinstance(default, int):
-            return int(float(text)) if "e" in text.lower() and float(text).is_integer() else int(text)
-        if isinstance(default, float):
-            return float(text)
-        return text
-    except ValueError:
-        raise UserError(f"--{key}={text}: expected {type(default).__name__}") from None
-
-
 def parse_args(argv):
-    """--key=value arguments -> (TrainConfig, {model field: value}, keys given on the command line)."""
-    pairs = {}
-    for arg in argv:
-        key, eq, value = arg[2:].partition("=") if arg.startswith("--") else ("", "", "")
-        if not eq and arg not in ("-h", "--help"):
-            raise UserError(f"bad argument {arg!r}; options are written --key=value")
-        pairs[key if eq else "help"] = value
-    cfg = TrainConfig()
-    if "model" in pairs:
-        cfg.model = pairs["model"]
-    module = load_model_module(cfg.model)
-    train_keys = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(TrainConfig)}
-    model_keys = {f.name: getattr(module.Config(), f.name) for f in dataclasses.fields(module.Config)}
-    if "help" in pairs:
-        print(__doc__)
-        print("training options: " + ", ".join(f"--{k}={v}" for k, v in train_keys.items()))
-        print(f"model options ({cfg.model}): " + ", ".join(f"--{k}={v}" for k, v in model_keys.items()))
-        print(f"presets ({cfg.model}): " + ", ".join(module.PRESETS))
-        sys.exit(0)
-    model_overrides = {}
-    for key, value in pairs.items():
-        if key in train_keys:
-            setattr(cfg, key, parse_value(key, value, train_keys[key]))
-        elif key in model_keys:
-            model_overrides[key] = parse_value(key, value, model_keys[key])
-        else:
-            raise UserError(f"unknown option --{key}; training options: {', '.join(train_keys)}; "
-                            f"{cfg.model} model options: {', '.join(model_keys)}")
+    """--key=value arguments -> (TrainConfig, {model field: value}, keys given on the command line).
+    The options are TrainConfig's fields and those of the chosen model's Config."""
+    given = option_pairs(argv)
+    module = load_model_module(given.get("model", TrainConfig.model))
+    name = module.__name__[len("model_"):]
+    doc = f"{__doc__.strip()}\n\npresets ({name}): {', '.join(module.PRESETS)}"
+    cfg, model_cfg = parse_options(argv, TrainConfig(), module.Config(), doc=doc,
+                                   titles=("training options", f"model options (model_{name}.py Config)"))
+    train_keys = {f.name for f in dataclasses.fields(TrainConfig)}
+    model_overrides = {k: getattr(model_cfg, k) for k in given if hasattr(model_cfg, k) and k not in train_keys}
     if cfg.preset and cfg.preset not in module.PRESETS:
         raise UserError(f"unknown preset {cfg.preset!r} for {cfg.model}; choose one of {', '.join(module.PRESETS)}")
-    for key, allowed in CHOICES.items():
-        if getattr(cfg, key) not in allowed:
-            raise UserError(f"--{key}={getattr(cfg, key)}: choose one of {', '.join(allowed)}")
     if cfg.init_from not in ("scratch", "resume") and not cfg.init_from.startswith("hf:"):
         raise UserError(f"--init_from={cfg.init_from}: choose scratch, resume or hf:OWNER/NAME")
     for key in ("max_iters", "eval_interval", "eval_iters", "log_interval", "batch_size",
@@ -150,7 +112,7 @@ def parse_args(argv):
         if not 0 <= getattr(cfg, key) < 1:
             raise UserError(f"--{key}={getattr(cfg, key)}: must be in [0, 1), e.g. 0.9 or 0.99")
     cfg.out_dir = cfg.out_dir or f"out-{cfg.model}"
-    return cfg, model_overrides, set(pairs)
+    return cfg, model_overrides, set(given)
 
 
 # -----------------------------------------------------------------------------
@@ -405,26 +367,42 @@ def main(argv):
 
 
 def train(cfg, model_overrides, given):
-    """Train with the options parse_args returned; returns the trained model (not the DDP wrapper)."""
-    module = load_model_module(cfg.model)
+    """Train with the options parse_args returned; returns the trained model (not the DDP wrapper).
+    The steps are the functions below, in the order they run."""
+    device, dtype = setup_processes(cfg)
+    cfg, model, optimizer, progress, tokenizer = build_or_resume(cfg, model_overrides, given, device)
+    train_loop(cfg, model, optimizer, progress, tokenizer, device, dtype)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return model
 
-    # processes: one, or one per GPU/CPU worker under torchrun (DDP)
+
+def setup_processes(cfg):
+    """(device, dtype name) of this process. Under torchrun (it sets RANK) there is one process per
+    GPU or CPU worker, joined in a process group for DDP; rank 0 evaluates, logs and saves."""
     ddp = int(os.environ.get("RANK", -1)) != -1
-    rank, local_rank, world_size = 0, 0, 1
-    if ddp:
-        rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
-        world_size = int(os.environ["WORLD_SIZE"])
-    device, dtype = pick_device(cfg.device, cfg.dtype, local_rank)
+    device, dtype = pick_device(cfg.device, cfg.dtype, int(os.environ["LOCAL_RANK"]) if ddp else 0)
     if ddp:
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-        if cfg.gradient_accumulation_steps % world_size:
+        if cfg.gradient_accumulation_steps % dist.get_world_size():
             raise UserError(f"--gradient_accumulation_steps={cfg.gradient_accumulation_steps} must be a "
-                            f"multiple of the {world_size} processes")
-    master = rank == 0
-    accum_steps = cfg.gradient_accumulation_steps // world_size  # micro-steps of this process
+                            f"multiple of the {dist.get_world_size()} processes")
+    return device, dtype
 
-    # model config: the file's laptop defaults, then the preset, then the command line; on resume
-    # everything comes from the checkpoint (training options given on the command line still apply)
+
+PROGRESS_KEYS = ("iter_num", "best_val_loss", "train_time", "tokens_seen")  # where a run stands
+
+
+def build_or_resume(cfg, model_overrides, given, device):
+    """(cfg, model, optimizer, progress, tokenizer): a new model, one with pretrained weights
+    (--init_from=hf:...) or the checkpoint's (--init_from=resume), with its optimizer; progress
+    holds PROGRESS_KEYS, where the run starts.
+    The model config is the file's laptop defaults, then the preset, then the command line; on
+    resume everything comes from the checkpoint (training options given on the command line still
+    apply, so cfg may change)."""
+    module = load_model_module(cfg.model)
+    ddp = dist.is_initialized()
+    master = not ddp or dist.get_rank() == 0
     ckpt_path = os.path.join(cfg.out_dir, "ckpt.pt")
     ckpt = None
     if cfg.init_from != "resume" and os.path.exists(ckpt_path) and not cfg.overwrite:  # scratch or hf:
@@ -437,7 +415,9 @@ def train(cfg, model_overrides, given):
         if model_overrides or "preset" in given:
             raise UserError("a resumed run keeps the checkpoint's model config; drop the model options")
         saved = ckpt["train_config"]
-        cfg = TrainConfig(**{**{k: v for k, v in saved.items() if hasattr(cfg, k)},
+        # the saved options are typed as if given again (an older train.py saved --compile as the string "True")
+        types = typing.get_type_hints(TrainConfig)
+        cfg = TrainConfig(**{**{k: parse_value(k, str(v), types[k]) for k, v in saved.items() if k in types},
                              **{k: getattr(cfg, k) for k in given if hasattr(cfg, k)}})
     meta = load_meta(cfg)
     hf_repo = cfg.init_from[3:] if cfg.init_from.startswith("hf:") else None
@@ -463,10 +443,8 @@ def train(cfg, model_overrides, given):
         fields = {**(module.PRESETS[cfg.preset] if cfg.preset else {}), **model_overrides}
         vocab_size = max(meta["vocab_size"], fields.get("vocab_size", 0))  # larger = padding, allowed
         model_config = module.Config(**{**fields, "vocab_size": vocab_size})
-    block_size = model_config.block_size
-    if block_size <= 0:
-        raise UserError(f"--block_size={block_size}: must be positive")
-    tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * block_size
+    if model_config.block_size <= 0:
+        raise UserError(f"--block_size={model_config.block_size}: must be positive")
 
     if ckpt is None:
         torch.manual_seed(cfg.seed)  # the same initial weights on every process
@@ -478,27 +456,32 @@ def train(cfg, model_overrides, given):
             fresh = pretrained.load_weights(model, cfg.model, hf_repo)
             print(f"loaded hf:{hf_repo}" + (f"; fresh: {', '.join(fresh)}" if fresh else ""))
     optimizer = configure_optimizer(model, cfg, device)
-    train_data, val_data = load_split(cfg, "train"), load_split(cfg, "val")
-    iter_num, best_val_loss, train_time, tokens_seen = 0, float("inf"), 0.0, 0
+    progress = {"iter_num": 0, "best_val_loss": float("inf"), "train_time": 0.0, "tokens_seen": 0}
     if ckpt is not None:
         optimizer.load_state_dict(ckpt["optimizer"])
-        iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
-        train_time, tokens_seen = ckpt["train_time"], ckpt["tokens_seen"]
-        del ckpt
+        progress = {k: ckpt[k] for k in PROGRESS_KEYS}
+    return cfg, model, optimizer, progress, meta["tokenizer"]
 
-    # precision: autocast to bf16/fp16 on CUDA (fp16 needs loss scaling); TF32 matmuls
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-    autocast = nullcontext() if dtype == "float32" else torch.autocast(device.type, dtype=ptdtype)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == "float16")
 
+def train_loop(cfg, model, optimizer, progress, tokenizer, device, dtype):
+    """Train from progress to cfg.max_iters: every iteration forward, backward, clip and step;
+    every log_interval a log line; every eval_interval (and at the end) an evaluation and a checkpoint."""
+    ddp = dist.is_initialized()
+    rank, world_size = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
+    master = rank == 0
+    accum_steps = cfg.gradient_accumulation_steps // world_size  # micro-steps of this process
+    block_size = model.config.block_size
+    tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * block_size
+    train_data, val_data = load_split(cfg, "train"), load_split(cfg, "val")
+    iter_num, best_val_loss, train_time, tokens_seen = (progress[k] for k in PROGRESS_KEYS)
+
+    autocast, scaler = setup_precision(device, dtype)
     raw_model = model
-    use_compile = cfg.compile == "True" or (cfg.compile == "auto" and device.type == "cuda")
+    use_compile = cfg.compile is True or (cfg.compile == "auto" and device.type == "cuda")
     if use_compile:
         model = compile_or_eager(model, train_data, cfg.batch_size, block_size, device, autocast)
         use_compile = model is not raw_model  # False when compiling failed and the eager model trains
-    train_model = DDP(model, device_ids=[local_rank] if device.type == "cuda" else None) if ddp else model
+    train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if ddp else model
 
     def batch(split_data, step, process=rank):
         """Micro-batch `step` of a process. Every random draw is a pure function of (seed, process,
@@ -507,29 +490,16 @@ def train(cfg, model_overrides, given):
         rng = torch.Generator().manual_seed((cfg.seed * 1000 + process + 1) * 2**32 + step)
         return get_batch(split_data, cfg.batch_size, block_size, rng, device)
 
-    def evaluate():
-        """Mean eval-mode loss over eval_iters fixed batches per split (the same for every model)."""
-        model.eval()
-        out = {}
-        for split, data in (("train", train_data), ("val", val_data)):
-            losses = torch.zeros(cfg.eval_iters)
-            for k in range(cfg.eval_iters):
-                x, y = batch(data, k, process=-1)
-                with torch.no_grad(), autocast:
-                    losses[k] = model(x, y)[1].item()
-            out[split] = losses.mean().item()
-        model.train()
-        return out
-
+    flops_per_token = raw_model.flops_per_token()  # a function of the config: computed once
     if master:
         n_params = sum(p.numel() for p in raw_model.parameters())
-        print(f"{cfg.model}: {n_params:,} parameters, {raw_model.flops_per_token() / 1e6:.2f} MFLOP/token; "
+        print(f"{cfg.model}: {n_params:,} parameters, {flops_per_token / 1e6:.2f} MFLOP/token; "
               f"{tokens_per_iter:,} tokens/iter; {device} {dtype}{', compiled' if use_compile else ''}"
               f"{f', {world_size} processes' if ddp else ''}")
     peak = peak_flops(device)
     start_iter, start_time = iter_num, train_time
     x, y = batch(train_data, iter_num * accum_steps)
-    log_path = os.path.join(cfg.out_dir, "log.jsonl")
+    ckpt_path, log_path = os.path.join(cfg.out_dir, "ckpt.pt"), os.path.join(cfg.out_dir, "log.jsonl")
     if master and cfg.init_from != "resume" and os.path.exists(log_path):
         os.remove(log_path)  # training really starts: a new run starts a new log; a resumed run appends
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)  # any non-finite loss since the last check
@@ -548,7 +518,7 @@ def train(cfg, model_overrides, given):
         # evaluate, log and save (every eval_interval iterations and at the end)
         if master and (iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters):
             train_time += time.time() - t0
-            losses = evaluate()
+            losses = evaluate(model, {"train": train_data, "val": val_data}, batch, cfg.eval_iters, autocast)
             check_finite(losses.values())
             print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
             best_val_loss = min(best_val_loss, losses["val"])
@@ -556,10 +526,10 @@ def train(cfg, model_overrides, given):
                                  "time": train_time, "tokens": tokens_seen})
             if iter_num > start_iter:  # (a resumed run's first evaluation is its checkpoint's)
                 save_checkpoint(ckpt_path, {
-                    "model_name": cfg.model, "model_config": dataclasses.asdict(model_config),
+                    "model_name": cfg.model, "model_config": dataclasses.asdict(raw_model.config),
                     "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
                     "iter_num": iter_num, "best_val_loss": best_val_loss, "train_config": dataclasses.asdict(cfg),
-                    "train_time": train_time, "tokens_seen": tokens_seen, "tokenizer": meta["tokenizer"]})
+                    "train_time": train_time, "tokens_seen": tokens_seen, "tokenizer": tokenizer})
             t0 = time.time()  # evaluation is not training time
         if iter_num >= cfg.max_iters:
             break
@@ -601,7 +571,7 @@ def train(cfg, model_overrides, given):
             line = (f"iter {iter_num}: {iter_num}/{cfg.max_iters}, loss {loss_value:.4f}, {dt * 1000:.1f}ms, "
                     f"{tokens_per_iter / dt:,.0f} tok/s, eta {format_duration(eta)}")
             if peak:
-                record["mfu"] = raw_model.flops_per_token() * tokens_per_iter / dt / (peak * world_size)
+                record["mfu"] = flops_per_token * tokens_per_iter / dt / (peak * world_size)
                 line += f", mfu {record['mfu']:.1%}"
             stats = raw_model.stats()
             print(line + "".join(f", {k} {v:.3g}" for k, v in stats.items()))
@@ -610,9 +580,30 @@ def train(cfg, model_overrides, given):
     if master:
         print(f"done: best val loss {best_val_loss:.4f}; peak memory {peak_memory_mb(device):,.0f} MiB. "
               f"Sample with: python sample.py --out_dir={cfg.out_dir}")
-    if ddp:
-        dist.destroy_process_group()
-    return raw_model
+
+
+def setup_precision(device, dtype):
+    """(autocast, GradScaler): autocast to bf16/fp16 on CUDA (fp16 needs loss scaling); TF32 matmuls."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    autocast = nullcontext() if dtype == "float32" else torch.autocast(device.type, dtype=ptdtype)
+    return autocast, torch.amp.GradScaler(device.type, enabled=dtype == "float16")
+
+
+def evaluate(model, splits, batch, eval_iters, autocast):
+    """Mean eval-mode loss over eval_iters fixed batches (process -1) of each split (the same for every model)."""
+    model.eval()
+    out = {}
+    for split, data in splits.items():
+        losses = torch.zeros(eval_iters)
+        for k in range(eval_iters):
+            x, y = batch(data, k, process=-1)
+            with torch.no_grad(), autocast:
+                losses[k] = model(x, y)[1].item()
+        out[split] = losses.mean().item()
+    model.train()
+    return out
 
 
 def compile_or_eager(model, train_data, batch_size, block_size, device, autocast):

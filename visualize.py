@@ -22,23 +22,26 @@ import math
 import os
 import sys
 from collections import Counter
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from prepare_data import UserError, get_tokenizer
-from sample import parse_options, read_text_option
+from cli import UserError, parse_options
+from prepare_data import get_tokenizer
+from sample import read_text_option
 from train import load_checkpoint, model_from_checkpoint, pick_device
 
-OPTIONS = {
-    "out_dir": "out-gpt",
-    "text": "ROMEO:\nBut soft, what light through yonder window breaks?",  # or FILE:path
-    "html": "",        # output file; default out_dir/visualize.html
-    "query": -1,       # doge/gpt: the query position whose attention is shown (negative: from the end)
-    "layer": -1,       # show only this layer in the per-layer tables (-1: every layer)
-    "top": 8,          # how many neurons / experts to list per token or pool
-    "device": "cpu",
-}
+
+@dataclass
+class VisualizeConfig:
+    out_dir: str = "out-gpt"     # the folder holding train.py's ckpt.pt
+    text: str = "ROMEO:\nBut soft, what light through yonder window breaks?"  # or FILE:path
+    html: str = ""               # output file; default out_dir/visualize.html
+    query: int = -1              # doge/gpt: the query position whose attention is shown (negative: from the end)
+    layer: int = -1              # show only this layer in the per-layer tables (-1: every layer)
+    top: int = 8                 # how many neurons / experts to list per token or pool
+    device: str = "cpu"          # cpu, cuda, mps, or auto: the first of cuda, mps, cpu there is
 
 
 # --- capturing inputs of submodules --------------------------------------------------------------
@@ -167,14 +170,14 @@ def extract_dawn(model, idx, opts):
     for l, layer in enumerate(selected):
         for pool in model_dawn.ROUTINGS:
             counts[pool].update(layer[pool].flatten().tolist())
-        if opts["layer"] not in (-1, l):
+        if opts.layer not in (-1, l):
             continue
         rows = [[" ".join(str(n) for n in sorted(layer[pool][0, t, i].tolist())) for pool, i, _ in names]
                 for t in range(idx.size(1))]
         sections.append({"kind": "table", "title": f"DAWN layer {l}: the neurons each routing picked",
                          "header": [f"{n} ({pool})" for pool, _, n in names], "rows": rows, "per_token": True,
                          "note": "Neuron ids within their pool; every layer composes from the same shared pools."})
-    top = [[pool, model.pool_sizes[pool], ", ".join(f"{n} ({c}x)" for n, c in counts[pool].most_common(opts["top"]))]
+    top = [[pool, model.pool_sizes[pool], ", ".join(f"{n} ({c}x)" for n, c in counts[pool].most_common(opts.top))]
            for pool in model_dawn.ROUTINGS]
     sections.insert(0, {"kind": "table", "title": "DAWN: the most frequently picked neurons per pool",
                         "header": ["pool", "neurons", "most picked over all tokens, layers and routings"],
@@ -195,12 +198,12 @@ def extract_bdh(model, idx, opts):
         alpha = scaled(density)
         rows.append({"label": f"layer {l}", "cells": [
             {"cls": "fire", "alpha": a, "title": f"{d:.2%} of {H * N} neurons fire"} for d, a in zip(density, alpha)]})
-        if opts["layer"] in (-1, l):
-            top = g.topk(min(opts["top"], H * N), dim=-1)
+        if opts.layer in (-1, l):
+            top = g.topk(min(opts.top, H * N), dim=-1)
             for t in range(T):
                 table[t].append(f"{density[t]:.1%}: " + " ".join(
                     f"{i}" for v, i in zip(top.values[t].tolist(), top.indices[t].tolist()) if v > 0))
-    shown = [l for l in range(len(rows)) if opts["layer"] in (-1, l)]
+    shown = [l for l in range(len(rows)) if opts.layer in (-1, l)]
     return {"logits": logits, "sections": [
         {"kind": "strips", "title": "BDH: firing density per token", "rows": rows,
          "note": "Fraction of the n = H*N neurons with g = relu(x D_x) * relu(a D_y) > 0. Shade: density."},
@@ -210,9 +213,9 @@ def extract_bdh(model, idx, opts):
 
 
 def query_position(opts, T):
-    q = opts["query"] + T if opts["query"] < 0 else opts["query"]
+    q = opts.query + T if opts.query < 0 else opts.query
     if not 0 <= q < T:
-        raise UserError(f"--query={opts['query']} is outside the text's {T} tokens")
+        raise UserError(f"--query={opts.query} is outside the text's {T} tokens")
     return q
 
 
@@ -259,11 +262,11 @@ def extract_doge(model, idx, opts):
                 n_kept = sum(kept[: q_pos + 1])
                 rows.append(attention_strip(f"layer {l} kv head {g} ({n_kept}/{q_pos + 1} kept)",
                                             p, kept, delta[0, g].tolist(), q_pos, T))
-            if opts["layer"] in (-1, l):
+            if opts.layer in (-1, l):
                 header += [f"l{l} delta h{g}" for g in range(G)]
                 for t in range(T):
                     table[t] += [f"{delta[0, g, t].item():.4f}" for g in range(G)]
-            if model.config.is_moe and opts["layer"] in (-1, l):
+            if model.config.is_moe and opts.layer in (-1, l):
                 experts = block.mlp.experts[0]  # the CDMoE keeps its last routing itself
                 sections.append({"kind": "table", "title": f"Doge CDMoE layer {l}: experts each token picked",
                                  "header": ["experts (id = a*K + b)"], "note": "", "per_token": True,
@@ -386,22 +389,20 @@ def prediction_section(logits, decode, tokens):
 
 
 def main(argv):
-    opts = parse_options(argv, OPTIONS, __doc__)
-    if opts is None:
-        return
-    text = read_text_option(opts["text"], "text")
-    if opts["top"] < 1:
+    [opts] = parse_options(argv, VisualizeConfig(), doc=__doc__)
+    text = read_text_option(opts.text, "text")
+    if opts.top < 1:
         raise UserError("--top must be at least 1")
 
-    device, _ = pick_device(opts["device"], "float32")
-    path = f"{opts['out_dir']}/ckpt.pt"
+    device, _ = pick_device(opts.device, "float32")
+    path = f"{opts.out_dir}/ckpt.pt"
     ckpt = load_checkpoint(path, device)
     model = model_from_checkpoint(ckpt, path).eval().to(device)
     encode, decode = get_tokenizer(ckpt["tokenizer"])
     ids = encode(text)
     if not ids:
         raise UserError("the text is empty; give at least one token with --text")
-    notes = [f"{ckpt['model_name']} checkpoint from {opts['out_dir']} (iteration {ckpt.get('iter_num', '?')}, "
+    notes = [f"{ckpt['model_name']} checkpoint from {opts.out_dir} (iteration {ckpt.get('iter_num', '?')}, "
              f"eval mode, one forward)."]
     block_size = model.config.block_size
     if len(ids) > block_size:
@@ -409,8 +410,8 @@ def main(argv):
         print(f"visualize.py: note: text cropped to its first {block_size} of {len(ids)} tokens", file=sys.stderr)
         ids = ids[:block_size]
     n_layer = getattr(model.config, "n_layer", 0)
-    if opts["layer"] != -1 and not 0 <= opts["layer"] < n_layer:
-        raise UserError(f"--layer={opts['layer']} is not a layer of this {n_layer}-layer model (or -1 for all)")
+    if opts.layer != -1 and not 0 <= opts.layer < n_layer:
+        raise UserError(f"--layer={opts.layer} is not a layer of this {n_layer}-layer model (or -1 for all)")
     idx = torch.tensor([ids], dtype=torch.long, device=device)
     tokens = [decode([i]) for i in ids]
 
@@ -418,7 +419,7 @@ def main(argv):
     data = extract(model, idx, opts)
     data["sections"].insert(0, prediction_section(data["logits"], decode, tokens))
     page = render(f"visualize.py: {ckpt['model_name']} on {len(ids)} tokens", tokens, data, notes)
-    path = opts["html"] or os.path.join(opts["out_dir"], "visualize.html")
+    path = opts.html or os.path.join(opts.out_dir, "visualize.html")
     try:
         with open(path, "w", encoding="utf-8") as f:
             f.write(page)

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 
 import prepare_data
+from cli import UserError
 from conftest import ROOT, make_text
-from prepare_data import UserError, c4_file, prepare, read_tokens
+from prepare_data import c4_file, prepare, read_tokens
 
 
 def c4_gzip(docs):

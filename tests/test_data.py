@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 import prepare_data
+from cli import UserError
 from conftest import ROOT, assert_one_line_error, make_text
-from prepare_data import UserError, download, get_tokenizer, prepare, read_tokens, write_tokens
+from prepare_data import download, get_tokenizer, prepare, read_tokens, write_tokens
 
 
 def test_token_file_round_trip_and_header_checks(tmp_path):
@@ -60,9 +61,9 @@ def test_prepare_command_line_errors(tmp_path):
                               cwd=ROOT, capture_output=True, text=True)
     for args, message in ((["nope"], "name one dataset: shakespeare_char, shakespeare, c4"),
                           (["shakespeare_char", "--input=/does/not/exist"], "does not exist"),
-                          (["shakespeare_char", "--colour=red"], "unknown or malformed option --colour=red"),
-                          (["c4", "--input=x.txt"], "unknown or malformed option --input=x.txt for c4"),
-                          (["c4", "--shards=many"], "--shards=many: expected a number")):
+                          (["shakespeare_char", "--colour=red"], "unknown option --colour=red; the options are --name, --data_dir, --input, --url"),
+                          (["c4", "--input=x.txt"], "unknown option --input=x.txt; the options are --name, --data_dir, --tokens, --shards"),
+                          (["c4", "--shards=many"], "--shards=many: expected int, a whole number")):
         assert_one_line_error(run(*args), "prepare_data.py", message)
 
 

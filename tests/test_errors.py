@@ -11,8 +11,9 @@ import torch
 
 import sample
 import train
+from cli import UserError
 from conftest import ROOT, assert_one_line_error, make_text
-from prepare_data import UserError, prepare
+from prepare_data import prepare
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 MODEL = ["--n_layer=1", "--n_embd=16", "--n_head=2", "--n_kv_head=1", "--block_size=16"]
@@ -266,4 +267,4 @@ def test_offline_quick_start_and_bench_tokenize(shakespeare_path, tmp_path, monk
     monkeypatch.setattr(train, "prepare", lambda *a, **k: pytest.fail("downloads"))
     train.main(["--out_dir=out", *TINY, "--max_iters=1", "--eval_interval=1"])
     monkeypatch.setattr(prepare_data, "tokenize_c4_file", lambda gz, out, procs: 123)
-    bench.bench_tokenize({"text": bench.OPTIONS["text"]})
+    bench.bench_tokenize(bench.BenchConfig())

@@ -14,8 +14,9 @@ import model_dtf
 import model_gpt
 import model_mod
 import pretrained
+from cli import UserError
 from conftest import ROOT, assert_one_line_error, make_text
-from prepare_data import UserError, get_tokenizer
+from prepare_data import get_tokenizer
 
 FIXTURE = os.path.join(ROOT, "tests", "fixtures", "qwen2_tiny")
 EXPECTED = torch.load(os.path.join(FIXTURE, "expected.pt"), weights_only=True)

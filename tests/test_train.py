@@ -9,8 +9,9 @@ import pytest
 import torch
 
 import train
+from cli import UserError
 from conftest import ROOT, assert_one_line_error, make_text
-from prepare_data import UserError, prepare
+from prepare_data import prepare
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # several processes share 2 cores
 

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 import visualize
+from cli import UserError
 from conftest import ROOT
-from prepare_data import UserError
 
 MODEL_NAMES = sorted(os.path.basename(p)[len("model_"):-len(".py")]
                      for p in glob.glob(os.path.join(ROOT, "model_*.py")))
@@ -126,7 +126,7 @@ def test_hooks_do_not_change_the_logits(name):
     idx = torch.tensor([[CHARS.index(c) for c in TEXT]])
     with torch.no_grad():
         plain = model(idx)[0]
-    opts = dict(visualize.OPTIONS)
+    opts = visualize.VisualizeConfig()
     data = visualize.EXTRACTORS.get(name, visualize.extract_other)(model, idx, opts)
     assert torch.equal(data["logits"], plain)
     for m in model.modules():  # and no hook is left behind
@@ -172,7 +172,8 @@ def test_dawn_lists_the_neurons_of_its_routing_path(tmp_path):
 def test_bad_input_is_one_line_error(tmp_path):
     model, cfg = tiny_model("gpt")
     save(model, "gpt", cfg, str(tmp_path))
-    for argv, message in [(["--nope=1"], "unknown or malformed"), (["--query=99"], "outside the text"),
+    for argv, message in [(["--nope=1"], "unknown option --nope=1; the options are --out_dir"),
+                          (["--query=99"], "outside the text"),
                           (["--layer=5"], "not a layer"), (["--text="], "empty"),
                           (["--text=FILE:/nonexistent"], "cannot read"), (["--text=~"], "not in this model")]:
         with pytest.raises(UserError, match=message):
