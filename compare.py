@@ -6,7 +6,7 @@ block and schedule through train.py itself, then tabulates and plots the runs.
     python compare.py --models=gpt,mod --seeds=3                          # mean and spread over 3 seeds
     python compare.py --models=gpt,mod --seeds=3 --learning_rate=1e-3,2e-3,4e-3  # each at its best lr
     python compare.py --models=gpt,mod --time_budget=300 --batch_size=16  # ~300 s of training each
-    python compare.py --models=gpt,mod --plot_only                        # redraw from existing logs
+    python compare.py --models=gpt,mod --plot_only=True                   # redraw from existing logs
 
 Every other --key=value goes to train.py for every model. --seeds=N trains seeds seed, seed+1, ...
 (--seed, default 1337). With several learning rates, the first seed trains each model at every rate,
@@ -32,10 +32,24 @@ import shutil
 import subprocess
 import sys
 
+from dataclasses import dataclass
+
 import torch
 
-from prepare_data import UserError, write_json
-from train import TrainConfig, load_model_module, parse_args, parse_value
+from cli import UserError, parse_options, parse_value
+from prepare_data import write_json
+from train import TrainConfig, load_model_module, parse_args
+
+
+@dataclass
+class CompareConfig:
+    models: str = "gpt,bdh,dawn,dtf,mod,doge"  # comma-separated model names
+    out: str = "compare"             # runs go to <out>/<model>/lr<lr>-seed<seed>/, the table and plot to <out>/
+    seeds: int = 1                   # seeds seed, seed+1, ...: mean and spread per model
+    seed: int = 1337                 # the first seed
+    learning_rate: str = ""          # one rate or a comma-separated sweep; empty: train.py's default
+    time_budget: float = 0.0         # > 0: seconds of training per run instead of max_iters
+    plot_only: bool = False          # True: redraw the table and plot from existing runs
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -115,7 +129,7 @@ def best_lr(out, model, lrs, seed):
               for lr in lrs if finished(os.path.join(out, run_name(model, lr, seed)))}
     if not losses:
         raise UserError(f"no finished run of {model} with seed {seed} in {out}; run compare.py without "
-                        f"--plot_only first")
+                        f"--plot_only=True first")
     return min(losses, key=losses.get)
 
 
@@ -294,36 +308,17 @@ def svg_plot(rows, path, width=400, height=330, margin=55):
 
 
 def main(argv):
-    if "-h" in argv or "--help" in argv:
-        print(__doc__)
-        return
-    models, out, time_budget, plot_only = "gpt,bdh,dawn,dtf,mod,doge".split(","), "compare", 0.0, False
-    n_seeds, lrs, train_args = 1, [TrainConfig.learning_rate], []
-    base_seed, min_lr_given = TrainConfig.seed, False
-    for arg in argv:
-        key, _, value = arg[2:].partition("=")
-        if key == "models":
-            models = value.split(",")
-        elif key == "out":
-            out = value
-        elif key == "time_budget":
-            time_budget = parse_value(key, value, 0.0)
-        elif key == "seeds":
-            n_seeds = parse_value(key, value, 1)
-            if n_seeds < 1:
-                raise UserError("--seeds must be at least 1")
-        elif key == "seed":
-            base_seed = parse_value(key, value, 1)
-        elif key == "learning_rate":
-            lrs = [parse_value(key, v, 1.0) for v in value.split(",")]
-        elif arg == "--plot_only":
-            plot_only = True
-        elif key in ("model", "out_dir", "init_from"):
-            raise UserError(f"--{key} is set by compare.py for each model")
-        else:
-            min_lr_given |= key == "min_lr"
-            train_args.append(arg)
-    seeds = [base_seed + i for i in range(n_seeds)]
+    opts, train_args = parse_options(argv, CompareConfig(), doc=__doc__, titles=("compare.py options",), rest=True)
+    for arg in train_args:
+        if arg[2:].partition("=")[0] in ("model", "out_dir", "init_from"):
+            raise UserError(f"{arg.partition('=')[0]} is set by compare.py for each run")
+    if opts.seeds < 1:
+        raise UserError(f"--seeds={opts.seeds}: must be at least 1")
+    models, out = opts.models.split(","), opts.out
+    lrs = [parse_value("learning_rate", v, float) for v in opts.learning_rate.split(",")] if opts.learning_rate \
+        else [TrainConfig.learning_rate]
+    min_lr_given = any(arg.startswith("--min_lr=") for arg in train_args)
+    seeds = [opts.seed + i for i in range(opts.seeds)]
 
     def args_for(lr, seed):
         """train.py's options for one run; min_lr follows the learning rate (lr/10, the default's ratio)."""
@@ -332,23 +327,23 @@ def main(argv):
 
     for model in models:
         for lr in lrs:
-            parse_args([f"--model={model}", *args_for(lr, base_seed)])  # a one-line error before any run
-    if not plot_only:
+            parse_args([f"--model={model}", *args_for(lr, opts.seed)])  # a one-line error before any run
+    if not opts.plot_only:
         budget_iters = {}
         for seed in seeds:  # seed by seed, so an early stop still leaves whole comparisons
             for model in models:
                 # the first seed tries every learning rate; the others train at the best one of those
                 for lr in lrs if seed == seeds[0] else [best_lr(out, model, lrs, seeds[0])]:
                     out_dir = os.path.join(out, run_name(model, lr, seed))
-                    request = {"train_args": args_for(lr, seed), "time_budget": time_budget}
+                    request = {"train_args": args_for(lr, seed), "time_budget": opts.time_budget}
                     done = read_json(os.path.join(out_dir, "compare.json")) or {}
                     if {k: done.get(k) for k in request} == request:
                         print(f"{run_name(model, lr, seed)}: finished earlier in {out_dir}, not trained again")
                         continue
                     args = request["train_args"]
-                    if time_budget:
+                    if opts.time_budget:
                         if model not in budget_iters:
-                            budget_iters[model] = iterations_for_budget(model, out, args, time_budget)
+                            budget_iters[model] = iterations_for_budget(model, out, args, opts.time_budget)
                         args = [*args, f"--max_iters={budget_iters[model]}"]
                     if os.path.exists(os.path.join(out_dir, "compare.json")):
                         os.remove(os.path.join(out_dir, "compare.json"))  # other options: this run is replaced

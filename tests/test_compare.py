@@ -45,7 +45,7 @@ def test_compare_two_models(tmp_path):
     assert [os.path.getmtime(out / m / "lr0.001-seed1337" / "ckpt.pt") for m in models] == mtimes
     # --plot_only redraws from the logs without training again
     os.remove(out / "loss.svg")
-    r = subprocess.run([sys.executable, "compare.py", f"--models={','.join(models)}", f"--out={out}", "--plot_only"],
+    r = subprocess.run([sys.executable, "compare.py", f"--models={','.join(models)}", f"--out={out}", "--plot_only=True"],
                        cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0 and (out / "loss.svg").exists(), r.stderr
 
