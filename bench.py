@@ -5,6 +5,7 @@ Benchmark training or generation speed of model files on the current device (a b
     python bench.py --model=gpt --preset=gpt2-124m --block_size=1024 --batch_size=16 --compile=True
     python bench.py --model=gpt,mod,dtf --mode=generate --new_tokens=512   # block_size 16 + 512
     python bench.py --model=gpt,mod --mode=generate --new_tokens=1008       # block_size 1024
+    python bench.py --mode=generate --checkpoints=compare/gpt/lr0.001-seed1337,compare/mod/lr0.001-seed1337
     python bench.py --model=doge --is_moe=True                 # any other --key=value sets a Config field
     python bench.py --mode=tokenize --text=data/shakespeare_char/input.txt   # prepare_data.py c4's tokenizer
 
@@ -31,6 +32,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 import torch
 
 from cli import UserError, option_pairs, parse_options
@@ -48,6 +50,7 @@ class BenchConfig:
     steps: int = 20              # timed steps
     repeats: int = 3             # rounds over all models; the median is kept
     new_tokens: int = 512        # generate mode: tokens generated after a 16-token prompt
+    checkpoints: str = ""        # generate mode: comma-separated out_dirs of trained runs, timed instead of --model
     device: str = "auto"         # auto: cuda, then mps, then cpu
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # as train.py: bf16 on CUDA when supported, float32 on CPU/MPS
     compile: bool = False        # time the torch.compile'd model
@@ -140,17 +143,39 @@ def measure_train(opts, model_args, name, device, dtype):
 
 
 def measure_generate(opts, model_args, name, device, dtype):
+    """Greedy generation after a 16-token prompt, cached and by re-running the forward. With
+    --checkpoints, `name` is a trained run's out_dir: its model, at its block_size, with a prompt from
+    its validation text; past block_size the two samplers condition differently (the cache refills from
+    the last block_size/2 tokens, the re-run slides its window), so their tokens are not compared."""
     from sample import generate
-    model = build(opts, model_args, name, device).eval()
-    prompt = torch.randint(0, model.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
-    prompt = prompt.to(device)
+    if opts.checkpoints:
+        from prepare_data import read_tokens
+        from train import load_checkpoint, model_from_checkpoint
+        path = os.path.join(name, "ckpt.pt")
+        ckpt = load_checkpoint(path, device)
+        model = model_from_checkpoint(ckpt, path).eval()
+        cfg = ckpt["train_config"]
+        val_path = os.path.join(cfg["data_dir"], cfg["dataset"], "val.bin")
+        if not os.path.exists(val_path):  # data_dir is as train.py was given it, maybe relative
+            raise UserError(f"{val_path} (the prompt source of {name}) is missing; run bench.py where "
+                            f"train.py ran, or prepare {cfg['dataset']} again")
+        val = read_tokens(val_path)
+        prompt = torch.from_numpy(val[:16].astype(np.int64))[None].to(device)
+    else:
+        model = build(opts, model_args, name, device).eval()
+        prompt = torch.randint(0, model.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(0))
+        prompt = prompt.to(device)
     result = {"params": sum(p.numel() for p in model.parameters())}
     outputs = {}
     for way, crop in (("cached", False), ("forward", True)):  # crop=True: the whole forward per token
         t0 = time.perf_counter()
         outputs[way] = generate(model, prompt, opts.new_tokens, top_k=1, crop=crop)
         result[f"{way}_tok_s"] = opts.new_tokens / (time.perf_counter() - t0)
-    result["same_tokens"] = bool(torch.equal(outputs["cached"], outputs["forward"]))
+    if 16 + opts.new_tokens <= model.config.block_size:
+        result["same_tokens"] = bool(torch.equal(outputs["cached"], outputs["forward"]))
+    if hasattr(model, "stats"):
+        model(outputs["cached"][:, -model.config.block_size:])  # the routing of the generated text
+        result["stats"] = {k: v for k, v in model.stats().items() if "frac_routed" in k}
     return result
 
 
@@ -207,8 +232,14 @@ def main(argv):
     if opts.mode == "tokenize":
         return bench_tokenize(opts)
 
-    names = opts.model.split(",")
-    for name in names:  # one-line errors for an unknown model or field before any work
+    if opts.checkpoints and opts.mode != "generate":
+        raise UserError("--checkpoints times generation only; add --mode=generate")
+    names = opts.checkpoints.split(",") if opts.checkpoints else opts.model.split(",")
+    for name in names:  # one-line errors for an unknown model, field or checkpoint before any work
+        if opts.checkpoints:
+            if not os.path.exists(os.path.join(name, "ckpt.pt")):
+                raise UserError(f"no checkpoint at {name}/ckpt.pt; --checkpoints takes train.py out_dirs")
+            continue
         with torch.device("meta"):
             build(opts, model_args, name, "meta")
     device, dtype = pick_device(opts.device, opts.dtype)
@@ -236,13 +267,15 @@ def main(argv):
                    f"{tok_s:,.0f} | {tok_s / ref:.2f}x | {median(name, 'peak_mem_mb'):,.0f} |")
             print(row + (f" {r0['flops_per_token'] * tok_s / peak:.1%} |" if peak else ""))
     else:
-        print("| model | params | cached tok/s | vs first | full forward tok/s | speed-up | same tokens |")
-        print("|---|---:|---:|---:|---:|---:|---|")
+        print("| model | params | cached tok/s | vs first | full forward tok/s | speed-up | same tokens | routed |")
+        print("|---|---:|---:|---:|---:|---:|---|---|")
         ref = median(names[0], "cached_tok_s")
         for name in names:
-            cached, fwd = median(name, "cached_tok_s"), median(name, "forward_tok_s")
-            print(f"| {name} | {runs[name][0]['params']:,} | {cached:,.0f} | {cached / ref:.2f}x | {fwd:,.0f} | "
-                  f"{cached / fwd:.1f}x | {all(r['same_tokens'] for r in runs[name])} |")
+            cached, fwd, r0 = median(name, "cached_tok_s"), median(name, "forward_tok_s"), runs[name][0]
+            same = all(r["same_tokens"] for r in runs[name]) if "same_tokens" in r0 else "not compared"
+            routed = ", ".join(f"{k[len('frac_routed_'):]} {v:.2f}" for k, v in r0.get("stats", {}).items()) or "-"
+            print(f"| {name} | {r0['params']:,} | {cached:,.0f} | {cached / ref:.2f}x | {fwd:,.0f} | "
+                  f"{cached / fwd:.1f}x | {same} | {routed} |")
 
 if __name__ == "__main__":
     try:

@@ -55,3 +55,36 @@ def test_crop_past_block_size_differs_from_the_refill_rule():
     model = small("gpt")
     x = prompt(model, 1, 5)
     assert not torch.equal(generate(model, x, 40, top_k=1), generate(model, x, 40, top_k=1, crop=True))
+
+
+def test_bench_generate_times_trained_checkpoints(tmp_path):
+    """bench.py --mode=generate --checkpoints: a trained run is timed with its own config and weights,
+    the cached and re-run samplers agree within block_size, and a routed model reports its routing."""
+    import os
+    import subprocess
+    import sys
+    from conftest import ROOT, assert_one_line_error, make_text
+    from prepare_data import prepare
+    src = tmp_path / "tiny.txt"
+    src.write_text(make_text(20000))
+    prepare("shakespeare_char", data_dir=str(tmp_path), name="tiny", input=str(src))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for model in ("gpt", "mod"):
+        r = subprocess.run([sys.executable, "train.py", f"--model={model}", f"--out_dir={tmp_path / model}",
+                            "--dataset=tiny", f"--data_dir={tmp_path}", "--max_iters=4", "--eval_interval=4",
+                            "--eval_iters=1", "--batch_size=2", "--block_size=32", "--n_layer=2", "--n_embd=32"],
+                           cwd=ROOT, capture_output=True, text=True, env=env)
+        assert r.returncode == 0, r.stderr[-2000:]
+    dirs = f"{tmp_path / 'gpt'},{tmp_path / 'mod'}"
+    r = subprocess.run([sys.executable, "bench.py", "--mode=generate", f"--checkpoints={dirs}", "--new_tokens=16",
+                        "--repeats=1"], cwd=ROOT, capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [line.split("|") for line in r.stdout.splitlines() if line.startswith(f"| {tmp_path}")]
+    assert [row[1].strip() for row in rows] == [str(tmp_path / "gpt"), str(tmp_path / "mod")]
+    assert [row[7].strip() for row in rows] == ["True", "True"]  # 16 + 16 tokens fit block_size 32
+    assert rows[0][8].strip() == "-" and rows[1][8].strip().startswith("l1 ")
+    r = subprocess.run([sys.executable, "bench.py", f"--checkpoints={dirs}"], cwd=ROOT, capture_output=True, text=True)
+    assert_one_line_error(r, "bench.py", "--checkpoints times generation only; add --mode=generate")
+    r = subprocess.run([sys.executable, "bench.py", "--mode=generate", f"--checkpoints={tmp_path}"], cwd=ROOT,
+                       capture_output=True, text=True)
+    assert_one_line_error(r, "bench.py", f"no checkpoint at {tmp_path}/ckpt.pt")
