@@ -2,7 +2,6 @@
 DAWN: Dynamic Subspace Composition over shared neuron pools (Seungho Choi, "DAWN: Dynamic Subspace
 Composition for Structural Interpretability", Zenodo 10.5281/zenodo.18060421), the 39M-paper model
 with per-token routing, as the reference (madst0614/DAWN, models/model_v17_1.py) computes it.
-Spec: specs/dawn.md.
 
 The idea. A transformer block has fixed matrices W_Q, W_K, W_V and a fixed FFN. DAWN keeps six
 pools of small matrices ("neurons") shared by every layer instead, and builds each token's
@@ -38,7 +37,7 @@ table has block_size rows, so a cache can never hold more tokens than that.
 Causality. The earlier DAWN-24M result (perplexity 8.4) came from *sequence-level* routing: one
 neuron mixture per sequence, chosen from importance scores over all positions (computed from the
 last position's state), so every position used information from the whole window, future included;
-trained that way, the model reads the future through its routing weights (specs/dawn.md section 5).
+trained that way, the model reads the future through its routing weights.
 This file routes each token from that token's own normalised state only: no pooling over positions,
 no batch statistics, no state; top-k runs over neurons, never over time.
 """

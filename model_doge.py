@@ -1,7 +1,6 @@
 """
 Doge: dynamic mask attention + cross-domain mixture of experts (SmallDoges, "Wonderful Matrices",
 arXiv 2412.11834), as Hugging Face transformers' DogeForCausalLM computes it, without its leak.
-Spec: specs/doge.md.
 
 Doge is a pre-norm decoder with two swaps and one twist:
 
@@ -11,18 +10,18 @@ Doge is a pre-norm decoder with two swaps and one twist:
         x = alpha2 * x + MLP or CDMoE(RMSNorm(x))
     logits = RMSNorm(x) @ embedding^T                     tied
 
-(a) Dynamic mask attention (sequence mixing, spec 2.4). Causal softmax attention with QK-norm, RoPE
+(a) Dynamic mask attention (sequence mixing). Causal softmax attention with QK-norm, RoPE
 and grouped KV heads, plus a bias per *key*: delta_j = exp(A * softplus(dt_j)), with dt_j a
 projection of key j's value vector (one per KV head, A = 0 at init so delta = 1). delta_j is added
 (in linear space) to every query's score for key j, and once more than keep_window_size (kws) keys
 are visible, each query keeps only the kws keys with the largest delta and masks the rest. The
 authors read this as SSM-like selective forgetting without a decay.
-(b) Cross-domain MoE (state mixing, is_moe=True, spec 2.6): the dense SwiGLU MLP ("shared expert")
+(b) Cross-domain MoE (state mixing, is_moe=True): the dense SwiGLU MLP ("shared expert")
 plus a weighted sum over k of E = K^2 single-neuron private experts, retrieved with product keys:
 two sets of K half keys score the token, and the best pairs of halves name the experts, so scoring
 E experts costs 2K dot products.
 
-The deliberate fix (spec 5). The reference splits the router's output (B, T, 2K) into its two
+The deliberate fix. The reference splits the router's output (B, T, 2K) into its two
 halves with a raw reshape across time and batch, so most tokens choose their experts (and weight
 them) with scores computed from later tokens and from other sequences in the batch. Here each
 token's 2K scores are split into its own two halves (CDMoE.route). Dynamic mask attention is causal
@@ -47,7 +46,7 @@ keys the other way and, where they straddle the kws-th place, keep the other one
 never tie, and at A = 0 every delta is exactly 1 in both.
 
 Names follow Hugging Face's leaves (q_proj, dt_proj, A, input_residual, router_gate, down_embed, ...)
-so that HF weights load by a prefix rename (spec 9's name map); config fields follow the spec.
+so that HF weights load by a prefix rename.
 """
 import math
 from dataclasses import dataclass
@@ -65,7 +64,7 @@ class Config:
     n_head: int = 4               # query heads H (head size hd = n_embd / n_head)
     n_kv_head: int = 2            # key/value heads G; the dynamic mask has one delta per KV head
     n_embd: int = 128             # d
-    intermediate_size: int = 256  # I, dense SwiGLU width (2d, as Doge-20M/60M; the spec's n_inner)
+    intermediate_size: int = 256  # I, dense SwiGLU width (2d, as Doge-20M/60M)
     keep_window_size: int = 32    # kws: keys each query keeps once more are visible (< block_size here,
                                   # so the top-k actually runs; the recipes use kws = context: bias only)
     rope_theta: float = 1e4       # RoPE base
@@ -150,7 +149,7 @@ def dynamic_mask(delta, kws):
     is kept by query i when j <= i and j is among the kws largest delta of keys 0..i (ties: the later
     key ranks higher); None while T <= kws, where every row keeps all its keys (plain causal).
 
-    Instead of a top-k per row (spec 2.4), rank every key within every prefix at once: key j survives
+    Instead of a top-k per row (the reference's topk over (T, T) scores), rank every key within every prefix at once: key j survives
     in row i when fewer than kws keys of 0..i outrank it. "j' outranks j" is a (T, T) comparison and
     its cumulative sum down the rows counts the outranking keys of each prefix."""
     B, G, T = delta.shape
@@ -163,7 +162,7 @@ def dynamic_mask(delta, kws):
 
 
 class DMAttn(nn.Module):
-    """Dynamic mask attention (spec 2.4): GQA softmax attention with QK-norm and RoPE, plus the
+    """Dynamic mask attention: GQA softmax attention with QK-norm and RoPE, plus the
     value-derived per-key bias delta and the keep_window_size top-k over it."""
 
     def __init__(self, config):
@@ -245,7 +244,7 @@ class DMAttn(nn.Module):
 
 
 class CDMoE(MLP):
-    """Cross-domain MoE (spec 2.6): the dense SwiGLU MLP (the shared expert, its weights inherited
+    """Cross-domain MoE: the dense SwiGLU MLP (the shared expert, its weights inherited
     from MLP) plus k of E = K^2 private experts, each a single SiLU neuron (down vector D_e, up vector
     U_e), retrieved with product keys."""
 
@@ -262,7 +261,7 @@ class CDMoE(MLP):
         """Each token's k experts (ids in [0, K^2)), their weights g (softmax over the k) and the
         router logits (B, T, 2, K)."""
         K, k = self.K, self.k
-        # THE FIX (spec 5): each token's own 2K scores are split into its two halves, z.view(N, 2, K):
+        # THE FIX: each token's own 2K scores are split into its two halves, z.view(N, 2, K):
         # row r < K of router_gate is x-key r, row K + r is y-key r. The reference reshapes the whole
         # (B, T, 2K) output as (2, B*T, K), so a token's x and y halves come from other tokens, later
         # ones and other sequences in the batch: its experts would depend on the future and the batch.
@@ -291,7 +290,7 @@ class CDMoE(MLP):
         return torch.zeros(self.K ** 2, device=e.device).index_add_(0, e, torch.ones(e.shape, device=e.device))
 
     def balance_loss(self, z, experts):
-        """Switch-style load balance (spec 4): E * sum_e f_e * P_e, 1 when uniform. f_e: share of the
+        """Switch-style load balance (Fedus et al. 2021, eq. 4): E * sum_e f_e * P_e, 1 when uniform. f_e: share of the
         N*k selections that picked e; P_e: mean over tokens of the router's probability of e = a*K + b
         over all K^2 pairs, softmax(zx)_a * softmax(zy)_b. Per layer (HF pools all layers' selections
         into one count, though their experts are unrelated); gradients reach the router through P."""
@@ -312,7 +311,7 @@ class DogeBlock(nn.Module):
         self.post_attention_residual = nn.Parameter(torch.ones(config.n_embd))   # alpha2
 
     def forward(self, x, cos, sin, cache=None, t0=0):
-        # the scale multiplies the carried stream, not the branch (spec 2.2); with a cache (decoding),
+        # the scale multiplies the carried stream, not the branch (as HF's DogeDecoderLayer); with a cache (decoding),
         # x holds positions t0.. and the attention also reads the cached keys
         u = self.input_layernorm(x)
         a = self.attn(u, cos, sin) if cache is None else self.attn.forward_cached(u, cos, sin, cache, t0)
@@ -340,7 +339,7 @@ class Doge(nn.Module):
         self.apply(self._init_weights)
 
     def _init_weights(self, module):
-        # HF's init (spec 2.7): Linear weights and all embeddings (tokens, expert tables) ~ N(0, 0.02);
+        # HF's init (DogePreTrainedModel._init_weights): Linear weights and all embeddings (tokens, expert tables) ~ N(0, 0.02);
         # norms and residual scales 1, A 0 (set where they are created)
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)

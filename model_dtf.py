@@ -1,6 +1,6 @@
 """
-DTF: the surprise-routed Dynamic Transformer (fredericowieser/Dynamic-Transformers, spec:
-specs/dtf.md), causal in training and evaluation.
+DTF: the surprise-routed Dynamic Transformer (fredericowieser/Dynamic-Transformers and its report,
+docs/DTF-Report.md), causal in training and evaluation.
 
 The idea, in predictive-coding words. Blocks come in pairs. The *decision* block runs on every
 token and gives three views of it: its input h (the *original*: "nothing changes"), the block's
@@ -26,7 +26,7 @@ ranking a sequence, whose later tokens a sampler does not have. MA is the mean o
 tokens' D_st in the same row. Routed tokens attend only to earlier routed tokens of their own row.
 So logits at t depend on tokens <= t of their own sequence only, in training and in evaluation.
 
-What the reference leaked (specs/dtf.md section 5): it picks the top-k of each row in training and
+What the reference leaked: it picks the top-k of each row in training and
 in evaluation, packs the chosen tokens of all rows into one score-ordered sequence (a token sees
 later tokens and other sequences), and its moving average is one global buffer filled with the
 current batch (other rows, future positions) before it is read, in a Python loop.
@@ -61,7 +61,7 @@ class Config:
     n_head: int = 4                   # query heads H
     n_kv_head: int = 2                # key/value heads G (grouped-query attention)
     n_embd: int = 128                 # d
-    intermediate_size: int = 384      # SwiGLU width I = 3d (standard.md laptop rule)
+    intermediate_size: int = 384      # SwiGLU width I = 3d (model_gpt's laptop size)
     rope_theta: float = 1e6           # RoPE base theta (Qwen2.5)
     norm_eps: float = 1e-6            # RMSNorm epsilon
     qkv_bias: bool = True             # biases on q, k, v (Qwen2)
@@ -79,7 +79,7 @@ class Config:
     prior_loss_weight: float = 0.05   # lambda_prior: weight of the prior's MSE (training only)
 
 
-# Qwen2.5 shapes (standard.md) as blocks of pairs, gamma 12.5%. vocab_size comes from the data.
+# Qwen2.5's published shapes as blocks of pairs, gamma 12.5%. vocab_size comes from the data.
 PRESETS = {
     "qwen2.5-0.5b": dict(block_size=1024, n_layer=24, n_head=14, n_kv_head=2, n_embd=896, intermediate_size=4864),
     "qwen2.5-1.5b": dict(block_size=1024, n_layer=28, n_head=12, n_kv_head=2, n_embd=1536, intermediate_size=8960),
@@ -322,7 +322,7 @@ def causal_moving_average(d, window):
 
 class DTFPair(nn.Module):
     """A decision block on every token, the prior, the surprise gate G, and a dynamic block on the
-    tokens whose G clears the routing threshold tau (specs/dtf.md section 2.2)."""
+    tokens whose G clears the routing threshold tau (the report's eqs. 3.1-3.13)."""
 
     def __init__(self, config):
         super().__init__()
@@ -495,7 +495,8 @@ class DTF(nn.Module):
 
     def stats(self):
         # the realised routed fraction per pair (target gamma), the rest averaged over pairs.
-        # G_std < 1e-2 is the nearly-constant-gate regime of specs/dtf.md section 8.2
+        # G_std < 1e-2 flags a nearly constant gate (at init G lies in [0.749, 0.757]): routing then
+        # follows tiny differences in D_st rather than real surprise
         if not self.pairs[0].last:
             return {}
         out = {f"frac_routed_p{p}": pair.last["frac_routed"].item() for p, pair in enumerate(self.pairs)}
@@ -512,7 +513,8 @@ class DTF(nn.Module):
         return out
 
     def flops_per_token(self):
-        # nanoGPT's accounting with each dynamic block computing f = K/T of the rows (specs/dtf.md §3)
+        # nanoGPT's accounting with each dynamic block computing f = K/T of the rows, and its attention
+        # f*T keys for each of them; the router's 4 scalars count as parameters of every token
         c = self.config
         T, P = c.block_size, c.n_layer // 2
         f = min(T, math.ceil(c.capacity_factor * c.dtf_capacity * T)) / T

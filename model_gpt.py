@@ -1,7 +1,7 @@
 """
 GPT: the dense baseline every dynamic architecture in this repo is compared with.
 
-A modern pre-norm decoder in the Qwen2.5 / Llama style (spec: specs/standard.md):
+A modern pre-norm decoder in the Qwen2.5 / Llama style:
 
     x = embedding[idx]                                  no position table: RoPE inside attention
     repeat n_layer times:
@@ -35,7 +35,7 @@ class Config:
     n_head: int = 4               # query heads H
     n_kv_head: int = 2            # key/value heads G; each serves H/G query heads (GQA)
     n_embd: int = 128             # d
-    intermediate_size: int = 384  # SwiGLU width I; laptop rule I = 3d (standard.md §2)
+    intermediate_size: int = 384  # SwiGLU width I = 3d at laptop size (Qwen2.5: ~5.4d)
     rope_theta: float = 1e6       # Qwen2.5's RoPE base
     norm_eps: float = 1e-6
     qkv_bias: bool = True         # Qwen2 puts biases on q, k, v (none on the output projection)
@@ -231,7 +231,7 @@ class GPT(nn.Module):
         self.apply(self._init_weights)
 
     def _init_weights(self, module):
-        # Qwen2's init (standard.md §2): every Linear and the embedding ~ N(0, 0.02), biases 0
+        # Qwen2's init (initializer_range 0.02): every Linear and the embedding ~ N(0, 0.02), biases 0
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
         if isinstance(module, nn.Linear) and module.bias is not None:

@@ -5,10 +5,10 @@ The idea. A transformer spends the same compute on every token. A MoD block has 
 only about C*T tokens of a sequence (capacity C = 12.5%) go through its attention and MLP; the rest
 skip it along the residual stream. A linear router gives every token a scalar score r, and a
 routed token adds the block's update multiplied by sigma(r), so the language-model loss itself
-teaches the router which tokens deserve the compute. Every other block is routed (specs/mod.md).
+teaches the router which tokens deserve the compute. Every other block is routed, as in the paper.
 
     x = embedding[idx]
-    for l in 0..n_layer-1:  x = Block(x) if l is even else MoDBlock(x)     (specs/standard.md block)
+    for l in 0..n_layer-1:  x = Block(x) if l is even else MoDBlock(x)     (Block: model_gpt's)
     logits = RMSNorm(x) @ embedding^T
 
     MoDBlock(x):  r_t = <x_t, w_r>                  one score per token (fp32)
@@ -27,7 +27,7 @@ computed in training, but only as a target: for the auxiliary loss (a BCE teachi
 top-k membership, as in the paper) and for the tau update. mod_routing="topk" restores the paper's
 training rule for comparison (not causal in training; evaluation still uses the threshold).
 
-What the reference implementation got wrong (specs/mod.md section 5): it ranks with top-k over the
+What the reference implementation (fredericowieser/Dynamic-Transformers) got wrong: it ranks with top-k over the
 whole row in training *and* in evaluation, and packs the selected tokens of all rows into one
 score-ordered sequence under a causal mask, so a token attends to later tokens of its row and to
 every selected token of the other rows. Its reported MoD losses are not reachable by a sampler.
@@ -61,7 +61,7 @@ class Config:
     n_head: int = 4                   # query heads H
     n_kv_head: int = 2                # key/value heads G (grouped-query attention)
     n_embd: int = 128                 # d
-    intermediate_size: int = 384      # SwiGLU width I = 3d (standard.md laptop rule)
+    intermediate_size: int = 384      # SwiGLU width I = 3d (model_gpt's laptop size)
     rope_theta: float = 1e6           # RoPE base theta (Qwen2.5)
     norm_eps: float = 1e-6            # RMSNorm epsilon
     qkv_bias: bool = True             # biases on q, k, v (Qwen2)
@@ -74,7 +74,7 @@ class Config:
     mod_routing: str = "threshold"    # "threshold" (causal, both modes) or "topk" (paper, training only)
 
 
-# Qwen2.5 shapes (standard.md) routed every other layer at C = 12.5%. vocab_size comes from the data.
+# Qwen2.5's published shapes, routed every other layer at C = 12.5%. vocab_size comes from the data.
 PRESETS = {
     "qwen2.5-0.5b": dict(block_size=1024, n_layer=24, n_head=14, n_kv_head=2, n_embd=896, intermediate_size=4864),
     "qwen2.5-1.5b": dict(block_size=1024, n_layer=28, n_head=12, n_kv_head=2, n_embd=1536, intermediate_size=8960),
@@ -450,7 +450,7 @@ class MoD(nn.Module):
 
     def flops_per_token(self):
         # nanoGPT's accounting (6 per parameter and token, 12*d*T per layer for attention) with a
-        # routed block computing f = K/T of the rows (specs/mod.md section 3)
+        # routed block computing f = K/T of the rows, and its attention f*T keys for each of them
         c = self.config
         T = c.block_size
         f = min(T, math.ceil(c.capacity_factor * c.mod_capacity * T)) / T

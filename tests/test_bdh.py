@@ -1,4 +1,4 @@
-"""BDH (model_bdh.py): the checks of specs/bdh.md §9 beyond the generic contract tests of test_models.py.
+"""BDH (model_bdh.py): checks of the BDH-GPU computation beyond the generic contract tests of test_models.py.
 
 Every comparison is against an independent oracle: the parameter formula, a hand-built rotation
 matrix, LN(embed) @ lm_head, the recurrent form against the parallel form, PyTorch's FLOP counter.
@@ -63,9 +63,9 @@ def test_parameter_count_is_3MD2_plus_2VD_for_any_depth_and_heads(M, D, V):
                             vocab_size=V) == 3 * M * D * D + 2 * V * D
 
 
-def test_parameter_counts_quoted_in_the_spec():
+def test_parameter_counts_of_laptop_and_reference_configs():
     assert n_params() == 803_072  # the laptop config
-    assert n_params(**model_bdh.PRESETS["bdh-25m"]) == 25_296_896
+    assert n_params(**model_bdh.PRESETS["bdh-25m"]) == 25_296_896  # pathwaycom/bdh's default config
 
 
 def test_flops_per_token_counts_the_matmuls_the_code_runs():
@@ -74,7 +74,7 @@ def test_flops_per_token_counts_the_matmuls_the_code_runs():
     with FlopCounterMode(display=False) as counter:
         model(tokens(1, T), tokens(1, T, seed=2))[1].backward()
     assert counter.get_total_flops() == model.flops_per_token() * T
-    assert abs(model.flops_per_token() / 22.8e6 - 1) < 0.01  # spec §7: ~22.8 MFLOP/token, ~4x GPT's
+    assert abs(model.flops_per_token() / 22.8e6 - 1) < 0.01  # ~22.8 MFLOP/token at the laptop config, ~4x GPT's
 
 
 def test_invalid_config_and_too_long_input_raise_value_errors():

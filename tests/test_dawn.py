@@ -1,4 +1,4 @@
-"""DAWN (model_dawn.py): the checks of specs/dawn.md section 9 beyond the generic contract tests."""
+"""DAWN (model_dawn.py): checks of the neuron-pool computation beyond the generic contract tests."""
 import itertools
 
 import pytest

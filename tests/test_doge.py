@@ -1,6 +1,6 @@
-"""Doge (model_doge.py): the checks of specs/doge.md section 9 beyond the generic contract tests.
+"""Doge (model_doge.py): checks of dynamic mask attention and CDMoE beyond the generic contract tests.
 
-Parity with Hugging Face's DogeForCausalLM (spec 9.8) needs `transformers`, which this repo does not
+Parity with Hugging Face's DogeForCausalLM needs `transformers`, which this repo does not
 depend on; it is not tested here."""
 
 import math
@@ -32,13 +32,13 @@ def randomise(model, seed=0):
 
 
 def distinct_tokens(B=3, T=64, seed=1):
-    """Rows of distinct ids, so that no two keys of a row tie on delta in layer 0 (spec 8.2)."""
+    """Rows of distinct ids, so that no two keys of a row tie on delta in layer 0 (ties rank by recency)."""
     g = torch.Generator().manual_seed(seed)
     return torch.stack([torch.randperm(65, generator=g)[:T] for _ in range(B)])
 
 
 def reference_attention(attn, x, cos, sin, kws):
-    """DMAttn as the spec writes it: the float mask M = delta_j where kept, -inf elsewhere, added to
+    """DMAttn as the reference writes it: the float mask M = delta_j where kept, -inf elsewhere, added to
     the scores, with kv heads repeated; the kept set by a per-row top-k loop."""
     B, T, _ = x.shape
     H, G, hd = attn.n_head, attn.n_kv_head, attn.head_dim
@@ -60,8 +60,8 @@ def reference_attention(attn, x, cos, sin, kws):
 
 # --- shapes and parameters -----------------------------------------------------------------------
 
-def spec_param_count(c):
-    """specs/doge.md section 3: no biases, tied embedding."""
+def formula_param_count(c):
+    """Doge's parameters from its shapes: no biases, tied embedding."""
     d, H, G, I = c.n_embd, c.n_head, c.n_kv_head, c.intermediate_size
     hd = d // H
     attn = d * H * hd + 2 * d * G * hd + H * hd * d + G * hd * G + G + 2 * hd
@@ -74,12 +74,12 @@ def spec_param_count(c):
 
 def test_parameter_counts():
     count = lambda m: sum(p.numel() for p in m.parameters())
-    assert count(build()) == spec_param_count(model_doge.Config()) == 601_096
-    assert count(build(is_moe=True)) == spec_param_count(model_doge.Config(is_moe=True)) == 879_624
+    assert count(build()) == formula_param_count(model_doge.Config()) == 601_096
+    assert count(build(is_moe=True)) == formula_param_count(model_doge.Config(is_moe=True)) == 879_624
     for name, expected in (("doge-20m", 13_118_728), ("doge-60m", 54_571_552), ("doge-20m-moe", 17_444_104)):
         config = model_doge.Config(vocab_size=32768, **model_doge.PRESETS[name])
         with torch.device("meta"):
-            assert count(Doge(config)) == spec_param_count(config) == expected, name
+            assert count(Doge(config)) == formula_param_count(config) == expected, name
 
 
 def test_experts_must_be_a_perfect_square():
@@ -121,7 +121,7 @@ def test_causal_and_batch_independent(is_moe, kws, train):
 
 
 def test_router_split_is_per_token():
-    """The fix of spec 5: a token's experts and weights come from its own 2K router scores, so routing
+    """The routing fix (CDMoE.route): a token's experts and weights come from its own 2K router scores, so routing
     tokens one at a time gives the batch's routing (the reference's reshape would not)."""
     torch.manual_seed(0)
     moe = CDMoE(model_doge.Config(is_moe=True))
@@ -160,7 +160,7 @@ def test_dynamic_mask_ties_go_to_the_most_recent_keys():
 
 @pytest.mark.parametrize("kws", [64, 16, 1])
 def test_attention_equals_the_float_mask_reference(kws):
-    """The extra-channel form of the bias plus the boolean keep mask equals the spec's float mask
+    """The extra-channel form of the bias plus the boolean keep mask equals the reference's float mask
     (delta where kept by a per-row top-k, -inf elsewhere) added to the scores."""
     model = randomise(build(keep_window_size=kws))
     attn = model.blocks[1].attn

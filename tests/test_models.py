@@ -1,4 +1,5 @@
-"""The contract of specs/interface.md, checked for every model_*.py at the top level.
+"""The contract every model_*.py at the top level keeps (Config, PRESETS, Model with forward,
+stats, flops_per_token, init_cache and forward_cached), checked for each of them.
 
 Adding a model file adds it to every test here: causality in eval and training mode, batch
 independence, eval determinism, loss at init, learning, the import rule and the marked copies.
