@@ -104,8 +104,8 @@ class RMSNorm(nn.Module):
 class RotaryEmbedding(nn.Module):
     """RoPE tables, rotate-half layout: channel i and i + hd/2 form a pair turning at theta^(-2i/hd).
 
-    Called once per forward with the token positions (T,) or, for routed layers, (B, K) gathered
-    positions; returns cos and sin of shape (..., hd) in fp32 for apply_rope."""
+    Called once per forward with the token positions pos (T,), or any shape of positions; returns
+    cos and sin of shape (*pos.shape, hd) in fp32 for apply_rope."""
 
     def __init__(self, head_dim, theta):
         super().__init__()

@@ -104,8 +104,8 @@ class RMSNorm(nn.Module):
 class RotaryEmbedding(nn.Module):
     """RoPE tables, rotate-half layout: channel i and i + hd/2 form a pair turning at theta^(-2i/hd).
 
-    Called once per forward with the token positions (T,) or, for routed layers, (B, K) gathered
-    positions; returns cos and sin of shape (..., hd) in fp32 for apply_rope."""
+    Called once per forward with the token positions pos (T,), or any shape of positions; returns
+    cos and sin of shape (*pos.shape, hd) in fp32 for apply_rope."""
 
     def __init__(self, head_dim, theta):
         super().__init__()
@@ -132,56 +132,38 @@ def apply_rope(x, cos, sin):
 # Copied from model_gpt.KVCache
 class KVCache:
     """Keys and values of one attention layer for B rows, for incremental decoding: buffers of `size`
-    entries a row, allocated once and written in place; n (B,) = the entries each row holds. A dense
-    layer stores every token, so all rows hold the same number; a routed layer stores only its routed
-    tokens, so each row fills at its own pace and the mask hides the slots a row has not filled."""
+    positions a row, allocated once (the batch size and dtype come with the first keys) and written
+    in place; filled = the positions written so far (a Python int: slicing by it needs no device sync)."""
 
-    def __init__(self, B, size, device):
+    def __init__(self, size):
         self.size = size
         self.k = self.v = None  # (B, G, size, hd), allocated by the first append in attention's dtype
-        self.n = torch.zeros(B, dtype=torch.long, device=device)
-        self.filled = 0  # a dense layer's n, as a Python int: slicing by it needs no device sync
+        self.filled = 0
 
-    def append(self, k, v, keep=None):
-        """Store the new keys and values k, v (B, G, t, hd) after each row's earlier entries: all of
-        them, or those keep (B, t) marks (a routed layer's routed tokens, which come first in each row).
-        Returns keys and values over the filled part of the buffers and the boolean mask for the new
-        queries: (B, 1, t, S), (t, S) for a dense layer, or None where plain causal attention is
-        exact (a dense layer's first call)."""
+    def append(self, k, v):
+        """Store the new keys and values k, v (B, G, t, hd) after the earlier ones. Returns keys and
+        values over the filled part of the buffers and the boolean mask (t, S) of the new queries,
+        or None where plain causal attention is exact (the first call)."""
         B, G, t, hd = k.shape
         if self.k is None:
-            self.k = k.new_zeros(B, G, self.size, hd)  # zeros: an unfilled slot holds finite numbers
+            self.k = k.new_zeros(B, G, self.size, hd)
             self.v = v.new_zeros(B, G, self.size, hd)
-        if keep is None:  # a dense layer: every row stores all t tokens in the same slots
-            s0, S = self.filled, self.filled + t
-            self.k[:, :, s0:S], self.v[:, :, s0:S] = k, v
-            self.n += t
-            self.filled = S
-            if s0 == 0:
-                return k, v, None
-            mask = torch.arange(S, device=k.device) <= s0 + torch.arange(t, device=k.device)[:, None]  # (t, S)
-            return self.k[:, :, :S], self.v[:, :, :S], mask
-        own = self.n[:, None] + torch.arange(t, device=k.device)  # (B, t): the slot of each stored token
-        b, i = keep.nonzero(as_tuple=True)
-        self.k[b, :, own[b, i]] = k[b, :, i]
-        self.v[b, :, own[b, i]] = v[b, :, i]
-        self.n += keep.sum(dim=1)
-        S = int(self.n.max())
-        slot = torch.arange(S, device=k.device)
-        # a new token sees its row's stored entries up to its own slot. A token that is not stored
-        # (padding of a routed layer) may have nothing to see; slot 0 keeps its discarded output finite
-        mask = (slot <= own[..., None]) & (slot < self.n[:, None, None]) | (slot == 0)
-        return self.k[:, :, :S], self.v[:, :, :S], mask[:, None]
+        s0, S = self.filled, self.filled + t
+        self.k[:, :, s0:S], self.v[:, :, s0:S] = k, v
+        self.filled = S
+        if s0 == 0:
+            return k, v, None
+        mask = torch.arange(S, device=k.device) <= s0 + torch.arange(t, device=k.device)[:, None]  # (t, S)
+        return self.k[:, :, :S], self.v[:, :, :S], mask
 
 
 # Copied from model_gpt.Attention
 class Attention(nn.Module):
     """Causal multi-head attention with grouped KV heads, QKV bias and RoPE.
 
-    forward(x, cos, sin, mask=None): with no mask it is plain causal attention; a routed layer passes
-    a boolean mask (B, 1, T, T) (True = may attend) and cos/sin at the tokens' true positions.
-    In incremental decoding x holds the next t tokens and cache is the layer's KVCache: their keys and
-    values (those keep marks) join the cache, and they attend over it with the cache's mask."""
+    forward(x, cos, sin, cache=None): plain causal attention over x, rotated by cos and sin. In
+    incremental decoding x holds the next t tokens and cache is the layer's KVCache: their keys and
+    values join it, and they attend over all of it with the boolean mask it returns (True = may attend)."""
 
     def __init__(self, config):
         super().__init__()
@@ -193,7 +175,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(config.n_head * self.head_dim, config.n_embd, bias=False)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, cos, sin, mask=None, cache=None, keep=None):
+    def forward(self, x, cos, sin, cache=None):
         B, T, _ = x.shape
         H, G, hd = self.n_head, self.n_kv_head, self.head_dim
         q, k, v = self.qkv_proj(x).split([H * hd, G * hd, G * hd], dim=-1)
@@ -201,8 +183,9 @@ class Attention(nn.Module):
         k = k.view(B, T, G, hd).transpose(1, 2)               # (B, G, T, hd)
         v = v.view(B, T, G, hd).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        mask = None
         if cache is not None:
-            k, v, mask = cache.append(k, v, keep)
+            k, v, mask = cache.append(k, v)
         # enable_gqa: kv head g serves query heads g*H/G .. (g+1)*H/G - 1, without copying k and v
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=G != H,
                                            dropout_p=self.dropout if self.training else 0.0)
@@ -236,9 +219,65 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(config.n_embd, config.norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, mask=None, cache=None, keep=None):
-        x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache, keep)
+    def forward(self, x, cos, sin, cache=None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache)
         return x + self.mlp(self.mlp_norm(x))
+
+
+# Copied from model_mod.RoutedKVCache
+class RoutedKVCache:
+    """A routed layer's keys and values for incremental decoding: buffers of `size` entries a row
+    holding only the row's routed tokens, so each row fills at its own pace; n (B,) = the entries
+    each row holds, and the mask hides the slots a row has not filled."""
+
+    def __init__(self, B, size, device):
+        self.size = size
+        self.k = self.v = None  # (B, G, size, hd), allocated by the first append in attention's dtype
+        self.n = torch.zeros(B, dtype=torch.long, device=device)
+
+    def append(self, k, v, keep):
+        """Store those of the new keys and values k, v (B, G, t, hd) that keep (B, t) marks (the
+        routed tokens, which come first in each row) after each row's earlier entries. Returns keys
+        and values over the filled part of the buffers and the boolean mask (B, 1, t, S) of the new
+        queries."""
+        B, G, t, hd = k.shape
+        if self.k is None:
+            self.k = k.new_zeros(B, G, self.size, hd)  # zeros: an unfilled slot holds finite numbers
+            self.v = v.new_zeros(B, G, self.size, hd)
+        own = self.n[:, None] + torch.arange(t, device=k.device)  # (B, t): the slot of each stored token
+        b, i = keep.nonzero(as_tuple=True)
+        self.k[b, :, own[b, i]] = k[b, :, i]
+        self.v[b, :, own[b, i]] = v[b, :, i]
+        self.n += keep.sum(dim=1)
+        S = int(self.n.max())
+        slot = torch.arange(S, device=k.device)
+        # a new token sees its row's stored entries up to its own slot. A token that is not stored
+        # (padding of a routed layer) may have nothing to see; slot 0 keeps its discarded output finite
+        mask = (slot <= own[..., None]) & (slot < self.n[:, None, None]) | (slot == 0)
+        return self.k[:, :, :S], self.v[:, :, :S], mask[:, None]
+
+
+# Copied from model_mod.RoutedKeys
+class RoutedKeys:
+    """What the attention of a routed block reads its keys through, in the place of model_gpt's KV
+    cache argument, so that Attention and Block stay model_gpt's. append(k, v) of the K gathered
+    tokens of each row returns the keys and values they attend over and the mask that lets a routed
+    token see only the routed tokens at earlier positions of its row (and itself): in a forward the
+    K tokens themselves; in incremental decoding the layer's RoutedKVCache, which stores those that
+    valid marks."""
+
+    def __init__(self, valid, cache=None):
+        self.valid = valid  # (B, K): which slots hold routed tokens (the rest are padding)
+        self.cache = cache
+
+    def append(self, k, v):
+        if self.cache is not None:
+            return self.cache.append(k, v, self.valid)
+        K = self.valid.size(1)
+        slot = torch.arange(K, device=k.device)
+        # padding slots are masked as keys; attending to themselves keeps their softmax rows finite
+        mask = ((slot[None, :] <= slot[:, None]) & self.valid[:, None, :]) | torch.eye(K, dtype=torch.bool, device=k.device)
+        return k, v, mask[:, None]
 
 
 # Copied from model_mod.route
@@ -265,21 +304,15 @@ def routed_update(block, x, gate, pos, valid, rope, cache=None, start=0):
 
     The K gathered tokens of a row run through the block as a short sequence of their own: a routed
     token attends to the routed tokens at earlier positions of the same row (and itself), with RoPE
-    at the true positions, so relative distances stay real. Padding slots are masked as keys and
-    their update is zeroed; attending to themselves keeps their softmax rows finite.
-    In incremental decoding x holds the next tokens after `start` earlier ones and cache is the
-    layer's KVCache: the routed tokens also attend to the row's earlier routed tokens, whose keys and
-    values are all it holds, and only theirs are added to it."""
+    at the true positions, so relative distances stay real (RoutedKeys). Padding slots' updates are
+    zeroed. In incremental decoding x holds the next tokens after `start` earlier ones and cache is
+    the layer's RoutedKVCache: the routed tokens also attend to the row's earlier routed tokens,
+    whose keys and values are all it holds, and only theirs are added to it."""
     B, K = pos.shape
     index = pos[..., None].expand(B, K, x.size(-1))
     xs = x.gather(1, index)                                                    # (B, K, d)
-    mask = None  # with a cache, the cache builds the mask over the row's stored routed tokens
-    if cache is None:
-        slot = torch.arange(K, device=x.device)
-        mask = (((slot[None, :] <= slot[:, None]) & valid[:, None, :])
-                | torch.eye(K, dtype=torch.bool, device=x.device))[:, None]          # (B, 1, K, K)
     cos, sin = rope(start + pos)                                               # (B, K, hd)
-    delta = block(xs, cos[:, None], sin[:, None], mask, cache, valid) - xs    # attention + MLP updates
+    delta = block(xs, cos[:, None], sin[:, None], RoutedKeys(valid, cache)) - xs  # attention + MLP updates
     weight = (gate.gather(1, pos) * valid).unsqueeze(-1).to(delta.dtype)
     return x.scatter_add(1, index, weight * delta)
 
@@ -406,8 +439,8 @@ class PairCache:
     average of later tokens reads (the MA's window may reach back to the first token)."""
 
     def __init__(self, B, block_size, K, device):
-        self.decision = KVCache(B, block_size, device)
-        self.dynamic = KVCache(B, K, device)
+        self.decision = KVCache(block_size)
+        self.dynamic = RoutedKVCache(B, K, device)
         self.d_st = torch.zeros(B, block_size, device=device)
 
 
