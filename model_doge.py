@@ -319,11 +319,20 @@ class DogeBlock(nn.Module):
         return self.post_attention_residual * x + self.mlp(self.post_attention_layernorm(x))
 
 
+# Copied from model_gpt.check_heads
+def check_heads(config):
+    """The attention shapes RoPE and grouped KV heads need, checked before any weight is made."""
+    if config.n_embd % config.n_head or config.n_head % config.n_kv_head:
+        raise ValueError(f"n_embd ({config.n_embd}) must be divisible by n_head ({config.n_head}) "
+                         f"and n_head by n_kv_head ({config.n_kv_head})")
+    if (config.n_embd // config.n_head) % 2:
+        raise ValueError("the head size n_embd/n_head must be even for RoPE")
+
+
 class Doge(nn.Module):
     def __init__(self, config):
         super().__init__()
-        if config.n_embd % config.n_head or config.n_head % config.n_kv_head or (config.n_embd // config.n_head) % 2:
-            raise ValueError("n_embd must be a multiple of n_head, n_head of n_kv_head, and the head size even")
+        check_heads(config)
         if config.is_moe and math.isqrt(config.n_experts) ** 2 != config.n_experts:
             raise ValueError(f"n_experts={config.n_experts} must be a perfect square (E = K^2 product keys), "
                              f"e.g. {math.isqrt(config.n_experts) ** 2} or {(math.isqrt(config.n_experts) + 1) ** 2}")

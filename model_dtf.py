@@ -444,6 +444,16 @@ class PairCache:
         self.d_st = torch.zeros(B, block_size, device=device)
 
 
+# Copied from model_gpt.check_heads
+def check_heads(config):
+    """The attention shapes RoPE and grouped KV heads need, checked before any weight is made."""
+    if config.n_embd % config.n_head or config.n_head % config.n_kv_head:
+        raise ValueError(f"n_embd ({config.n_embd}) must be divisible by n_head ({config.n_head}) "
+                         f"and n_head by n_kv_head ({config.n_kv_head})")
+    if (config.n_embd // config.n_head) % 2:
+        raise ValueError("the head size n_embd/n_head must be even for RoPE")
+
+
 # Copied from model_gpt.Cache
 class Cache:
     """What incremental decoding carries from one forward_cached call to the next: the number of
@@ -460,8 +470,7 @@ class DTF(nn.Module):
         if config.n_layer % 2:
             raise ValueError(f"n_layer={config.n_layer} is odd: DTF needs pairs of (decision, dynamic) blocks; "
                              "set an even n_layer")
-        if config.n_embd % config.n_head or config.n_head % config.n_kv_head or (config.n_embd // config.n_head) % 2:
-            raise ValueError("n_embd must be a multiple of n_head, n_head of n_kv_head, and the head size even")
+        check_heads(config)
         self.config = config
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         self.drop = nn.Dropout(config.dropout)
@@ -470,11 +479,13 @@ class DTF(nn.Module):
         self.norm_f = RMSNorm(config.n_embd, config.norm_eps)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # tied
+        # every Linear and the embedding ~ N(0, 0.02), dynamic blocks and priors included (the reference
+        # left them at PyTorch's default init: an unfair comparison with its dense baseline)
         self.apply(self._init_weights)
 
+    # Copied from model_gpt.GPT._init_weights
     def _init_weights(self, module):
-        # every Linear and the embedding ~ N(0, 0.02), dynamic blocks and priors included (the
-        # reference left them at PyTorch's default init: an unfair comparison with its dense baseline)
+        # Qwen2's init (initializer_range 0.02): every Linear and the embedding ~ N(0, 0.02), biases 0
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
         if isinstance(module, nn.Linear) and module.bias is not None:

@@ -186,6 +186,15 @@ class Block(nn.Module):
         return x + self.mlp(self.mlp_norm(x))
 
 
+def check_heads(config):
+    """The attention shapes RoPE and grouped KV heads need, checked before any weight is made."""
+    if config.n_embd % config.n_head or config.n_head % config.n_kv_head:
+        raise ValueError(f"n_embd ({config.n_embd}) must be divisible by n_head ({config.n_head}) "
+                         f"and n_head by n_kv_head ({config.n_kv_head})")
+    if (config.n_embd // config.n_head) % 2:
+        raise ValueError("the head size n_embd/n_head must be even for RoPE")
+
+
 class Cache:
     """What incremental decoding carries from one forward_cached call to the next: the number of
     tokens every row has seen and each layer's state (a KVCache)."""
@@ -198,11 +207,7 @@ class Cache:
 class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
-        if config.n_embd % config.n_head or config.n_head % config.n_kv_head:
-            raise ValueError(f"n_embd ({config.n_embd}) must be divisible by n_head ({config.n_head}) "
-                             f"and n_head by n_kv_head ({config.n_kv_head})")
-        if (config.n_embd // config.n_head) % 2:
-            raise ValueError("the head size n_embd/n_head must be even for RoPE")
+        check_heads(config)
         self.config = config
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         self.drop = nn.Dropout(config.dropout)

@@ -373,6 +373,16 @@ class MoDBlock(nn.Module):
         return routed_update(self.block, x, self.gate(r), pos, valid, rope, cache, start)
 
 
+# Copied from model_gpt.check_heads
+def check_heads(config):
+    """The attention shapes RoPE and grouped KV heads need, checked before any weight is made."""
+    if config.n_embd % config.n_head or config.n_head % config.n_kv_head:
+        raise ValueError(f"n_embd ({config.n_embd}) must be divisible by n_head ({config.n_head}) "
+                         f"and n_head by n_kv_head ({config.n_kv_head})")
+    if (config.n_embd // config.n_head) % 2:
+        raise ValueError("the head size n_embd/n_head must be even for RoPE")
+
+
 # Copied from model_gpt.Cache
 class Cache:
     """What incremental decoding carries from one forward_cached call to the next: the number of
@@ -386,8 +396,7 @@ class Cache:
 class MoD(nn.Module):
     def __init__(self, config):
         super().__init__()
-        if config.n_embd % config.n_head or config.n_head % config.n_kv_head or (config.n_embd // config.n_head) % 2:
-            raise ValueError("n_embd must be a multiple of n_head, n_head of n_kv_head, and the head size even")
+        check_heads(config)
         if config.mod_routing not in ("threshold", "topk"):
             raise ValueError(f"mod_routing must be 'threshold' or 'topk', not {config.mod_routing!r}")
         self.config = config
@@ -398,14 +407,16 @@ class MoD(nn.Module):
         self.norm_f = RMSNorm(config.n_embd, config.norm_eps)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # tied
+        # every Linear and the embedding ~ N(0, 0.02), routed blocks and routers included (the reference
+        # left its routed blocks at PyTorch's default init: an unfair comparison with its dense baseline)
         self.apply(self._init_weights)
         for block in self.blocks:
             if isinstance(block, MoDBlock):
                 nn.init.normal_(block.router, std=config.init_std)
 
+    # Copied from model_gpt.GPT._init_weights
     def _init_weights(self, module):
-        # every Linear and the embedding ~ N(0, 0.02), routed blocks included (the reference left its
-        # routed blocks at PyTorch's default init: an unfair comparison with its dense baseline)
+        # Qwen2's init (initializer_range 0.02): every Linear and the embedding ~ N(0, 0.02), biases 0
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
         if isinstance(module, nn.Linear) and module.bias is not None:
