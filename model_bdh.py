@@ -16,7 +16,7 @@ compute, not the parameters (3*n*D + 2*V*D of them).
 The equations (the reference's bdh.py) and where they are in the code; B batch, T time, D = n_embd, H heads,
 N = M*D/H neurons per head, LN = LayerNorm without gain or bias:
 
-    x  = LN(embed[idx])                                  (B, T, D)                 forward()
+    x  = LN(wte[idx])                                    (B, T, D)                 forward()
     repeat n_layer times, with the same encoder, encoder_v, decoder:                layer()
         xs = ReLU(x @ encoder[h])                        (H, B, T, N)  sparse, >= 0
         q  = RoPE_t(xs)                                  keys are this same tensor
@@ -44,9 +44,10 @@ speed only: the RoPE phases are computed once per forward rather than per layer,
 every head runs in one batched matmul, and generation uses the recurrence instead of re-running
 the whole sequence for every new token.
 
-Naming: this file uses the reference's names, which are the paper's swapped. encoder (D -> neurons)
-is the paper's D_x, encoder_v (D -> neurons, for the read-out) is D_y, and decoder (neurons -> D)
-is the paper's "encoder" E.
+Naming: this file keeps the reference's names on purpose, which are the paper's swapped. encoder
+(D -> neurons) is the paper's D_x, encoder_v (D -> neurons, for the read-out) is D_y, and decoder
+(neurons -> D) is the paper's "encoder" E. Only the token embedding takes the skeleton's name, wte
+(the reference's embed).
 """
 import math
 from dataclasses import dataclass
@@ -114,11 +115,11 @@ class BDH(nn.Module):
                              "(RoPE turns pairs); change n_head or mlp_internal_dim_multiplier")
         self.config = config
         N = M * D // H
-        self.embed = nn.Embedding(config.vocab_size, D)
+        self.wte = nn.Embedding(config.vocab_size, D)
         self.encoder = nn.Parameter(torch.empty(H, D, N))    # D_x: D -> neurons, gives xs
         self.encoder_v = nn.Parameter(torch.empty(H, D, N))  # D_y: attention read-out -> neurons, gives ys
         self.decoder = nn.Parameter(torch.empty(H * N, D))   # E: neurons -> D; row h*N + i is neuron i of head h
-        self.lm_head = nn.Parameter(torch.empty(D, config.vocab_size))  # not tied to embed
+        self.lm_head = nn.Parameter(torch.empty(D, config.vocab_size))  # not tied to wte
         self.drop = nn.Dropout(config.dropout)
         for p in self.parameters():  # the reference: every tensor ~ N(0, 0.02^2), no biases anywhere
             nn.init.normal_(p, std=0.02)
@@ -145,7 +146,7 @@ class BDH(nn.Module):
         if T > self.config.block_size:
             raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
         phase = rope_phases(torch.arange(T, device=idx.device), self.encoder.size(-1))  # once for all layers
-        x = layer_norm(self.embed(idx))  # (B, T, D); one stream, read by every head
+        x = layer_norm(self.wte(idx))  # (B, T, D); one stream, read by every head
         density, fired = [], 0
         for _ in range(self.config.n_layer):
             x, xs, ys, g = self.layer(x, phase)
@@ -175,7 +176,7 @@ class BDH(nn.Module):
         inference computation whatever the module's mode."""
         H, D, N = self.encoder.shape
         phase = rope_phases(torch.tensor([t], device=token.device), N)[0]  # (N/2,)
-        x = layer_norm(self.embed(token))                                   # (B, D)
+        x = layer_norm(self.wte(token))                                     # (B, D)
         for S in state:                                                     # S: (H, B, N, D)
             xs = F.relu(x.expand(H, -1, -1) @ self.encoder)                 # (H, B, N)
             k = rotate(xs, phase)                                           # query = key

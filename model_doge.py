@@ -45,8 +45,11 @@ or softplus can depend on how many positions one call computes, so a cached step
 keys the other way and, where they straddle the kws-th place, keep the other one. Distinct tokens
 never tie, and at A = 0 every delta is exactly 1 in both.
 
-Names follow Hugging Face's leaves (q_proj, dt_proj, A, input_residual, router_gate, down_embed, ...)
-so that HF weights load by a prefix rename.
+Names. The skeleton's names where Doge has GPT's parts (wte, blocks, attn_norm, mlp_norm, norm_f,
+*_loss_weight); Hugging Face's names kept on purpose for what only Doge has (q_proj, k_proj, v_proj,
+q_norm, k_norm, dt_proj, A, input_residual, post_attention_residual, router_gate, down_embed,
+up_embed), so that HF weights load by a short name map (its input_layernorm, post_attention_layernorm,
+norm are our attn_norm, mlp_norm, norm_f; model.embed_tokens is wte).
 """
 import math
 from dataclasses import dataclass
@@ -74,7 +77,7 @@ class Config:
     is_moe: bool = False          # CDMoE (dense MLP + product-key experts) instead of the dense MLP
     n_experts: int = 256          # E = K^2 private experts (a perfect square), K half keys per side
     n_experts_per_head: int = 8   # k experts per token
-    moe_aux_coef: float = 0.0     # weight of the load-balance loss (off in every Doge recipe)
+    balance_loss_weight: float = 0.0  # weight of the load-balance loss (off in every Doge recipe)
 
 
 PRESETS = {  # the published shapes (vocab 32768 is Doge's own tokenizer; train.py sets vocab_size)
@@ -149,9 +152,10 @@ def dynamic_mask(delta, kws):
     is kept by query i when j <= i and j is among the kws largest delta of keys 0..i (ties: the later
     key ranks higher); None while T <= kws, where every row keeps all its keys (plain causal).
 
-    Instead of a top-k per row (the reference's topk over (T, T) scores), rank every key within every prefix at once: key j survives
-    in row i when fewer than kws keys of 0..i outrank it. "j' outranks j" is a (T, T) comparison and
-    its cumulative sum down the rows counts the outranking keys of each prefix."""
+    Instead of the reference's top-k per row of a (T, T) tensor, rank every key within every prefix
+    at once: key j survives in row i when fewer than kws keys of 0..i outrank it. "j' outranks j" is
+    a (T, T) comparison and its cumulative sum down the rows counts the outranking keys of each
+    prefix."""
     B, G, T = delta.shape
     if T <= kws:
         return None
@@ -252,7 +256,7 @@ class CDMoE(MLP):
         super().__init__(config)
         self.K = math.isqrt(config.n_experts)
         self.k = config.n_experts_per_head
-        self.aux_coef = config.moe_aux_coef
+        self.balance_loss_weight = config.balance_loss_weight
         self.router_gate = nn.Linear(config.n_embd, 2 * self.K, bias=False)  # rows: K x-half keys, K y-half keys
         self.down_embed = nn.Embedding(config.n_experts, config.n_embd)      # D
         self.up_embed = nn.Embedding(config.n_experts, config.n_embd)        # U
@@ -278,7 +282,7 @@ class CDMoE(MLP):
     def forward(self, u):
         experts, g, z = self.route(u)                                         # (B, T, k) each
         self.router_logits, self.experts = z.detach(), experts                # for stats()
-        self.aux_loss = self.balance_loss(z, experts) if self.training and self.aux_coef > 0 else None
+        self.aux_loss = self.balance_loss(z, experts) if self.training and self.balance_loss_weight > 0 else None
         # a_m = silu(<D_e, u>) * g_m;  y = sum_m a_m U_e  (elementwise: k rows per token, no matmul)
         a = F.silu((self.down_embed(experts) * u[..., None, :]).sum(-1)) * g.to(u.dtype)
         sparse = (a[..., None] * self.up_embed(experts)).sum(-2)
@@ -303,20 +307,20 @@ class CDMoE(MLP):
 class DogeBlock(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.input_layernorm = RMSNorm(config.n_embd, config.norm_eps)
+        self.attn_norm = RMSNorm(config.n_embd, config.norm_eps)
         self.attn = DMAttn(config)
         self.input_residual = nn.Parameter(torch.ones(config.n_embd))            # alpha1
-        self.post_attention_layernorm = RMSNorm(config.n_embd, config.norm_eps)
+        self.mlp_norm = RMSNorm(config.n_embd, config.norm_eps)
         self.mlp = CDMoE(config) if config.is_moe else MLP(config)
         self.post_attention_residual = nn.Parameter(torch.ones(config.n_embd))   # alpha2
 
     def forward(self, x, cos, sin, cache=None, t0=0):
         # the scale multiplies the carried stream, not the branch (as HF's DogeDecoderLayer); with a cache (decoding),
         # x holds positions t0.. and the attention also reads the cached keys
-        u = self.input_layernorm(x)
+        u = self.attn_norm(x)
         a = self.attn(u, cos, sin) if cache is None else self.attn.forward_cached(u, cos, sin, cache, t0)
         x = self.input_residual * x + a
-        return self.post_attention_residual * x + self.mlp(self.post_attention_layernorm(x))
+        return self.post_attention_residual * x + self.mlp(self.mlp_norm(x))
 
 
 # Copied from model_gpt.check_heads
@@ -342,7 +346,7 @@ class Doge(nn.Module):
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         self.rope = RotaryEmbedding(config.n_embd // config.n_head, config.rope_theta)
         self.blocks = nn.ModuleList(DogeBlock(config) for _ in range(config.n_layer))
-        self.ln_f = RMSNorm(config.n_embd, config.norm_eps)
+        self.norm_f = RMSNorm(config.n_embd, config.norm_eps)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # tied
         self.apply(self._init_weights)
@@ -361,13 +365,13 @@ class Doge(nn.Module):
         x = self.wte(idx)
         for block in self.blocks:
             x = block(x, cos, sin)
-        logits = self.lm_head(self.ln_f(x))
+        logits = self.lm_head(self.norm_f(x))
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
-            if self.training and self.config.is_moe and self.config.moe_aux_coef > 0:
+            if self.training and self.config.is_moe and self.config.balance_loss_weight > 0:
                 aux = sum(block.mlp.aux_loss for block in self.blocks) / len(self.blocks)
-                loss = loss + self.config.moe_aux_coef * aux
+                loss = loss + self.config.balance_loss_weight * aux
         return logits, loss
 
     def init_cache(self, batch_size):
@@ -396,7 +400,7 @@ class Doge(nn.Module):
             x = self.wte(idx)
             for block, layer_cache in zip(self.blocks, cache["layers"]):
                 x = block(x, cos, sin, layer_cache, t0)
-            logits = self.lm_head(self.ln_f(x))
+            logits = self.lm_head(self.norm_f(x))
         finally:
             self.train(was_training)
         cache["t"] = t0 + T

@@ -475,7 +475,7 @@ class DTF(nn.Module):
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         self.drop = nn.Dropout(config.dropout)
         self.rope = RotaryEmbedding(config.n_embd // config.n_head, config.rope_theta)
-        self.pairs = nn.ModuleList(DTFPair(config) for _ in range(config.n_layer // 2))
+        self.blocks = nn.ModuleList(DTFPair(config) for _ in range(config.n_layer // 2))  # block p: layers 2p, 2p+1
         self.norm_f = RMSNorm(config.n_embd, config.norm_eps)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # tied
@@ -498,7 +498,7 @@ class DTF(nn.Module):
         cos, sin = self.rope(torch.arange(T, device=idx.device))
         x = self.drop(self.wte(idx))
         prior_losses = []
-        for pair in self.pairs:
+        for pair in self.blocks:
             x, prior_loss = pair(x, cos, sin, self.rope)
             prior_losses.append(prior_loss)
         logits = self.lm_head(self.norm_f(x))
@@ -512,7 +512,7 @@ class DTF(nn.Module):
     def init_cache(self, batch_size):
         """An empty cache for batch_size rows: one PairCache per pair."""
         device = self.wte.weight.device
-        return Cache([PairCache(batch_size, self.config.block_size, pair.cap(), device) for pair in self.pairs])
+        return Cache([PairCache(batch_size, self.config.block_size, pair.cap(), device) for pair in self.blocks])
 
     @torch.no_grad()
     def forward_cached(self, idx, cache):
@@ -529,7 +529,7 @@ class DTF(nn.Module):
         try:
             cos, sin = self.rope(torch.arange(start, start + t, device=idx.device))  # true positions
             x = self.wte(idx)
-            for pair, pair_cache in zip(self.pairs, cache.layers):
+            for pair, pair_cache in zip(self.blocks, cache.layers):
                 x = pair.forward_cached(x, start, cos, sin, pair_cache, self.rope)
             cache.length += t
             return self.lm_head(self.norm_f(x))
@@ -541,19 +541,19 @@ class DTF(nn.Module):
         # the realised routed fraction per pair (target gamma), the rest averaged over pairs.
         # G_std < 1e-2 flags a nearly constant gate (at init G lies in [0.749, 0.757]): routing then
         # follows tiny differences in D_st rather than real surprise
-        if not self.pairs[0].last:
+        if not self.blocks[0].last:
             return {}
-        out = {f"frac_routed_p{p}": pair.last["frac_routed"].item() for p, pair in enumerate(self.pairs)}
+        out = {f"frac_routed_p{p}": pair.last["frac_routed"].item() for p, pair in enumerate(self.blocks)}
 
         def mean(values):
             return torch.stack(list(values)).mean().item()
 
         for key in ("G_mean", "G_std", "s_ce", "s_cu", "prior_loss"):  # prior_loss: training forwards only
-            if key in self.pairs[0].last:
-                out[key] = mean(pair.last[key] for pair in self.pairs)
-        out["beta_ce"] = mean(F.softplus(pair.beta_ce.detach()) for pair in self.pairs)  # inverse temperatures
-        out["beta_cu"] = mean(F.softplus(pair.beta_cu.detach()) for pair in self.pairs)
-        out["tau"] = mean(pair.tau for pair in self.pairs)
+            if key in self.blocks[0].last:
+                out[key] = mean(pair.last[key] for pair in self.blocks)
+        out["beta_ce"] = mean(F.softplus(pair.beta_ce.detach()) for pair in self.blocks)  # inverse temperatures
+        out["beta_cu"] = mean(F.softplus(pair.beta_cu.detach()) for pair in self.blocks)
+        out["tau"] = mean(pair.tau for pair in self.blocks)
         return out
 
     def flops_per_token(self):
@@ -562,8 +562,8 @@ class DTF(nn.Module):
         c = self.config
         T, P = c.block_size, c.n_layer // 2
         f = min(T, math.ceil(c.capacity_factor * c.dtf_capacity * T)) / T
-        n_block = sum(p.numel() for p in self.pairs[0].decision.parameters())
-        n_prior = sum(p.numel() for p in self.pairs[0].prior.parameters())
+        n_block = sum(p.numel() for p in self.blocks[0].decision.parameters())
+        n_prior = sum(p.numel() for p in self.blocks[0].prior.parameters())
         return (6 * (P * (n_block + n_prior + 4) + P * f * n_block + c.vocab_size * c.n_embd)
                 + 12 * c.n_embd * T * P * (1 + f * f))
 

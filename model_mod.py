@@ -70,7 +70,7 @@ class Config:
     mod_capacity: float = 0.125       # C: target fraction of tokens a routed block processes
     capacity_factor: float = 2.0      # hard cap per row: K = ceil(capacity_factor * C * block_size) tokens
     tau_momentum: float = 0.99        # rho: EMA momentum of the routing threshold tau
-    mod_aux_loss_weight: float = 0.01  # lambda: weight of the router's top-k membership BCE
+    router_loss_weight: float = 0.01  # lambda: weight of the router's top-k membership BCE
     mod_routing: str = "threshold"    # "threshold" (causal, both modes) or "topk" (paper, training only)
 
 
@@ -440,7 +440,7 @@ class MoD(nn.Module):
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
             if self.training and aux_losses:  # the paper's auxiliary loss; evaluation reports pure CE
-                loss = loss + self.config.mod_aux_loss_weight * torch.stack(aux_losses).mean()
+                loss = loss + self.config.router_loss_weight * torch.stack(aux_losses).mean()
         return logits, loss
 
     def init_cache(self, batch_size):

@@ -137,14 +137,14 @@ def extract_mod(model, idx, opts):
 def extract_dtf(model, idx, opts):
     import model_dtf
     rec = Recorder()
-    for p, pair in enumerate(model.pairs):
+    for p, pair in enumerate(model.blocks):
         rec.inputs(pair, ("h", p))
         rec.outputs(pair.decision, ("post", p))
         rec.outputs(pair.prior, ("prior", p))
     logits = run(model, idx, rec)
     layers = []
     with torch.no_grad():
-        for p, pair in enumerate(model.pairs):
+        for p, pair in enumerate(model.blocks):
             h, post, prior = rec.seen[("h", p)][0][0], rec.seen[("post", p)][0], rec.seen[("prior", p)][0]
             saved = dict(pair.last)
             G = pair.gate(h, post, prior)  # the pair's own gate on the captured tensors

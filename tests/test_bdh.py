@@ -42,7 +42,7 @@ def embedding_alone(model, idx):
     """The logits when no layer adds anything: x = LN(x + LN(0)) = LN(x) in every layer, so
     LN(embed[idx]) normalised n_layer more times, then the head. (LN is idempotent only up to
     eps / var: the embedding's variance at init is 4e-4, so LN(LN(z)) is 1.2% larger than LN(z).)"""
-    x = model.embed.weight[idx]
+    x = model.wte.weight[idx]
     for _ in range(model.config.n_layer + 1):
         x = F.layer_norm(x, (model.config.n_embd,))
     return x @ model.lm_head
@@ -105,8 +105,8 @@ def test_gradients_never_flow_from_later_tokens():
     """d logits[t] / d (embedding at position s) is exactly 0 for s > t and not for s <= t."""
     model = build(**SMALL)
     x = tokens(1, 32)
-    emb = model.embed(x).detach().requires_grad_(True)
-    hook = model.embed.register_forward_hook(lambda module, args, out: emb)  # differentiate w.r.t. emb
+    emb = model.wte(x).detach().requires_grad_(True)
+    hook = model.wte.register_forward_hook(lambda module, args, out: emb)  # differentiate w.r.t. emb
     logits = model(x)[0]
     hook.remove()
     for t in (0, 9, 30):
@@ -190,7 +190,7 @@ def test_rope_preserves_norms_depends_on_offsets_only_and_is_the_identity_at_zer
 
 def test_activations_are_non_negative_and_about_half_half_quarter_dense_at_init():
     model = build()
-    x = F.layer_norm(model.embed(tokens(4, 64)), (model.config.n_embd,))
+    x = F.layer_norm(model.wte(tokens(4, 64)), (model.config.n_embd,))
     with torch.no_grad():
         _, xs, ys, g = model.layer(x, rope_phases(torch.arange(64), model.encoder.size(-1)))
         model(tokens(4, 64))

@@ -129,7 +129,7 @@ def test_gradient_causality():
 
 
 def test_gradients_reach_the_router_and_skip_unselected_neurons():
-    model = build(orth_coef=0.0, div_coef=0.0, lb_coef=0.0)
+    model = build(orth_loss_weight=0.0, div_loss_weight=0.0, lb_loss_weight=0.0)
     x = tokens(B=1, T=8)
     model.train()
     model(x, tokens(B=1, T=8, seed=4))[1].backward()
@@ -172,14 +172,14 @@ def test_cached_decoding_routes_every_token_as_the_forward_does():
     x = tokens(B=1)
     path = model.routing_path(x[0])
     selected = []
-    hooks = [layer.register_forward_hook(lambda module, args, out: selected.append(out[1])) for layer in model.layers]
+    hooks = [layer.register_forward_hook(lambda module, args, out: selected.append(out[1])) for layer in model.blocks]
     cache, t = model.init_cache(1), 0
     for n in PROMPT_THEN_TOKENS:
         model.forward_cached(x[:, t:t + n], cache)
         t += n
     for hook in hooks:
         hook.remove()
-    n_layer = len(model.layers)
+    n_layer = len(model.blocks)
     for l, layer_path in enumerate(path):
         steps = selected[l::n_layer]  # the calls of layer l, in order
         for pool, names in model_dawn.ROUTINGS.items():

@@ -26,7 +26,7 @@ def randomise(model, seed=0):
             block.attn.A.copy_(torch.randn(block.attn.A.shape, generator=g))
             block.attn.dt_proj.weight.normal_(0, 0.5, generator=g)
             for p in (block.input_residual, block.post_attention_residual, block.attn.q_norm.weight,
-                      block.attn.k_norm.weight, block.input_layernorm.weight):
+                      block.attn.k_norm.weight, block.attn_norm.weight):
                 p.add_(0.2 * torch.randn(p.shape, generator=g))
     return model
 
@@ -250,7 +250,7 @@ def test_balance_loss_against_the_full_softmax_over_all_experts():
 def test_aux_loss_only_in_training_and_only_when_asked():
     x = distinct_tokens(B=2)
     y = torch.roll(x, -1, dims=1)
-    on, off = randomise(build(is_moe=True, moe_aux_coef=0.1)), randomise(build(is_moe=True))
+    on, off = randomise(build(is_moe=True, balance_loss_weight=0.1)), randomise(build(is_moe=True))
     on.load_state_dict(off.state_dict())
     for train in (True, False):
         on.train(train), off.train(train)
@@ -305,7 +305,7 @@ def test_cached_decoding_with_the_mask_active_equals_the_forward(is_moe, kws):
     A and dt make delta differ from key to key; distinct tokens avoid exact ties between keys (see
     model_doge's docstring on incremental decoding). In training mode, with dropout and the aux loss
     on, the cached path is the eval computation all the same."""
-    model = randomise(build(is_moe=is_moe, keep_window_size=kws, dropout=0.1, moe_aux_coef=0.1))
+    model = randomise(build(is_moe=is_moe, keep_window_size=kws, dropout=0.1, balance_loss_weight=0.1))
     x = distinct_tokens()
     model.eval()
     with torch.no_grad():
@@ -344,7 +344,7 @@ def test_cache_holds_keys_values_and_delta_of_every_position():
     attn = model.blocks[0].attn
     cos, sin = model.rope(torch.arange(11))
     with torch.no_grad():
-        _, k, v, delta = attn.project(model.blocks[0].input_layernorm(model.wte(x[:, :11])), cos, sin)
+        _, k, v, delta = attn.project(model.blocks[0].attn_norm(model.wte(x[:, :11])), cos, sin)
     layer = cache["layers"][0]
     torch.testing.assert_close(layer["delta"][:, :, :11], delta)
     torch.testing.assert_close(layer["k"][:, :, :11], k)

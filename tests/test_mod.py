@@ -183,7 +183,7 @@ def test_threshold_lifecycle():
 
 
 def router_grads(aux_weight, detach_gate=False, monkeypatch=None):
-    model = build(mod_aux_loss_weight=aux_weight)
+    model = build(router_loss_weight=aux_weight)
     if detach_gate:
         monkeypatch.setattr(MoDBlock, "gate", lambda self, r: torch.sigmoid(r).detach())
     x = tokens()
