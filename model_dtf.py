@@ -396,7 +396,7 @@ class DTFPair(nn.Module):
         cu = d_st - self.m_cu * causal_moving_average(history, self.config.ma_window)[:, -T:]
         s_ce = torch.sigmoid(F.softplus(self.beta_ce) * ce)
         s_cu = torch.sigmoid(F.softplus(self.beta_cu) * cu)
-        self.last.update(s_ce=s_ce.detach().mean(), s_cu=s_cu.detach().mean())
+        self.last.update(s_ce=s_ce.detach(), s_cu=s_cu.detach())     # for stats()
         return s_ce + s_cu - s_ce * s_cu                              # probabilistic OR
 
     def forward(self, h, cos, sin, rope):
@@ -409,8 +409,8 @@ class DTFPair(nn.Module):
         K = min(T, self.cap())
         sel, pos, valid = route(G, self.tau, K)
         out = routed_update(self.dynamic, h_post, G, pos, valid, rope)
-        self.last.update(frac_routed=sel.float().mean(), G_mean=G.detach().mean(), G_std=G.detach().std())
-        prior_loss = None
+        self.last.update(sel=sel, G=G.detach())  # for stats(), which reduces them only when asked
+        prior_loss = 0
         if self.training:
             # the prior learns to predict the posterior; its target is detached, so this loss does
             # not pull the decision block towards being predictable
@@ -499,7 +499,7 @@ class DTF(nn.Module):
         x = self.drop(self.wte(idx))
         prior_losses = []
         for pair in self.blocks:
-            x, prior_loss = pair(x, cos, sin, self.rope)
+            x, prior_loss = pair(x, cos, sin, self.rope)  # prior_loss: the prior's MSE in training, else 0
             prior_losses.append(prior_loss)
         logits = self.lm_head(self.norm_f(x))
         loss = None
@@ -543,14 +543,17 @@ class DTF(nn.Module):
         # follows tiny differences in D_st rather than real surprise
         if not self.blocks[0].last:
             return {}
-        out = {f"frac_routed_p{p}": pair.last["frac_routed"].item() for p, pair in enumerate(self.blocks)}
+        out = {f"frac_routed_p{p}": pair.last["sel"].float().mean().item() for p, pair in enumerate(self.blocks)}
 
         def mean(values):
             return torch.stack(list(values)).mean().item()
 
-        for key in ("G_mean", "G_std", "s_ce", "s_cu", "prior_loss"):  # prior_loss: training forwards only
-            if key in self.blocks[0].last:
-                out[key] = mean(pair.last[key] for pair in self.blocks)
+        out["G_mean"] = mean(pair.last["G"].mean() for pair in self.blocks)
+        out["G_std"] = mean(pair.last["G"].std() for pair in self.blocks)
+        out["s_ce"] = mean(pair.last["s_ce"].mean() for pair in self.blocks)
+        out["s_cu"] = mean(pair.last["s_cu"].mean() for pair in self.blocks)
+        if "prior_loss" in self.blocks[0].last:  # training forwards only
+            out["prior_loss"] = mean(pair.last["prior_loss"] for pair in self.blocks)
         out["beta_ce"] = mean(F.softplus(pair.beta_ce.detach()) for pair in self.blocks)  # inverse temperatures
         out["beta_cu"] = mean(F.softplus(pair.beta_cu.detach()) for pair in self.blocks)
         out["tau"] = mean(pair.tau for pair in self.blocks)

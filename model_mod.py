@@ -347,7 +347,7 @@ class MoDBlock(nn.Module):
         k = max(1, int(self.config.mod_capacity * T))                       # top-k target count
         K = min(T, self.cap())
         r = self.score(x)
-        aux = None
+        aux = 0
         if self.training:
             top_k = torch.zeros_like(r).scatter_(1, r.topk(k, dim=1).indices, 1.0)  # a target, no gradient
             aux = F.binary_cross_entropy_with_logits(r, top_k)
@@ -356,9 +356,9 @@ class MoDBlock(nn.Module):
         else:
             sel, pos, valid = route(r, self.tau, K)
         out = routed_update(self.block, x, self.gate(r), pos, valid, rope)
-        self.last = {"frac_routed": sel.float().mean()}
-        if self.training:  # how often the causal rule agrees with the top-k it stands in for
-            self.last.update(agreement=((r >= self.tau) == (top_k > 0)).float().mean(), aux_bce=aux.detach())
+        self.last = {"sel": sel}  # for stats(), which reduces them only when asked
+        if self.training:
+            self.last.update(r=r.detach(), top_k=top_k, tau=self.tau.clone(), aux=aux.detach())
             update_threshold(self.tau, r.detach(), k, self.config.tau_momentum)  # after deciding with the old tau
         return out, aux
 
@@ -431,7 +431,7 @@ class MoD(nn.Module):
         aux_losses = []
         for block in self.blocks:
             if isinstance(block, MoDBlock):
-                x, aux = block(x, self.rope)
+                x, aux = block(x, self.rope)  # aux: the router's BCE in training, else 0
                 aux_losses.append(aux)
             else:
                 x = block(x, cos, sin)
@@ -482,12 +482,13 @@ class MoD(nn.Module):
         routed = {l: block for l, block in enumerate(self.blocks) if isinstance(block, MoDBlock) and block.last}
         if not routed:
             return {}
-        out = {f"frac_routed_l{l}": block.last["frac_routed"].item() for l, block in routed.items()}
+        out = {f"frac_routed_l{l}": block.last["sel"].float().mean().item() for l, block in routed.items()}
         out["tau"] = torch.stack([block.tau for block in routed.values()]).mean().item()
-        for key in ("agreement", "aux_bce"):  # training forwards only
-            values = [block.last[key] for block in routed.values() if key in block.last]
-            if values:
-                out[key] = torch.stack(values).mean().item()
+        trained = [block.last for block in routed.values() if "aux" in block.last]  # training forwards only
+        if trained:  # how often the causal rule (with the tau it used) agrees with the top-k it stands in for
+            out["agreement"] = torch.stack([((last["r"] >= last["tau"]) == (last["top_k"] > 0)).float().mean()
+                                            for last in trained]).mean().item()
+            out["aux_bce"] = torch.stack([last["aux"] for last in trained]).mean().item()
         return out
 
     def flops_per_token(self):

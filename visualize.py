@@ -148,7 +148,7 @@ def extract_dtf(model, idx, opts):
             h, post, prior = rec.seen[("h", p)][0][0], rec.seen[("post", p)][0], rec.seen[("prior", p)][0]
             saved = dict(pair.last)
             G = pair.gate(h, post, prior)  # the pair's own gate on the captured tensors
-            pair.last = saved              # gate() writes its means into last; keep the forward's
+            pair.last = saved              # gate() records its S_CE, S_CU in last; keep the forward's
             T = h.size(1)
             c = pair.config
             K = min(T, math.ceil(c.capacity_factor * c.dtf_capacity * c.block_size))  # as DTFPair.forward

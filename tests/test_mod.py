@@ -85,7 +85,7 @@ def test_causal_and_row_independent_with_half_the_tokens_wanting(train):
             return model(inp)[0]
 
     base = logits(x)
-    assert all(0.2 <= b.last["frac_routed"].item() <= 0.25 for b in routed_blocks(model))  # the cap binds
+    assert all(0.2 <= b.last["sel"].float().mean().item() <= 0.25 for b in routed_blocks(model))  # the cap binds
     for p in (5, 20, 40):
         x2 = x.clone()
         x2[:, p:] = (x2[:, p:] + 7) % 65
@@ -104,7 +104,7 @@ def test_prefix_forward_equals_full_forward_while_the_cap_binds():
     model.eval()
     with torch.no_grad():
         full = model(x)[0]
-        assert all(b.last["frac_routed"].item() == 16 / 64 for b in routed_blocks(model))  # every row capped
+        assert all(b.last["sel"].float().mean().item() == 16 / 64 for b in routed_blocks(model))  # every row capped
         for t in (0, 9, 20, 41, 63):
             torch.testing.assert_close(model(x[:, :t + 1])[0][:, -1], full[:, t], atol=1e-5, rtol=0)
 
@@ -155,14 +155,14 @@ def test_threshold_lifecycle():
     model.eval()
     with torch.no_grad():
         model(x)
-    assert all(b.last["frac_routed"].item() == 0.0 for b in routed_blocks(model))  # nothing before training
+    assert all(b.last["sel"].float().mean().item() == 0.0 for b in routed_blocks(model))  # nothing before training
     scores = router_scores(model, x)
     model.train()
     with torch.no_grad():
         model(x)
     taus = []
     for block, r in zip(routed_blocks(model), scores):
-        assert block.last["frac_routed"].item() == 0.0  # this forward still decided with tau = +inf
+        assert block.last["sel"].float().mean().item() == 0.0  # this forward still decided with tau = +inf
         first = r.topk(8, dim=1).values[:, -1].mean()     # k = 0.125 * 64
         torch.testing.assert_close(block.tau, first)
         taus.append(block.tau.clone())
@@ -206,10 +206,10 @@ def test_paper_topk_rule_routes_exactly_k_in_training_only():
     model.train()
     with torch.no_grad():
         model(x)
-    assert all(b.last["frac_routed"].item() == 8 / 64 for b in routed_blocks(model))
+    assert all(b.last["sel"].float().mean().item() == 8 / 64 for b in routed_blocks(model))
     scores = router_scores(model, x)  # evaluation uses the causal threshold the training forward set
     for block, r in zip(routed_blocks(model), scores):
-        assert torch.equal(block.last["frac_routed"], route(r, block.tau, 16)[0].float().mean())
+        assert torch.equal(block.last["sel"], route(r, block.tau, 16)[0])
     with pytest.raises(ValueError, match="mod_routing"):
         build(mod_routing="random")
 
