@@ -183,6 +183,7 @@ class DMAttn(nn.Module):
         self.A = nn.Parameter(torch.zeros(config.n_kv_head))  # 0: delta = 1, no bias at init
         self.o_proj = nn.Linear(config.n_head * hd, config.n_embd, bias=False)
         self.resid_dropout = nn.Dropout(config.dropout)
+        self.last = {}  # detached tensors of the last forward, for stats()
 
     def project(self, x, cos, sin):
         """x (B, T, d) at the positions of cos and sin -> q (B, H, T, hd + 8), k and v (B, G, T, hd + 8)
@@ -221,8 +222,7 @@ class DMAttn(nn.Module):
         B, T, _ = x.shape
         q, k, v, delta = self.project(x, cos, sin)
         keep = dynamic_mask(delta.detach(), self.kws)                       # (B, G, T, T) bool, or None
-        self.delta_mean = delta.detach().mean()                             # for stats()
-        self.masked_frac = 0.0 if keep is None else 1 - keep.sum() / (B * self.n_kv_head * T * (T + 1) / 2)
+        self.last = {"delta": delta.detach(), "keep": keep}
         return self.attend(q, k, v, keep)
 
     def forward_cached(self, x, cos, sin, cache, t0):
@@ -260,6 +260,7 @@ class CDMoE(MLP):
         self.router_gate = nn.Linear(config.n_embd, 2 * self.K, bias=False)  # rows: K x-half keys, K y-half keys
         self.down_embed = nn.Embedding(config.n_experts, config.n_embd)      # D
         self.up_embed = nn.Embedding(config.n_experts, config.n_embd)        # U
+        self.last = {}  # the last forward's router logits (detached) and experts, for stats()
 
     def route(self, u):
         """Each token's k experts (ids in [0, K^2)), their weights g (softmax over the k) and the
@@ -280,13 +281,14 @@ class CDMoE(MLP):
         return pair_id.gather(-1, best), torch.softmax(score, dim=-1), z
 
     def forward(self, u):
+        """(output, aux): aux is the balance loss in training when it is weighted, else 0."""
         experts, g, z = self.route(u)                                         # (B, T, k) each
-        self.router_logits, self.experts = z.detach(), experts                # for stats()
-        self.aux_loss = self.balance_loss(z, experts) if self.training and self.balance_loss_weight > 0 else None
+        self.last = {"router_logits": z.detach(), "experts": experts}
+        aux = self.balance_loss(z, experts) if self.training and self.balance_loss_weight > 0 else 0
         # a_m = silu(<D_e, u>) * g_m;  y = sum_m a_m U_e  (elementwise: k rows per token, no matmul)
         a = F.silu((self.down_embed(experts) * u[..., None, :]).sum(-1)) * g.to(u.dtype)
         sparse = (a[..., None] * self.up_embed(experts)).sum(-2)
-        return self.dropout(self.down_proj(F.silu(self.gate_proj(u)) * self.up_proj(u)) + sparse)
+        return self.dropout(self.down_proj(F.silu(self.gate_proj(u)) * self.up_proj(u)) + sparse), aux
 
     def expert_load(self, experts):
         """How many of the N*k selections in experts (B, T, k) picked each expert: (E,)."""
@@ -294,8 +296,8 @@ class CDMoE(MLP):
         return torch.zeros(self.K ** 2, device=e.device).index_add_(0, e, torch.ones(e.shape, device=e.device))
 
     def balance_loss(self, z, experts):
-        """Switch-style load balance (Fedus et al. 2021, eq. 4): E * sum_e f_e * P_e, 1 when uniform. f_e: share of the
-        N*k selections that picked e; P_e: mean over tokens of the router's probability of e = a*K + b
+        """Switch-style load balance (Fedus et al. 2021, eq. 4): E * sum_e f_e * P_e, 1 when uniform.
+        f_e: share of the N*k selections that picked e; P_e: mean over tokens of the router's probability of e = a*K + b
         over all K^2 pairs, softmax(zx)_a * softmax(zy)_b. Per layer (HF pools all layers' selections
         into one count, though their experts are unrelated); gradients reach the router through P."""
         px, py = z.softmax(dim=-1).flatten(0, -3).unbind(-2)                  # (N, K) each
@@ -315,12 +317,16 @@ class DogeBlock(nn.Module):
         self.post_attention_residual = nn.Parameter(torch.ones(config.n_embd))   # alpha2
 
     def forward(self, x, cos, sin, cache=None, t0=0):
-        # the scale multiplies the carried stream, not the branch (as HF's DogeDecoderLayer); with a cache (decoding),
-        # x holds positions t0.. and the attention also reads the cached keys
+        """(x, aux): aux is the CDMoE's balance loss, or 0. The scale multiplies the carried stream,
+        not the branch (as HF's DogeDecoderLayer). With a cache (decoding) x holds positions t0..
+        and the attention also reads the cached keys."""
         u = self.attn_norm(x)
         a = self.attn(u, cos, sin) if cache is None else self.attn.forward_cached(u, cos, sin, cache, t0)
         x = self.input_residual * x + a
-        return self.post_attention_residual * x + self.mlp(self.mlp_norm(x))
+        carried = self.post_attention_residual * x  # first: fixes the order backward sums x's gradients in
+        u = self.mlp_norm(x)
+        y, aux = self.mlp(u) if isinstance(self.mlp, CDMoE) else (self.mlp(u), 0)
+        return carried + y, aux
 
 
 # Copied from model_gpt.check_heads
@@ -363,15 +369,16 @@ class Doge(nn.Module):
             raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
         cos, sin = self.rope(torch.arange(T, device=idx.device))
         x = self.wte(idx)
+        aux_losses = []
         for block in self.blocks:
-            x = block(x, cos, sin)
+            x, aux = block(x, cos, sin)
+            aux_losses.append(aux)
         logits = self.lm_head(self.norm_f(x))
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
             if self.training and self.config.is_moe and self.config.balance_loss_weight > 0:
-                aux = sum(block.mlp.aux_loss for block in self.blocks) / len(self.blocks)
-                loss = loss + self.config.balance_loss_weight * aux
+                loss = loss + self.config.balance_loss_weight * (sum(aux_losses) / len(self.blocks))
         return logits, loss
 
     def init_cache(self, batch_size):
@@ -399,7 +406,7 @@ class Doge(nn.Module):
             cos, sin = self.rope(torch.arange(t0, t0 + T, device=idx.device))
             x = self.wte(idx)
             for block, layer_cache in zip(self.blocks, cache["layers"]):
-                x = block(x, cos, sin, layer_cache, t0)
+                x, _ = block(x, cos, sin, layer_cache, t0)
             logits = self.lm_head(self.norm_f(x))
         finally:
             self.train(was_training)
@@ -407,18 +414,24 @@ class Doge(nn.Module):
         return logits
 
     def stats(self):
-        if not hasattr(self.blocks[0].attn, "delta_mean"):
+        if not self.blocks[0].attn.last:
             return {}
-        attns = [block.attn for block in self.blocks]
-        out = {f"delta_mean_l{l}": float(attn.delta_mean) for l, attn in enumerate(attns)}
-        out["masked_frac"] = sum(float(attn.masked_frac) for attn in attns) / len(attns)  # of the visible keys
+        lasts = [block.attn.last for block in self.blocks]
+        out = {f"delta_mean_l{l}": float(last["delta"].mean()) for l, last in enumerate(lasts)}
+
+        def masked_frac(keep):  # of the visible keys, T (T + 1) / 2 per row and KV head
+            B, G, T, _ = keep.shape
+            return 1 - keep.sum() / (B * G * T * (T + 1) / 2)
+
+        out["masked_frac"] = sum(0.0 if last["keep"] is None else float(masked_frac(last["keep"]))
+                                 for last in lasts) / len(lasts)
         if self.config.is_moe:  # expert usage in the last batch, averaged over layers
             with torch.no_grad():
                 moes = [block.mlp for block in self.blocks]
-                loads = [moe.expert_load(moe.experts) for moe in moes]
+                loads = [moe.expert_load(moe.last["experts"]) for moe in moes]
                 out["experts_used"] = sum(float((load > 0).float().mean()) for load in loads) / len(loads)
                 out["max_load"] = sum(float(load.max() / load.mean()) for load in loads) / len(loads)
-                out["balance_loss"] = sum(float(moe.balance_loss(moe.router_logits, moe.experts))
+                out["balance_loss"] = sum(float(moe.balance_loss(moe.last["router_logits"], moe.last["experts"]))
                                           for moe in moes) / len(moes)
         return out
 

@@ -264,7 +264,7 @@ def extract_doge(model, idx, opts):
                 for t in range(T):
                     table[t] += [f"{delta[0, g, t].item():.4f}" for g in range(G)]
             if model.config.is_moe and opts["layer"] in (-1, l):
-                experts = block.mlp.experts[0]  # the CDMoE keeps its last routing itself
+                experts = block.mlp.last["experts"][0]  # the CDMoE keeps its last routing itself
                 sections.append({"kind": "table", "title": f"Doge CDMoE layer {l}: experts each token picked",
                                  "header": ["experts (id = a*K + b)"], "note": "", "per_token": True,
                                  "rows": [[" ".join(str(e) for e in experts[t].tolist())] for t in range(T)]})

@@ -229,11 +229,11 @@ def test_moe_is_the_dense_mlp_plus_the_expert_sum():
         for t in range(5):
             for e, w in zip(experts[b, t], g[b, t]):
                 expert_sum[b, t] += F.silu(moe.down_embed.weight[e] @ u[b, t]) * w * moe.up_embed.weight[e]
-    torch.testing.assert_close(moe(u), dense + expert_sum, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(moe(u)[0], dense + expert_sum, atol=1e-6, rtol=1e-5)
     with torch.no_grad():
         moe.down_embed.weight.zero_()
         moe.up_embed.weight.zero_()
-    assert torch.equal(moe(u), dense)
+    assert torch.equal(moe(u)[0], dense)
 
 
 def test_balance_loss_against_the_full_softmax_over_all_experts():
@@ -256,7 +256,8 @@ def test_aux_loss_only_in_training_and_only_when_asked():
         on.train(train), off.train(train)
         loss_on, loss_off = on(x, y)[1], off(x, y)[1]
         if train:
-            aux = sum(block.mlp.balance_loss(block.mlp.router_logits, block.mlp.experts) for block in on.blocks) / 4
+            aux = sum(block.mlp.balance_loss(block.mlp.last["router_logits"], block.mlp.last["experts"])
+                      for block in on.blocks) / 4
             torch.testing.assert_close(loss_on - loss_off, 0.1 * aux)
             assert aux > 0.5
             loss_on.backward()
@@ -275,9 +276,9 @@ def test_stats_report_masking_deltas_and_expert_usage():
     visible = sum(i + 1 for i in range(64))
     kept = sum(min(i + 1, 16) for i in range(64))
     assert abs(stats["masked_frac"] - (1 - kept / visible)) < 1e-6
-    load = torch.bincount(model.blocks[2].mlp.experts.flatten(), minlength=256).float()
+    load = torch.bincount(model.blocks[2].mlp.last["experts"].flatten(), minlength=256).float()
     assert 0 < stats["experts_used"] <= 1 and stats["max_load"] >= 1 and stats["balance_loss"] > 0
-    assert model.blocks[2].mlp.expert_load(model.blocks[2].mlp.experts).tolist() == load.tolist()
+    assert model.blocks[2].mlp.expert_load(model.blocks[2].mlp.last["experts"]).tolist() == load.tolist()
     assert len(stats) <= 12
     for l in range(4):  # delta = exp(A * softplus(dt)) > 0, = 1 exactly where A = 0
         assert stats[f"delta_mean_l{l}"] > 0
