@@ -150,6 +150,8 @@ class BDH(nn.Module):
         density, fired = [], 0
         for _ in range(self.config.n_layer):
             x, xs, ys, g = self.layer(x, phase)
+            # Reduced here, not lazily in stats() as the other models do: keeping xs, ys and g of every
+            # layer until stats() is called would hold the model's largest activations a step longer.
             with torch.no_grad():  # the activations are >= 0, so sign() is 1 where a neuron fires
                 density.append(torch.stack([xs.sign().mean(), ys.sign().mean(), g.sign().mean()]))
                 fired = fired + xs.amax(dim=1)  # (H, N): > 0 where the neuron fired at some token

@@ -234,7 +234,8 @@ class DAWN(nn.Module):
             aux = {"lb": self.load_balance_loss(all_routings), "orth": self.orthogonality_loss(),
                    "div": self.diversity_loss()}
             if loss is not None:  # evaluation reports pure cross-entropy
-                loss = loss + c.lb_loss_weight * aux["lb"] + c.orth_loss_weight * aux["orth"] + c.div_loss_weight * aux["div"]
+                loss = (loss + c.lb_loss_weight * aux["lb"] + c.orth_loss_weight * aux["orth"]
+                        + c.div_loss_weight * aux["div"])
         self.remember(all_routings, aux)
         return logits, loss
 
@@ -305,14 +306,13 @@ class DAWN(nn.Module):
     # --- diagnostics ----------------------------------------------------------------------------
 
     def remember(self, all_routings, aux):
-        """What stats() and routing_path() need of the last forward: the selected neurons, the
-        routing entropy (of the soft p, as a fraction of log N) and the auxiliary losses."""
-        with torch.no_grad():
-            self.last = {"selected": [{pool: r[2] for pool, r in routings.items()} for routings in all_routings],
-                         "entropy": torch.stack([(-(r[1] * r[1].clamp_min(1e-12).log()).sum(-1)).mean() / math.log(r[1].size(-1))
-                                                 for routings in all_routings for r in routings.values()]).mean()}
-            if aux is not None:
-                self.last["aux"] = {key: value.detach() for key, value in aux.items()}
+        """What stats() and routing_path() need of the last forward, detached: per layer and pool the
+        selected neurons and the soft probabilities p (stats() reduces them only when asked), and
+        the auxiliary losses."""
+        self.last = {"selected": [{pool: r[2] for pool, r in routings.items()} for routings in all_routings],
+                     "p": [{pool: r[1].detach() for pool, r in routings.items()} for routings in all_routings]}
+        if aux is not None:
+            self.last["aux"] = {key: value.detach() for key, value in aux.items()}
 
     def stats(self):
         if not self.last:
@@ -323,7 +323,9 @@ class DAWN(nn.Module):
             routings_made = selected.numel() / self.last["selected"][0][pool].size(-1)  # k picks per routing
             usage = torch.bincount(selected, minlength=self.pool_sizes[pool]) / routings_made
             out[f"dead_{pool}"] = (usage < 0.01).float().mean().item()
-        out["route_entropy"] = self.last["entropy"].item()
+        # routing entropy of the soft p, as a fraction of log N, averaged over layers and routings
+        out["route_entropy"] = torch.stack([(-(p * p.clamp_min(1e-12).log()).sum(-1)).mean() / math.log(p.size(-1))
+                                            for layer in self.last["p"] for p in layer.values()]).mean().item()
         overlap = [(layer[pool][..., 0, :, None] == layer[pool][..., 1, None, :]).sum((-1, -2)).float().mean()
                    / self.config.top_k_qk for layer in self.last["selected"] for pool in ("F_qk", "R_qk")]
         out["qk_overlap"] = (sum(overlap) / len(overlap)).item()  # share of a token's Q neurons also in its K
