@@ -52,8 +52,28 @@ def test_odd_layer_count_is_a_clear_error():
 
 
 def test_router_scalars_learn_faster():
-    pair = build().blocks[0]
-    assert all(p.lr_mult == 10.0 and p.dim() == 0 for p in (pair.beta_ce, pair.beta_cu, pair.log_o_ce, pair.m_cu))
+    """train.py's optimizer moves the router's four scalars with 10x the learning rate. Adam's first
+    step moves a parameter by exactly lr * |g| / (|g| + eps) per entry (m and v bias-corrected)."""
+    import train
+    model = build()
+    pair = model.blocks[0]
+    scalars = (pair.beta_ce, pair.beta_cu, pair.log_o_ce, pair.m_cu)
+    assert all(p.dim() == 0 for p in scalars)  # 0-D: no weight decay
+    opt = train.configure_optimizer(model, train.TrainConfig(weight_decay=0.0), torch.device("cpu"))
+    lr = 1e-4
+    for group in opt.param_groups:  # as train.py sets the learning rate every step
+        group["lr"] = lr * group["lr_mult"]
+    pair.tau.fill_(-float("inf"))  # route (up to the cap): G, and so the scalars, reach the loss
+    checked = scalars + (pair.decision.attn_norm.weight,)
+    before = [p.detach().clone() for p in checked]
+    x = tokens()
+    model.train()
+    model(x, torch.roll(x, -1, dims=1))[1].backward()
+    assert all(p.grad.abs().min() > 0 for p in checked)
+    opt.step()
+    for p, b, mult in zip(checked, before, (10, 10, 10, 10, 1)):
+        g = p.grad.abs()
+        torch.testing.assert_close((p.detach() - b).abs(), mult * lr * g / (g + 1e-8), rtol=1e-3, atol=0)
 
 
 def test_dynamic_blocks_and_priors_start_at_normal_0_02():
