@@ -187,6 +187,25 @@ def test_forward_backward_under_bf16_autocast(name):
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
+def test_gpt_flops_per_token_counts_its_matmuls():
+    """GPT's flops_per_token (nanoGPT's 6 * parameters + 12 * L * d * T) against PyTorch's FLOP
+    counter on one forward+backward of block_size tokens. The math SDPA backend runs attention as
+    matmuls the counter sees (the fused CPU kernel has no FLOP formula). What the two count
+    differently, exactly: the formula charges 6 FLOPs per token to the norm gains and q/k/v biases,
+    which multiply no matrix; the counter counts every matmul, and attention over the full T x T
+    square (the causal half is masked, not skipped) in both."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+    model = build("gpt")
+    T = model.config.block_size
+    x = random_tokens(model, 1)
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model(x, x)[1].backward()
+    not_matmuls = sum(p.numel() for name, p in model.named_parameters() if "norm" in name or name.endswith("bias"))
+    assert not_matmuls == 4 * (2 * 128 + (4 + 2 * 2) * 32) + 128
+    assert counter.get_total_flops() == T * (model.flops_per_token() - 6 * not_matmuls)
+
+
 # --- the single-file rules -------------------------------------------------------------------
 
 def parse(name):
