@@ -297,9 +297,10 @@ class CDMoE(MLP):
 
     def balance_loss(self, z, experts):
         """Switch-style load balance (Fedus et al. 2021, eq. 4): E * sum_e f_e * P_e, 1 when uniform.
-        f_e: share of the N*k selections that picked e; P_e: mean over tokens of the router's probability of e = a*K + b
-        over all K^2 pairs, softmax(zx)_a * softmax(zy)_b. Per layer (HF pools all layers' selections
-        into one count, though their experts are unrelated); gradients reach the router through P."""
+        f_e: share of the N*k selections that picked e; P_e: mean over tokens of the router's
+        probability of e = a*K + b over all K^2 pairs, softmax(zx)_a * softmax(zy)_b. Per layer (HF
+        pools all layers' selections into one count, though their experts are unrelated); gradients
+        reach the router through P."""
         px, py = z.softmax(dim=-1).flatten(0, -3).unbind(-2)                  # (N, K) each
         P = (px.T @ py).flatten() / px.shape[0]                               # (E,), index a*K + b
         f = self.expert_load(experts) / experts.numel()
@@ -358,8 +359,8 @@ class Doge(nn.Module):
         self.apply(self._init_weights)
 
     def _init_weights(self, module):
-        # HF's init (DogePreTrainedModel._init_weights): Linear weights and all embeddings (tokens, expert tables) ~ N(0, 0.02);
-        # norms and residual scales 1, A 0 (set where they are created)
+        # HF's init (DogePreTrainedModel._init_weights): Linear weights and all embeddings (tokens,
+        # expert tables) ~ N(0, 0.02); norms and residual scales 1, A 0 (set where they are created)
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
 

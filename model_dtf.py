@@ -275,8 +275,9 @@ class RoutedKeys:
             return self.cache.append(k, v, self.valid)
         K = self.valid.size(1)
         slot = torch.arange(K, device=k.device)
+        mask = (slot[None, :] <= slot[:, None]) & self.valid[:, None, :]          # (B, K, K)
         # padding slots are masked as keys; attending to themselves keeps their softmax rows finite
-        mask = ((slot[None, :] <= slot[:, None]) & self.valid[:, None, :]) | torch.eye(K, dtype=torch.bool, device=k.device)
+        mask = mask | torch.eye(K, dtype=torch.bool, device=k.device)
         return k, v, mask[:, None]
 
 
