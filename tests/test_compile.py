@@ -49,8 +49,13 @@ DYNAMIC = {"mod": dict(n_layer=2), "dtf": dict(n_layer=2),
            "dawn": dict(n_layer=1), "bdh": dict(n_layer=1, dropout=0.0)}
 
 
-@pytest.mark.slow  # Inductor compiles a graph per model: about 90 s of CPU each on a 2-core machine
-@pytest.mark.parametrize("name", sorted(DYNAMIC))
+# Inductor (torch 2.13, CPU) generates a backward for DTF that fails (UnboundLocalError on a buffer);
+# train.py then falls back to the eager model. strict: once torch compiles it, the mark must go
+DTF_INDUCTOR_BUG = pytest.mark.xfail(strict=True, reason="torch 2.13's Inductor CPU codegen fails on DTF's backward")
+
+
+@pytest.mark.slow  # Inductor compiles a graph per model: minutes each on a loaded 2-core CPU
+@pytest.mark.parametrize("name", [pytest.param(n, marks=DTF_INDUCTOR_BUG) if n == "dtf" else n for n in sorted(DYNAMIC)])
 def test_compiled_dynamic_model_matches_eager(name):
     """One training forward+backward of each dynamic model, compiled and eager from the same state:
     the same logits, loss, gradients and running buffers (a routing threshold's update)."""
@@ -58,7 +63,7 @@ def test_compiled_dynamic_model_matches_eager(name):
     torch.manual_seed(0)
     model = routes_some(module.Model(module.Config(block_size=32, **DYNAMIC[name]))).train()
     twin = copy.deepcopy(model)
-    x, y = torch.randint(0, 65, (4, 32)), torch.randint(0, 65, (4, 32))  # batch 4: see the fallback test
+    x, y = torch.randint(0, 65, (4, 32)), torch.randint(0, 65, (4, 32))
     eager_logits, eager_loss = model(x, y)
     eager_loss.backward()
     logits, loss = torch.compile(twin)(x, y)
