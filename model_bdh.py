@@ -1,6 +1,6 @@
 """
 BDH, the "Baby Dragon Hatchling" (Kosowski et al. 2025, arXiv:2509.26507), in its GPU form BDH-GPU,
-computed as the reference code (pathwaycom/bdh) computes it. Spec: specs/bdh.md.
+computed as the reference code (pathwaycom/bdh) computes it.
 
 The idea. A network of n "neurons" (2048 here, 32768 in the paper) talks through a low-rank
 bottleneck of width D. Each layer lifts the D-dim token state into neuron space and applies ReLU:
@@ -13,10 +13,10 @@ neuron space again and ReLU'd (ys); a neuron passes its signal on only if it fir
 big matrices serve every layer: depth is one "brain" applied n_layer times, so n_layer changes the
 compute, not the parameters (3*n*D + 2*V*D of them).
 
-The equations (spec §2) and where they are in the code; B batch, T time, D = n_embd, H heads,
+The equations (the reference's bdh.py) and where they are in the code; B batch, T time, D = n_embd, H heads,
 N = M*D/H neurons per head, LN = LayerNorm without gain or bias:
 
-    x  = LN(embed[idx])                                  (B, T, D)                 forward()
+    x  = LN(wte[idx])                                    (B, T, D)                 forward()
     repeat n_layer times, with the same encoder, encoder_v, decoder:                layer()
         xs = ReLU(x @ encoder[h])                        (H, B, T, N)  sparse, >= 0
         q  = RoPE_t(xs)                                  keys are this same tensor
@@ -28,25 +28,26 @@ N = M*D/H neurons per head, LN = LayerNorm without gain or bias:
     logits = x @ lm_head                                 untied; x is already normalised
 
 The paper's figure keeps the residual in neuron space and uses LN(E y) as the value; the reference,
-and this file, keep the residual in D-space and recompute xs from x in every layer (spec §2).
+and this file, keep the residual in D-space and recompute xs from x in every layer.
 
-Read as a recurrence (spec §4; step()), each layer and head keeps a state S of N x D numbers,
+Read as a recurrence (the paper's state-space view; step()), each layer and head keeps a state S of N x D numbers,
 S_t = sum_{s<t} RoPE_s(xs_s) (outer) x_s, and a_t = LN(S_t^T RoPE_t(xs_t)): the token reads S first and
 writes itself into it afterwards. forward_cached() decodes this way: O(n*D) work and memory per
 token at any position, where attention would read a cache that grows with the text.
 
-Causality. The reference is strictly causal and so is this file (spec §5): everything but the
+Causality. The reference is strictly causal and so is this file: everything but the
 attention acts on one position, and the attention reads positions s < t only. The diagonal is
 excluded on purpose, so position 0 reads nothing: its read-out is LN(0) = 0 in every layer, x only
 gets normalised again, and its logits are a function of the first token alone. Masked scores are 0,
 not -inf (there is no softmax to remove them from). What we do differently from the reference is
-speed only (spec §8.5, §8.6): the RoPE phases are computed once per forward rather than per layer,
+speed only: the RoPE phases are computed once per forward rather than per layer,
 every head runs in one batched matmul, and generation uses the recurrence instead of re-running
 the whole sequence for every new token.
 
-Naming: this file uses the reference's names, which are the paper's swapped. encoder (D -> neurons)
-is the paper's D_x, encoder_v (D -> neurons, for the read-out) is D_y, and decoder (neurons -> D)
-is the paper's "encoder" E.
+Naming: this file keeps the reference's names on purpose, which are the paper's swapped. encoder
+(D -> neurons) is the paper's D_x, encoder_v (D -> neurons, for the read-out) is D_y, and decoder
+(neurons -> D) is the paper's "encoder" E. Only the token embedding takes the skeleton's name, wte
+(the reference's embed).
 """
 import math
 from dataclasses import dataclass
@@ -85,9 +86,9 @@ def rope_phases(positions, N):
     """e^(i t w_k) for each position t and neuron pair k < N/2, w_k = theta^(-2k/N): complex (T, N/2).
 
     Built once per forward: every layer turns by the same angles. The angle is formed as the
-    reference forms it (spec §2), in fp32: turns per position w_k / 2pi, times t, fractional part,
+    reference forms it, in fp32: turns per position w_k / 2pi, times t, fractional part,
     times 2pi, so cos and sin see an angle in [0, 2pi). The frequencies are recomputed here rather
-    than kept in a buffer, so .to(dtype) on the model can never round them (spec §8.4)."""
+    than kept in a buffer, so .to(dtype) on the model can never round them."""
     k2 = torch.arange(0, N, 2, device=positions.device, dtype=torch.float32)  # 2k
     turns = ROPE_THETA ** (-k2 / N) / (2 * math.pi)                              # w_k / 2pi per position
     angles = torch.frac(positions.float()[:, None] * turns) * (2 * math.pi)
@@ -114,11 +115,11 @@ class BDH(nn.Module):
                              "(RoPE turns pairs); change n_head or mlp_internal_dim_multiplier")
         self.config = config
         N = M * D // H
-        self.embed = nn.Embedding(config.vocab_size, D)
+        self.wte = nn.Embedding(config.vocab_size, D)
         self.encoder = nn.Parameter(torch.empty(H, D, N))    # D_x: D -> neurons, gives xs
         self.encoder_v = nn.Parameter(torch.empty(H, D, N))  # D_y: attention read-out -> neurons, gives ys
         self.decoder = nn.Parameter(torch.empty(H * N, D))   # E: neurons -> D; row h*N + i is neuron i of head h
-        self.lm_head = nn.Parameter(torch.empty(D, config.vocab_size))  # not tied to embed
+        self.lm_head = nn.Parameter(torch.empty(D, config.vocab_size))  # not tied to wte
         self.drop = nn.Dropout(config.dropout)
         for p in self.parameters():  # the reference: every tensor ~ N(0, 0.02^2), no biases anywhere
             nn.init.normal_(p, std=0.02)
@@ -145,10 +146,12 @@ class BDH(nn.Module):
         if T > self.config.block_size:
             raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
         phase = rope_phases(torch.arange(T, device=idx.device), self.encoder.size(-1))  # once for all layers
-        x = layer_norm(self.embed(idx))  # (B, T, D); one stream, read by every head
+        x = layer_norm(self.wte(idx))  # (B, T, D); one stream, read by every head
         density, fired = [], 0
         for _ in range(self.config.n_layer):
             x, xs, ys, g = self.layer(x, phase)
+            # Reduced here, not lazily in stats() as the other models do: keeping xs, ys and g of every
+            # layer until stats() is called would hold the model's largest activations a step longer.
             with torch.no_grad():  # the activations are >= 0, so sign() is 1 where a neuron fires
                 density.append(torch.stack([xs.sign().mean(), ys.sign().mean(), g.sign().mean()]))
                 fired = fired + xs.amax(dim=1)  # (H, N): > 0 where the neuron fired at some token
@@ -159,7 +162,7 @@ class BDH(nn.Module):
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
         return logits, loss
 
-    # --- the recurrent form (spec §4): the same model, one token at a time -----------------------
+    # --- the recurrent form: the same model, one token at a time -----------------------
 
     def initial_state(self, batch_size):
         """The synaptic states before any token: zeros, (L, H, B, N, D), one N x D matrix per layer,
@@ -175,7 +178,7 @@ class BDH(nn.Module):
         inference computation whatever the module's mode."""
         H, D, N = self.encoder.shape
         phase = rope_phases(torch.tensor([t], device=token.device), N)[0]  # (N/2,)
-        x = layer_norm(self.embed(token))                                   # (B, D)
+        x = layer_norm(self.wte(token))                                     # (B, D)
         for S in state:                                                     # S: (H, B, N, D)
             xs = F.relu(x.expand(H, -1, -1) @ self.encoder)                 # (H, B, N)
             k = rotate(xs, phase)                                           # query = key
@@ -207,7 +210,7 @@ class BDH(nn.Module):
         return torch.stack(logits, dim=1)
 
     def stats(self):
-        """Activation density of the last forward (spec §6): the fraction of nonzeros in xs, ys and
+        """Activation density of the last forward: the fraction of nonzeros in xs, ys and
         g = xs * ys, averaged over layers, g's per layer, and the fraction of the n neurons that never
         fired (xs) at any token of the batch in any layer."""
         if not self.last:

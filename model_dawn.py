@@ -2,7 +2,6 @@
 DAWN: Dynamic Subspace Composition over shared neuron pools (Seungho Choi, "DAWN: Dynamic Subspace
 Composition for Structural Interpretability", Zenodo 10.5281/zenodo.18060421), the 39M-paper model
 with per-token routing, as the reference (madst0614/DAWN, models/model_v17_1.py) computes it.
-Spec: specs/dawn.md.
 
 The idea. A transformer block has fixed matrices W_Q, W_K, W_V and a fixed FFN. DAWN keeps six
 pools of small matrices ("neurons") shared by every layer instead, and builds each token's
@@ -38,7 +37,7 @@ table has block_size rows, so a cache can never hold more tokens than that.
 Causality. The earlier DAWN-24M result (perplexity 8.4) came from *sequence-level* routing: one
 neuron mixture per sequence, chosen from importance scores over all positions (computed from the
 last position's state), so every position used information from the whole window, future included;
-trained that way, the model reads the future through its routing weights (specs/dawn.md section 5).
+trained that way, the model reads the future through its routing weights.
 This file routes each token from that token's own normalised state only: no pooling over positions,
 no batch statistics, no state; top-k runs over neurons, never over time.
 """
@@ -68,9 +67,9 @@ class Config:
     top_k_v: int = 4
     top_k_know: int = 4
     router_dropout: float = 0.0  # on the routing queries
-    orth_coef: float = 0.01      # training loss weights of the auxiliary terms (reference values)
-    div_coef: float = 0.1
-    lb_coef: float = 2e-5
+    orth_loss_weight: float = 0.01  # training loss weights of the auxiliary terms (reference values)
+    div_loss_weight: float = 0.1
+    lb_loss_weight: float = 2e-5
 
 
 PRESETS = {  # the paper's 39M model (BERT-uncased vocabulary; 38,730,240 parameters without its unused SSM)
@@ -112,16 +111,17 @@ def compose_restore(h, w, R_pool):
     return (w.unsqueeze(-1).to(h.dtype) * h.unsqueeze(-2)).flatten(-2) @ R_pool.flatten(0, 1)
 
 
-class DAWNLayer(nn.Module):
+class DAWNBlock(nn.Module):
     """The per-layer parts: two LayerNorms and the attention output projection. The pools and the
-    router belong to the model and are passed in: every layer composes from the same neurons."""
+    router belong to the model and are passed in: every layer composes from the same neurons.
+    The knowledge step stands where GPT's MLP is, so its LayerNorm keeps GPT's name, mlp_norm."""
 
     def __init__(self, config):
         super().__init__()
         self.config = config
-        self.ln1 = nn.LayerNorm(config.n_embd)
+        self.attn_norm = nn.LayerNorm(config.n_embd)
         self.W_O = nn.Linear(config.n_embd, config.n_embd, bias=False)
-        self.ln2 = nn.LayerNorm(config.n_embd)
+        self.mlp_norm = nn.LayerNorm(config.n_embd)
         self.drop = nn.Dropout(config.dropout)
 
     def forward(self, x, dawn, keys, cache=None, t0=0):
@@ -131,7 +131,7 @@ class DAWNLayer(nn.Module):
         c = self.config
         B, T, d = x.shape
         # attention: six routings of u = LN1(x); Q/K/V composed from the pools; causal softmax attention
-        u = self.ln1(x)
+        u = self.attn_norm(x)
         z = dawn.router_queries(u, 0, 6)                                   # fQ fK fV rQ rK rV
         routings = {"F_qk": route(z[..., 0:2, :], keys["F_qk"], c.top_k_qk),
                     "F_v": route(z[..., 2:3, :], keys["F_v"], c.top_k_v),
@@ -154,7 +154,7 @@ class DAWNLayer(nn.Module):
                                                attn_mask=pos[None, :] <= pos[t0:, None])
         x = x + self.drop(self.W_O(a.transpose(1, 2).reshape(B, T, d)))
         # knowledge: two routings of u' = LN2(x), feature d -> r_k, restore r_k -> d, no activation
-        u = self.ln2(x)
+        u = self.mlp_norm(x)
         z = dawn.router_queries(u, 6, 8)                                   # fKn rKn
         routings["F_kn"] = route(z[..., 0:1, :], keys["F_kn"], c.top_k_know)
         routings["R_kn"] = route(z[..., 1:2, :], keys["R_kn"], c.top_k_know)
@@ -186,8 +186,8 @@ class DAWN(nn.Module):
         self.router_drop = nn.Dropout(config.router_dropout)
         self.pool_sizes = {name: getattr(self, name).shape[0] for name in POOLS}
         self.neuron_emb = nn.Parameter(torch.empty(sum(self.pool_sizes.values()), s))
-        self.layers = nn.ModuleList(DAWNLayer(config) for _ in range(config.n_layer))
-        self.ln_f = nn.LayerNorm(d)
+        self.blocks = nn.ModuleList(DAWNBlock(config) for _ in range(config.n_layer))
+        self.norm_f = nn.LayerNorm(d)
         self.lm_head = nn.Linear(d, config.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # tied
         self._init_weights()
@@ -197,8 +197,8 @@ class DAWN(nn.Module):
         for p in (self.wte.weight, self.wpe.weight, self.router.weight, self.neuron_emb):
             nn.init.normal_(p, std=0.02)
         nn.init.zeros_(self.router.bias)
-        for layer in self.layers:
-            nn.init.normal_(layer.W_O.weight, std=0.02)
+        for block in self.blocks:
+            nn.init.normal_(block.W_O.weight, std=0.02)
         for name in POOLS:  # each neuron orthogonal on its own: F_n^T F_n = I, R_n R_n^T = I
             for neuron in getattr(self, name).data:
                 nn.init.orthogonal_(neuron)
@@ -222,10 +222,10 @@ class DAWN(nn.Module):
         x = self.drop(self.wte(idx) + self.wpe(torch.arange(T, device=idx.device)))
         keys = self.keys()
         all_routings = []
-        for layer in self.layers:
-            x, routings = layer(x, self, keys)
+        for block in self.blocks:
+            x, routings = block(x, self, keys)
             all_routings.append(routings)
-        logits = self.lm_head(self.ln_f(x))
+        logits = self.lm_head(self.norm_f(x))
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
@@ -234,7 +234,8 @@ class DAWN(nn.Module):
             aux = {"lb": self.load_balance_loss(all_routings), "orth": self.orthogonality_loss(),
                    "div": self.diversity_loss()}
             if loss is not None:  # evaluation reports pure cross-entropy
-                loss = loss + c.lb_coef * aux["lb"] + c.orth_coef * aux["orth"] + c.div_coef * aux["div"]
+                loss = (loss + c.lb_loss_weight * aux["lb"] + c.orth_loss_weight * aux["orth"]
+                        + c.div_loss_weight * aux["div"])
         self.remember(all_routings, aux)
         return logits, loss
 
@@ -246,7 +247,7 @@ class DAWN(nn.Module):
         c = self.config
         shape = (batch_size, c.n_head, c.block_size, c.n_embd // c.n_head)
         w = self.wte.weight
-        return {"t": 0, "layers": [{"k": w.new_zeros(shape), "v": w.new_zeros(shape)} for _ in self.layers]}
+        return {"t": 0, "layers": [{"k": w.new_zeros(shape), "v": w.new_zeros(shape)} for _ in self.blocks]}
 
     @torch.no_grad()
     def forward_cached(self, idx, cache):
@@ -262,9 +263,9 @@ class DAWN(nn.Module):
         try:
             x = self.wte(idx) + self.wpe(torch.arange(t0, t0 + T, device=idx.device))
             keys = self.keys()
-            for layer, layer_cache in zip(self.layers, cache["layers"]):
-                x, _ = layer(x, self, keys, layer_cache, t0)
-            logits = self.lm_head(self.ln_f(x))
+            for block, layer_cache in zip(self.blocks, cache["layers"]):
+                x, _ = block(x, self, keys, layer_cache, t0)
+            logits = self.lm_head(self.norm_f(x))
         finally:
             self.train(was_training)
         cache["t"] = t0 + T
@@ -305,14 +306,13 @@ class DAWN(nn.Module):
     # --- diagnostics ----------------------------------------------------------------------------
 
     def remember(self, all_routings, aux):
-        """What stats() and routing_path() need of the last forward: the selected neurons, the
-        routing entropy (of the soft p, as a fraction of log N) and the auxiliary losses."""
-        with torch.no_grad():
-            self.last = {"selected": [{pool: r[2] for pool, r in routings.items()} for routings in all_routings],
-                         "entropy": torch.stack([(-(r[1] * r[1].clamp_min(1e-12).log()).sum(-1)).mean() / math.log(r[1].size(-1))
-                                                 for routings in all_routings for r in routings.values()]).mean()}
-            if aux is not None:
-                self.last["aux"] = {key: value.detach() for key, value in aux.items()}
+        """What stats() and routing_path() need of the last forward, detached: per layer and pool the
+        selected neurons and the soft probabilities p (stats() reduces them only when asked), and
+        the auxiliary losses."""
+        self.last = {"selected": [{pool: r[2] for pool, r in routings.items()} for routings in all_routings],
+                     "p": [{pool: r[1].detach() for pool, r in routings.items()} for routings in all_routings]}
+        if aux is not None:
+            self.last["aux"] = {key: value.detach() for key, value in aux.items()}
 
     def stats(self):
         if not self.last:
@@ -323,7 +323,9 @@ class DAWN(nn.Module):
             routings_made = selected.numel() / self.last["selected"][0][pool].size(-1)  # k picks per routing
             usage = torch.bincount(selected, minlength=self.pool_sizes[pool]) / routings_made
             out[f"dead_{pool}"] = (usage < 0.01).float().mean().item()
-        out["route_entropy"] = self.last["entropy"].item()
+        # routing entropy of the soft p, as a fraction of log N, averaged over layers and routings
+        out["route_entropy"] = torch.stack([(-(p * p.clamp_min(1e-12).log()).sum(-1)).mean() / math.log(p.size(-1))
+                                            for layer in self.last["p"] for p in layer.values()]).mean().item()
         overlap = [(layer[pool][..., 0, :, None] == layer[pool][..., 1, None, :]).sum((-1, -2)).float().mean()
                    / self.config.top_k_qk for layer in self.last["selected"] for pool in ("F_qk", "R_qk")]
         out["qk_overlap"] = (sum(overlap) / len(overlap)).item()  # share of a token's Q neurons also in its K

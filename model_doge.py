@@ -1,7 +1,6 @@
 """
 Doge: dynamic mask attention + cross-domain mixture of experts (SmallDoges, "Wonderful Matrices",
 arXiv 2412.11834), as Hugging Face transformers' DogeForCausalLM computes it, without its leak.
-Spec: specs/doge.md.
 
 Doge is a pre-norm decoder with two swaps and one twist:
 
@@ -11,18 +10,18 @@ Doge is a pre-norm decoder with two swaps and one twist:
         x = alpha2 * x + MLP or CDMoE(RMSNorm(x))
     logits = RMSNorm(x) @ embedding^T                     tied
 
-(a) Dynamic mask attention (sequence mixing, spec 2.4). Causal softmax attention with QK-norm, RoPE
+(a) Dynamic mask attention (sequence mixing). Causal softmax attention with QK-norm, RoPE
 and grouped KV heads, plus a bias per *key*: delta_j = exp(A * softplus(dt_j)), with dt_j a
 projection of key j's value vector (one per KV head, A = 0 at init so delta = 1). delta_j is added
 (in linear space) to every query's score for key j, and once more than keep_window_size (kws) keys
 are visible, each query keeps only the kws keys with the largest delta and masks the rest. The
 authors read this as SSM-like selective forgetting without a decay.
-(b) Cross-domain MoE (state mixing, is_moe=True, spec 2.6): the dense SwiGLU MLP ("shared expert")
+(b) Cross-domain MoE (state mixing, is_moe=True): the dense SwiGLU MLP ("shared expert")
 plus a weighted sum over k of E = K^2 single-neuron private experts, retrieved with product keys:
 two sets of K half keys score the token, and the best pairs of halves name the experts, so scoring
 E experts costs 2K dot products.
 
-The deliberate fix (spec 5). The reference splits the router's output (B, T, 2K) into its two
+The deliberate fix. The reference splits the router's output (B, T, 2K) into its two
 halves with a raw reshape across time and batch, so most tokens choose their experts (and weight
 them) with scores computed from later tokens and from other sequences in the batch. Here each
 token's 2K scores are split into its own two halves (CDMoE.route). Dynamic mask attention is causal
@@ -46,8 +45,11 @@ or softplus can depend on how many positions one call computes, so a cached step
 keys the other way and, where they straddle the kws-th place, keep the other one. Distinct tokens
 never tie, and at A = 0 every delta is exactly 1 in both.
 
-Names follow Hugging Face's leaves (q_proj, dt_proj, A, input_residual, router_gate, down_embed, ...)
-so that HF weights load by a prefix rename (spec 9's name map); config fields follow the spec.
+Names. The skeleton's names where Doge has GPT's parts (wte, blocks, attn_norm, mlp_norm, norm_f,
+*_loss_weight); Hugging Face's names kept on purpose for what only Doge has (q_proj, k_proj, v_proj,
+q_norm, k_norm, dt_proj, A, input_residual, post_attention_residual, router_gate, down_embed,
+up_embed), so that HF weights load by a short name map (its input_layernorm, post_attention_layernorm,
+norm are our attn_norm, mlp_norm, norm_f; model.embed_tokens is wte).
 """
 import math
 from dataclasses import dataclass
@@ -65,7 +67,7 @@ class Config:
     n_head: int = 4               # query heads H (head size hd = n_embd / n_head)
     n_kv_head: int = 2            # key/value heads G; the dynamic mask has one delta per KV head
     n_embd: int = 128             # d
-    intermediate_size: int = 256  # I, dense SwiGLU width (2d, as Doge-20M/60M; the spec's n_inner)
+    intermediate_size: int = 256  # I, dense SwiGLU width (2d, as Doge-20M/60M)
     keep_window_size: int = 32    # kws: keys each query keeps once more are visible (< block_size here,
                                   # so the top-k actually runs; the recipes use kws = context: bias only)
     rope_theta: float = 1e4       # RoPE base
@@ -75,7 +77,7 @@ class Config:
     is_moe: bool = False          # CDMoE (dense MLP + product-key experts) instead of the dense MLP
     n_experts: int = 256          # E = K^2 private experts (a perfect square), K half keys per side
     n_experts_per_head: int = 8   # k experts per token
-    moe_aux_coef: float = 0.0     # weight of the load-balance loss (off in every Doge recipe)
+    balance_loss_weight: float = 0.0  # weight of the load-balance loss (off in every Doge recipe)
 
 
 PRESETS = {  # the published shapes (vocab 32768 is Doge's own tokenizer; train.py sets vocab_size)
@@ -105,8 +107,8 @@ class RMSNorm(nn.Module):
 class RotaryEmbedding(nn.Module):
     """RoPE tables, rotate-half layout: channel i and i + hd/2 form a pair turning at theta^(-2i/hd).
 
-    Called once per forward with the token positions (T,) or, for routed layers, (B, K) gathered
-    positions; returns cos and sin of shape (..., hd) in fp32 for apply_rope."""
+    Called once per forward with the token positions pos (T,), or any shape of positions; returns
+    cos and sin of shape (*pos.shape, hd) in fp32 for apply_rope."""
 
     def __init__(self, head_dim, theta):
         super().__init__()
@@ -150,9 +152,10 @@ def dynamic_mask(delta, kws):
     is kept by query i when j <= i and j is among the kws largest delta of keys 0..i (ties: the later
     key ranks higher); None while T <= kws, where every row keeps all its keys (plain causal).
 
-    Instead of a top-k per row (spec 2.4), rank every key within every prefix at once: key j survives
-    in row i when fewer than kws keys of 0..i outrank it. "j' outranks j" is a (T, T) comparison and
-    its cumulative sum down the rows counts the outranking keys of each prefix."""
+    Instead of the reference's top-k per row of a (T, T) tensor, rank every key within every prefix
+    at once: key j survives in row i when fewer than kws keys of 0..i outrank it. "j' outranks j" is
+    a (T, T) comparison and its cumulative sum down the rows counts the outranking keys of each
+    prefix."""
     B, G, T = delta.shape
     if T <= kws:
         return None
@@ -163,7 +166,7 @@ def dynamic_mask(delta, kws):
 
 
 class DMAttn(nn.Module):
-    """Dynamic mask attention (spec 2.4): GQA softmax attention with QK-norm and RoPE, plus the
+    """Dynamic mask attention: GQA softmax attention with QK-norm and RoPE, plus the
     value-derived per-key bias delta and the keep_window_size top-k over it."""
 
     def __init__(self, config):
@@ -180,6 +183,7 @@ class DMAttn(nn.Module):
         self.A = nn.Parameter(torch.zeros(config.n_kv_head))  # 0: delta = 1, no bias at init
         self.o_proj = nn.Linear(config.n_head * hd, config.n_embd, bias=False)
         self.resid_dropout = nn.Dropout(config.dropout)
+        self.last = {}  # detached tensors of the last forward, for stats()
 
     def project(self, x, cos, sin):
         """x (B, T, d) at the positions of cos and sin -> q (B, H, T, hd + 8), k and v (B, G, T, hd + 8)
@@ -218,8 +222,7 @@ class DMAttn(nn.Module):
         B, T, _ = x.shape
         q, k, v, delta = self.project(x, cos, sin)
         keep = dynamic_mask(delta.detach(), self.kws)                       # (B, G, T, T) bool, or None
-        self.delta_mean = delta.detach().mean()                             # for stats()
-        self.masked_frac = 0.0 if keep is None else 1 - keep.sum() / (B * self.n_kv_head * T * (T + 1) / 2)
+        self.last = {"delta": delta.detach(), "keep": keep}
         return self.attend(q, k, v, keep)
 
     def forward_cached(self, x, cos, sin, cache, t0):
@@ -245,7 +248,7 @@ class DMAttn(nn.Module):
 
 
 class CDMoE(MLP):
-    """Cross-domain MoE (spec 2.6): the dense SwiGLU MLP (the shared expert, its weights inherited
+    """Cross-domain MoE: the dense SwiGLU MLP (the shared expert, its weights inherited
     from MLP) plus k of E = K^2 private experts, each a single SiLU neuron (down vector D_e, up vector
     U_e), retrieved with product keys."""
 
@@ -253,16 +256,17 @@ class CDMoE(MLP):
         super().__init__(config)
         self.K = math.isqrt(config.n_experts)
         self.k = config.n_experts_per_head
-        self.aux_coef = config.moe_aux_coef
+        self.balance_loss_weight = config.balance_loss_weight
         self.router_gate = nn.Linear(config.n_embd, 2 * self.K, bias=False)  # rows: K x-half keys, K y-half keys
         self.down_embed = nn.Embedding(config.n_experts, config.n_embd)      # D
         self.up_embed = nn.Embedding(config.n_experts, config.n_embd)        # U
+        self.last = {}  # the last forward's router logits (detached) and experts, for stats()
 
     def route(self, u):
         """Each token's k experts (ids in [0, K^2)), their weights g (softmax over the k) and the
         router logits (B, T, 2, K)."""
         K, k = self.K, self.k
-        # THE FIX (spec 5): each token's own 2K scores are split into its two halves, z.view(N, 2, K):
+        # THE FIX: each token's own 2K scores are split into its two halves, z.view(N, 2, K):
         # row r < K of router_gate is x-key r, row K + r is y-key r. The reference reshapes the whole
         # (B, T, 2K) output as (2, B*T, K), so a token's x and y halves come from other tokens, later
         # ones and other sequences in the batch: its experts would depend on the future and the batch.
@@ -277,13 +281,14 @@ class CDMoE(MLP):
         return pair_id.gather(-1, best), torch.softmax(score, dim=-1), z
 
     def forward(self, u):
+        """(output, aux): aux is the balance loss in training when it is weighted, else 0."""
         experts, g, z = self.route(u)                                         # (B, T, k) each
-        self.router_logits, self.experts = z.detach(), experts                # for stats()
-        self.aux_loss = self.balance_loss(z, experts) if self.training and self.aux_coef > 0 else None
+        self.last = {"router_logits": z.detach(), "experts": experts}
+        aux = self.balance_loss(z, experts) if self.training and self.balance_loss_weight > 0 else 0
         # a_m = silu(<D_e, u>) * g_m;  y = sum_m a_m U_e  (elementwise: k rows per token, no matmul)
         a = F.silu((self.down_embed(experts) * u[..., None, :]).sum(-1)) * g.to(u.dtype)
         sparse = (a[..., None] * self.up_embed(experts)).sum(-2)
-        return self.dropout(self.down_proj(F.silu(self.gate_proj(u)) * self.up_proj(u)) + sparse)
+        return self.dropout(self.down_proj(F.silu(self.gate_proj(u)) * self.up_proj(u)) + sparse), aux
 
     def expert_load(self, experts):
         """How many of the N*k selections in experts (B, T, k) picked each expert: (E,)."""
@@ -291,10 +296,11 @@ class CDMoE(MLP):
         return torch.zeros(self.K ** 2, device=e.device).index_add_(0, e, torch.ones(e.shape, device=e.device))
 
     def balance_loss(self, z, experts):
-        """Switch-style load balance (spec 4): E * sum_e f_e * P_e, 1 when uniform. f_e: share of the
-        N*k selections that picked e; P_e: mean over tokens of the router's probability of e = a*K + b
-        over all K^2 pairs, softmax(zx)_a * softmax(zy)_b. Per layer (HF pools all layers' selections
-        into one count, though their experts are unrelated); gradients reach the router through P."""
+        """Switch-style load balance (Fedus et al. 2021, eq. 4): E * sum_e f_e * P_e, 1 when uniform.
+        f_e: share of the N*k selections that picked e; P_e: mean over tokens of the router's
+        probability of e = a*K + b over all K^2 pairs, softmax(zx)_a * softmax(zy)_b. Per layer (HF
+        pools all layers' selections into one count, though their experts are unrelated); gradients
+        reach the router through P."""
         px, py = z.softmax(dim=-1).flatten(0, -3).unbind(-2)                  # (N, K) each
         P = (px.T @ py).flatten() / px.shape[0]                               # (E,), index a*K + b
         f = self.expert_load(experts) / experts.numel()
@@ -304,27 +310,40 @@ class CDMoE(MLP):
 class DogeBlock(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.input_layernorm = RMSNorm(config.n_embd, config.norm_eps)
+        self.attn_norm = RMSNorm(config.n_embd, config.norm_eps)
         self.attn = DMAttn(config)
         self.input_residual = nn.Parameter(torch.ones(config.n_embd))            # alpha1
-        self.post_attention_layernorm = RMSNorm(config.n_embd, config.norm_eps)
+        self.mlp_norm = RMSNorm(config.n_embd, config.norm_eps)
         self.mlp = CDMoE(config) if config.is_moe else MLP(config)
         self.post_attention_residual = nn.Parameter(torch.ones(config.n_embd))   # alpha2
 
     def forward(self, x, cos, sin, cache=None, t0=0):
-        # the scale multiplies the carried stream, not the branch (spec 2.2); with a cache (decoding),
-        # x holds positions t0.. and the attention also reads the cached keys
-        u = self.input_layernorm(x)
+        """(x, aux): aux is the CDMoE's balance loss, or 0. The scale multiplies the carried stream,
+        not the branch (as HF's DogeDecoderLayer). With a cache (decoding) x holds positions t0..
+        and the attention also reads the cached keys."""
+        u = self.attn_norm(x)
         a = self.attn(u, cos, sin) if cache is None else self.attn.forward_cached(u, cos, sin, cache, t0)
         x = self.input_residual * x + a
-        return self.post_attention_residual * x + self.mlp(self.post_attention_layernorm(x))
+        carried = self.post_attention_residual * x  # first: fixes the order backward sums x's gradients in
+        u = self.mlp_norm(x)
+        y, aux = self.mlp(u) if isinstance(self.mlp, CDMoE) else (self.mlp(u), 0)
+        return carried + y, aux
+
+
+# Copied from model_gpt.check_heads
+def check_heads(config):
+    """The attention shapes RoPE and grouped KV heads need, checked before any weight is made."""
+    if config.n_embd % config.n_head or config.n_head % config.n_kv_head:
+        raise ValueError(f"n_embd ({config.n_embd}) must be divisible by n_head ({config.n_head}) "
+                         f"and n_head by n_kv_head ({config.n_kv_head})")
+    if (config.n_embd // config.n_head) % 2:
+        raise ValueError("the head size n_embd/n_head must be even for RoPE")
 
 
 class Doge(nn.Module):
     def __init__(self, config):
         super().__init__()
-        if config.n_embd % config.n_head or config.n_head % config.n_kv_head or (config.n_embd // config.n_head) % 2:
-            raise ValueError("n_embd must be a multiple of n_head, n_head of n_kv_head, and the head size even")
+        check_heads(config)
         if config.is_moe and math.isqrt(config.n_experts) ** 2 != config.n_experts:
             raise ValueError(f"n_experts={config.n_experts} must be a perfect square (E = K^2 product keys), "
                              f"e.g. {math.isqrt(config.n_experts) ** 2} or {(math.isqrt(config.n_experts) + 1) ** 2}")
@@ -334,14 +353,14 @@ class Doge(nn.Module):
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         self.rope = RotaryEmbedding(config.n_embd // config.n_head, config.rope_theta)
         self.blocks = nn.ModuleList(DogeBlock(config) for _ in range(config.n_layer))
-        self.ln_f = RMSNorm(config.n_embd, config.norm_eps)
+        self.norm_f = RMSNorm(config.n_embd, config.norm_eps)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # tied
         self.apply(self._init_weights)
 
     def _init_weights(self, module):
-        # HF's init (spec 2.7): Linear weights and all embeddings (tokens, expert tables) ~ N(0, 0.02);
-        # norms and residual scales 1, A 0 (set where they are created)
+        # HF's init (DogePreTrainedModel._init_weights): Linear weights and all embeddings (tokens,
+        # expert tables) ~ N(0, 0.02); norms and residual scales 1, A 0 (set where they are created)
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
 
@@ -351,15 +370,16 @@ class Doge(nn.Module):
             raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
         cos, sin = self.rope(torch.arange(T, device=idx.device))
         x = self.wte(idx)
+        aux_losses = []
         for block in self.blocks:
-            x = block(x, cos, sin)
-        logits = self.lm_head(self.ln_f(x))
+            x, aux = block(x, cos, sin)
+            aux_losses.append(aux)
+        logits = self.lm_head(self.norm_f(x))
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
-            if self.training and self.config.is_moe and self.config.moe_aux_coef > 0:
-                aux = sum(block.mlp.aux_loss for block in self.blocks) / len(self.blocks)
-                loss = loss + self.config.moe_aux_coef * aux
+            if self.training and self.config.is_moe and self.config.balance_loss_weight > 0:
+                loss = loss + self.config.balance_loss_weight * (sum(aux_losses) / len(self.blocks))
         return logits, loss
 
     def init_cache(self, batch_size):
@@ -387,26 +407,32 @@ class Doge(nn.Module):
             cos, sin = self.rope(torch.arange(t0, t0 + T, device=idx.device))
             x = self.wte(idx)
             for block, layer_cache in zip(self.blocks, cache["layers"]):
-                x = block(x, cos, sin, layer_cache, t0)
-            logits = self.lm_head(self.ln_f(x))
+                x, _ = block(x, cos, sin, layer_cache, t0)
+            logits = self.lm_head(self.norm_f(x))
         finally:
             self.train(was_training)
         cache["t"] = t0 + T
         return logits
 
     def stats(self):
-        if not hasattr(self.blocks[0].attn, "delta_mean"):
+        if not self.blocks[0].attn.last:
             return {}
-        attns = [block.attn for block in self.blocks]
-        out = {f"delta_mean_l{l}": float(attn.delta_mean) for l, attn in enumerate(attns)}
-        out["masked_frac"] = sum(float(attn.masked_frac) for attn in attns) / len(attns)  # of the visible keys
+        lasts = [block.attn.last for block in self.blocks]
+        out = {f"delta_mean_l{l}": float(last["delta"].mean()) for l, last in enumerate(lasts)}
+
+        def masked_frac(keep):  # of the visible keys, T (T + 1) / 2 per row and KV head
+            B, G, T, _ = keep.shape
+            return 1 - keep.sum() / (B * G * T * (T + 1) / 2)
+
+        out["masked_frac"] = sum(0.0 if last["keep"] is None else float(masked_frac(last["keep"]))
+                                 for last in lasts) / len(lasts)
         if self.config.is_moe:  # expert usage in the last batch, averaged over layers
             with torch.no_grad():
                 moes = [block.mlp for block in self.blocks]
-                loads = [moe.expert_load(moe.experts) for moe in moes]
+                loads = [moe.expert_load(moe.last["experts"]) for moe in moes]
                 out["experts_used"] = sum(float((load > 0).float().mean()) for load in loads) / len(loads)
                 out["max_load"] = sum(float(load.max() / load.mean()) for load in loads) / len(loads)
-                out["balance_loss"] = sum(float(moe.balance_loss(moe.router_logits, moe.experts))
+                out["balance_loss"] = sum(float(moe.balance_loss(moe.last["router_logits"], moe.last["experts"]))
                                           for moe in moes) / len(moes)
         return out
 

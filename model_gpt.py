@@ -1,7 +1,7 @@
 """
 GPT: the dense baseline every dynamic architecture in this repo is compared with.
 
-A modern pre-norm decoder in the Qwen2.5 / Llama style (spec: specs/standard.md):
+A modern pre-norm decoder in the Qwen2.5 / Llama style:
 
     x = embedding[idx]                                  no position table: RoPE inside attention
     repeat n_layer times:
@@ -35,7 +35,7 @@ class Config:
     n_head: int = 4               # query heads H
     n_kv_head: int = 2            # key/value heads G; each serves H/G query heads (GQA)
     n_embd: int = 128             # d
-    intermediate_size: int = 384  # SwiGLU width I; laptop rule I = 3d (standard.md §2)
+    intermediate_size: int = 384  # SwiGLU width I = 3d at laptop size (Qwen2.5: ~5.4d)
     rope_theta: float = 1e6       # Qwen2.5's RoPE base
     norm_eps: float = 1e-6
     qkv_bias: bool = True         # Qwen2 puts biases on q, k, v (none on the output projection)
@@ -71,8 +71,8 @@ class RMSNorm(nn.Module):
 class RotaryEmbedding(nn.Module):
     """RoPE tables, rotate-half layout: channel i and i + hd/2 form a pair turning at theta^(-2i/hd).
 
-    Called once per forward with the token positions (T,) or, for routed layers, (B, K) gathered
-    positions; returns cos and sin of shape (..., hd) in fp32 for apply_rope."""
+    Called once per forward with the token positions pos (T,), or any shape of positions; returns
+    cos and sin of shape (*pos.shape, hd) in fp32 for apply_rope."""
 
     def __init__(self, head_dim, theta):
         super().__init__()
@@ -97,55 +97,37 @@ def apply_rope(x, cos, sin):
 
 class KVCache:
     """Keys and values of one attention layer for B rows, for incremental decoding: buffers of `size`
-    entries a row, allocated once and written in place; n (B,) = the entries each row holds. A dense
-    layer stores every token, so all rows hold the same number; a routed layer stores only its routed
-    tokens, so each row fills at its own pace and the mask hides the slots a row has not filled."""
+    positions a row, allocated once (the batch size and dtype come with the first keys) and written
+    in place; filled = the positions written so far (a Python int: slicing by it needs no device sync)."""
 
-    def __init__(self, B, size, device):
+    def __init__(self, size):
         self.size = size
         self.k = self.v = None  # (B, G, size, hd), allocated by the first append in attention's dtype
-        self.n = torch.zeros(B, dtype=torch.long, device=device)
-        self.filled = 0  # a dense layer's n, as a Python int: slicing by it needs no device sync
+        self.filled = 0
 
-    def append(self, k, v, keep=None):
-        """Store the new keys and values k, v (B, G, t, hd) after each row's earlier entries: all of
-        them, or those keep (B, t) marks (a routed layer's routed tokens, which come first in each row).
-        Returns keys and values over the filled part of the buffers and the boolean mask for the new
-        queries: (B, 1, t, S), (t, S) for a dense layer, or None where plain causal attention is
-        exact (a dense layer's first call)."""
+    def append(self, k, v):
+        """Store the new keys and values k, v (B, G, t, hd) after the earlier ones. Returns keys and
+        values over the filled part of the buffers and the boolean mask (t, S) of the new queries,
+        or None where plain causal attention is exact (the first call)."""
         B, G, t, hd = k.shape
         if self.k is None:
-            self.k = k.new_zeros(B, G, self.size, hd)  # zeros: an unfilled slot holds finite numbers
+            self.k = k.new_zeros(B, G, self.size, hd)
             self.v = v.new_zeros(B, G, self.size, hd)
-        if keep is None:  # a dense layer: every row stores all t tokens in the same slots
-            s0, S = self.filled, self.filled + t
-            self.k[:, :, s0:S], self.v[:, :, s0:S] = k, v
-            self.n += t
-            self.filled = S
-            if s0 == 0:
-                return k, v, None
-            mask = torch.arange(S, device=k.device) <= s0 + torch.arange(t, device=k.device)[:, None]  # (t, S)
-            return self.k[:, :, :S], self.v[:, :, :S], mask
-        own = self.n[:, None] + torch.arange(t, device=k.device)  # (B, t): the slot of each stored token
-        b, i = keep.nonzero(as_tuple=True)
-        self.k[b, :, own[b, i]] = k[b, :, i]
-        self.v[b, :, own[b, i]] = v[b, :, i]
-        self.n += keep.sum(dim=1)
-        S = int(self.n.max())
-        slot = torch.arange(S, device=k.device)
-        # a new token sees its row's stored entries up to its own slot. A token that is not stored
-        # (padding of a routed layer) may have nothing to see; slot 0 keeps its discarded output finite
-        mask = (slot <= own[..., None]) & (slot < self.n[:, None, None]) | (slot == 0)
-        return self.k[:, :, :S], self.v[:, :, :S], mask[:, None]
+        s0, S = self.filled, self.filled + t
+        self.k[:, :, s0:S], self.v[:, :, s0:S] = k, v
+        self.filled = S
+        if s0 == 0:
+            return k, v, None
+        mask = torch.arange(S, device=k.device) <= s0 + torch.arange(t, device=k.device)[:, None]  # (t, S)
+        return self.k[:, :, :S], self.v[:, :, :S], mask
 
 
 class Attention(nn.Module):
     """Causal multi-head attention with grouped KV heads, QKV bias and RoPE.
 
-    forward(x, cos, sin, mask=None): with no mask it is plain causal attention; a routed layer passes
-    a boolean mask (B, 1, T, T) (True = may attend) and cos/sin at the tokens' true positions.
-    In incremental decoding x holds the next t tokens and cache is the layer's KVCache: their keys and
-    values (those keep marks) join the cache, and they attend over it with the cache's mask."""
+    forward(x, cos, sin, cache=None): plain causal attention over x, rotated by cos and sin. In
+    incremental decoding x holds the next t tokens and cache is the layer's KVCache: their keys and
+    values join it, and they attend over all of it with the boolean mask it returns (True = may attend)."""
 
     def __init__(self, config):
         super().__init__()
@@ -157,7 +139,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(config.n_head * self.head_dim, config.n_embd, bias=False)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, cos, sin, mask=None, cache=None, keep=None):
+    def forward(self, x, cos, sin, cache=None):
         B, T, _ = x.shape
         H, G, hd = self.n_head, self.n_kv_head, self.head_dim
         q, k, v = self.qkv_proj(x).split([H * hd, G * hd, G * hd], dim=-1)
@@ -165,8 +147,9 @@ class Attention(nn.Module):
         k = k.view(B, T, G, hd).transpose(1, 2)               # (B, G, T, hd)
         v = v.view(B, T, G, hd).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        mask = None
         if cache is not None:
-            k, v, mask = cache.append(k, v, keep)
+            k, v, mask = cache.append(k, v)
         # enable_gqa: kv head g serves query heads g*H/G .. (g+1)*H/G - 1, without copying k and v
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=G != H,
                                            dropout_p=self.dropout if self.training else 0.0)
@@ -198,9 +181,18 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(config.n_embd, config.norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, mask=None, cache=None, keep=None):
-        x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache, keep)
+    def forward(self, x, cos, sin, cache=None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache)
         return x + self.mlp(self.mlp_norm(x))
+
+
+def check_heads(config):
+    """The attention shapes RoPE and grouped KV heads need, checked before any weight is made."""
+    if config.n_embd % config.n_head or config.n_head % config.n_kv_head:
+        raise ValueError(f"n_embd ({config.n_embd}) must be divisible by n_head ({config.n_head}) "
+                         f"and n_head by n_kv_head ({config.n_kv_head})")
+    if (config.n_embd // config.n_head) % 2:
+        raise ValueError("the head size n_embd/n_head must be even for RoPE")
 
 
 class Cache:
@@ -215,11 +207,7 @@ class Cache:
 class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
-        if config.n_embd % config.n_head or config.n_head % config.n_kv_head:
-            raise ValueError(f"n_embd ({config.n_embd}) must be divisible by n_head ({config.n_head}) "
-                             f"and n_head by n_kv_head ({config.n_kv_head})")
-        if (config.n_embd // config.n_head) % 2:
-            raise ValueError("the head size n_embd/n_head must be even for RoPE")
+        check_heads(config)
         self.config = config
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         self.drop = nn.Dropout(config.dropout)
@@ -231,7 +219,7 @@ class GPT(nn.Module):
         self.apply(self._init_weights)
 
     def _init_weights(self, module):
-        # Qwen2's init (standard.md §2): every Linear and the embedding ~ N(0, 0.02), biases 0
+        # Qwen2's init (initializer_range 0.02): every Linear and the embedding ~ N(0, 0.02), biases 0
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
         if isinstance(module, nn.Linear) and module.bias is not None:
@@ -253,8 +241,7 @@ class GPT(nn.Module):
 
     def init_cache(self, batch_size):
         """An empty cache for batch_size rows: a KVCache of block_size positions per layer."""
-        device = self.wte.weight.device
-        return Cache([KVCache(batch_size, self.config.block_size, device) for _ in self.blocks])
+        return Cache([KVCache(self.config.block_size) for _ in self.blocks])
 
     @torch.no_grad()
     def forward_cached(self, idx, cache):

@@ -5,10 +5,10 @@ The idea. A transformer spends the same compute on every token. A MoD block has 
 only about C*T tokens of a sequence (capacity C = 12.5%) go through its attention and MLP; the rest
 skip it along the residual stream. A linear router gives every token a scalar score r, and a
 routed token adds the block's update multiplied by sigma(r), so the language-model loss itself
-teaches the router which tokens deserve the compute. Every other block is routed (specs/mod.md).
+teaches the router which tokens deserve the compute. Every other block is routed, as in the paper.
 
     x = embedding[idx]
-    for l in 0..n_layer-1:  x = Block(x) if l is even else MoDBlock(x)     (specs/standard.md block)
+    for l in 0..n_layer-1:  x = Block(x) if l is even else MoDBlock(x)     (Block: model_gpt's)
     logits = RMSNorm(x) @ embedding^T
 
     MoDBlock(x):  r_t = <x_t, w_r>                  one score per token (fp32)
@@ -27,7 +27,7 @@ computed in training, but only as a target: for the auxiliary loss (a BCE teachi
 top-k membership, as in the paper) and for the tau update. mod_routing="topk" restores the paper's
 training rule for comparison (not causal in training; evaluation still uses the threshold).
 
-What the reference implementation got wrong (specs/mod.md section 5): it ranks with top-k over the
+What the reference implementation (fredericowieser/Dynamic-Transformers) got wrong: it ranks with top-k over the
 whole row in training *and* in evaluation, and packs the selected tokens of all rows into one
 score-ordered sequence under a causal mask, so a token attends to later tokens of its row and to
 every selected token of the other rows. Its reported MoD losses are not reachable by a sampler.
@@ -61,7 +61,7 @@ class Config:
     n_head: int = 4                   # query heads H
     n_kv_head: int = 2                # key/value heads G (grouped-query attention)
     n_embd: int = 128                 # d
-    intermediate_size: int = 384      # SwiGLU width I = 3d (standard.md laptop rule)
+    intermediate_size: int = 384      # SwiGLU width I = 3d (model_gpt's laptop size)
     rope_theta: float = 1e6           # RoPE base theta (Qwen2.5)
     norm_eps: float = 1e-6            # RMSNorm epsilon
     qkv_bias: bool = True             # biases on q, k, v (Qwen2)
@@ -70,11 +70,11 @@ class Config:
     mod_capacity: float = 0.125       # C: target fraction of tokens a routed block processes
     capacity_factor: float = 2.0      # hard cap per row: K = ceil(capacity_factor * C * block_size) tokens
     tau_momentum: float = 0.99        # rho: EMA momentum of the routing threshold tau
-    mod_aux_loss_weight: float = 0.01  # lambda: weight of the router's top-k membership BCE
+    router_loss_weight: float = 0.01  # lambda: weight of the router's top-k membership BCE
     mod_routing: str = "threshold"    # "threshold" (causal, both modes) or "topk" (paper, training only)
 
 
-# Qwen2.5 shapes (standard.md) routed every other layer at C = 12.5%. vocab_size comes from the data.
+# Qwen2.5's published shapes, routed every other layer at C = 12.5%. vocab_size comes from the data.
 PRESETS = {
     "qwen2.5-0.5b": dict(block_size=1024, n_layer=24, n_head=14, n_kv_head=2, n_embd=896, intermediate_size=4864),
     "qwen2.5-1.5b": dict(block_size=1024, n_layer=28, n_head=12, n_kv_head=2, n_embd=1536, intermediate_size=8960),
@@ -99,8 +99,8 @@ class RMSNorm(nn.Module):
 class RotaryEmbedding(nn.Module):
     """RoPE tables, rotate-half layout: channel i and i + hd/2 form a pair turning at theta^(-2i/hd).
 
-    Called once per forward with the token positions (T,) or, for routed layers, (B, K) gathered
-    positions; returns cos and sin of shape (..., hd) in fp32 for apply_rope."""
+    Called once per forward with the token positions pos (T,), or any shape of positions; returns
+    cos and sin of shape (*pos.shape, hd) in fp32 for apply_rope."""
 
     def __init__(self, head_dim, theta):
         super().__init__()
@@ -127,56 +127,38 @@ def apply_rope(x, cos, sin):
 # Copied from model_gpt.KVCache
 class KVCache:
     """Keys and values of one attention layer for B rows, for incremental decoding: buffers of `size`
-    entries a row, allocated once and written in place; n (B,) = the entries each row holds. A dense
-    layer stores every token, so all rows hold the same number; a routed layer stores only its routed
-    tokens, so each row fills at its own pace and the mask hides the slots a row has not filled."""
+    positions a row, allocated once (the batch size and dtype come with the first keys) and written
+    in place; filled = the positions written so far (a Python int: slicing by it needs no device sync)."""
 
-    def __init__(self, B, size, device):
+    def __init__(self, size):
         self.size = size
         self.k = self.v = None  # (B, G, size, hd), allocated by the first append in attention's dtype
-        self.n = torch.zeros(B, dtype=torch.long, device=device)
-        self.filled = 0  # a dense layer's n, as a Python int: slicing by it needs no device sync
+        self.filled = 0
 
-    def append(self, k, v, keep=None):
-        """Store the new keys and values k, v (B, G, t, hd) after each row's earlier entries: all of
-        them, or those keep (B, t) marks (a routed layer's routed tokens, which come first in each row).
-        Returns keys and values over the filled part of the buffers and the boolean mask for the new
-        queries: (B, 1, t, S), (t, S) for a dense layer, or None where plain causal attention is
-        exact (a dense layer's first call)."""
+    def append(self, k, v):
+        """Store the new keys and values k, v (B, G, t, hd) after the earlier ones. Returns keys and
+        values over the filled part of the buffers and the boolean mask (t, S) of the new queries,
+        or None where plain causal attention is exact (the first call)."""
         B, G, t, hd = k.shape
         if self.k is None:
-            self.k = k.new_zeros(B, G, self.size, hd)  # zeros: an unfilled slot holds finite numbers
+            self.k = k.new_zeros(B, G, self.size, hd)
             self.v = v.new_zeros(B, G, self.size, hd)
-        if keep is None:  # a dense layer: every row stores all t tokens in the same slots
-            s0, S = self.filled, self.filled + t
-            self.k[:, :, s0:S], self.v[:, :, s0:S] = k, v
-            self.n += t
-            self.filled = S
-            if s0 == 0:
-                return k, v, None
-            mask = torch.arange(S, device=k.device) <= s0 + torch.arange(t, device=k.device)[:, None]  # (t, S)
-            return self.k[:, :, :S], self.v[:, :, :S], mask
-        own = self.n[:, None] + torch.arange(t, device=k.device)  # (B, t): the slot of each stored token
-        b, i = keep.nonzero(as_tuple=True)
-        self.k[b, :, own[b, i]] = k[b, :, i]
-        self.v[b, :, own[b, i]] = v[b, :, i]
-        self.n += keep.sum(dim=1)
-        S = int(self.n.max())
-        slot = torch.arange(S, device=k.device)
-        # a new token sees its row's stored entries up to its own slot. A token that is not stored
-        # (padding of a routed layer) may have nothing to see; slot 0 keeps its discarded output finite
-        mask = (slot <= own[..., None]) & (slot < self.n[:, None, None]) | (slot == 0)
-        return self.k[:, :, :S], self.v[:, :, :S], mask[:, None]
+        s0, S = self.filled, self.filled + t
+        self.k[:, :, s0:S], self.v[:, :, s0:S] = k, v
+        self.filled = S
+        if s0 == 0:
+            return k, v, None
+        mask = torch.arange(S, device=k.device) <= s0 + torch.arange(t, device=k.device)[:, None]  # (t, S)
+        return self.k[:, :, :S], self.v[:, :, :S], mask
 
 
 # Copied from model_gpt.Attention
 class Attention(nn.Module):
     """Causal multi-head attention with grouped KV heads, QKV bias and RoPE.
 
-    forward(x, cos, sin, mask=None): with no mask it is plain causal attention; a routed layer passes
-    a boolean mask (B, 1, T, T) (True = may attend) and cos/sin at the tokens' true positions.
-    In incremental decoding x holds the next t tokens and cache is the layer's KVCache: their keys and
-    values (those keep marks) join the cache, and they attend over it with the cache's mask."""
+    forward(x, cos, sin, cache=None): plain causal attention over x, rotated by cos and sin. In
+    incremental decoding x holds the next t tokens and cache is the layer's KVCache: their keys and
+    values join it, and they attend over all of it with the boolean mask it returns (True = may attend)."""
 
     def __init__(self, config):
         super().__init__()
@@ -188,7 +170,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(config.n_head * self.head_dim, config.n_embd, bias=False)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, cos, sin, mask=None, cache=None, keep=None):
+    def forward(self, x, cos, sin, cache=None):
         B, T, _ = x.shape
         H, G, hd = self.n_head, self.n_kv_head, self.head_dim
         q, k, v = self.qkv_proj(x).split([H * hd, G * hd, G * hd], dim=-1)
@@ -196,8 +178,9 @@ class Attention(nn.Module):
         k = k.view(B, T, G, hd).transpose(1, 2)               # (B, G, T, hd)
         v = v.view(B, T, G, hd).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        mask = None
         if cache is not None:
-            k, v, mask = cache.append(k, v, keep)
+            k, v, mask = cache.append(k, v)
         # enable_gqa: kv head g serves query heads g*H/G .. (g+1)*H/G - 1, without copying k and v
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=G != H,
                                            dropout_p=self.dropout if self.training else 0.0)
@@ -231,9 +214,64 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(config.n_embd, config.norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, mask=None, cache=None, keep=None):
-        x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache, keep)
+    def forward(self, x, cos, sin, cache=None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache)
         return x + self.mlp(self.mlp_norm(x))
+
+
+class RoutedKVCache:
+    """A routed layer's keys and values for incremental decoding: buffers of `size` entries a row
+    holding only the row's routed tokens, so each row fills at its own pace; n (B,) = the entries
+    each row holds, and the mask hides the slots a row has not filled."""
+
+    def __init__(self, B, size, device):
+        self.size = size
+        self.k = self.v = None  # (B, G, size, hd), allocated by the first append in attention's dtype
+        self.n = torch.zeros(B, dtype=torch.long, device=device)
+
+    def append(self, k, v, keep):
+        """Store those of the new keys and values k, v (B, G, t, hd) that keep (B, t) marks (the
+        routed tokens, which come first in each row) after each row's earlier entries. Returns keys
+        and values over the filled part of the buffers and the boolean mask (B, 1, t, S) of the new
+        queries."""
+        B, G, t, hd = k.shape
+        if self.k is None:
+            self.k = k.new_zeros(B, G, self.size, hd)  # zeros: an unfilled slot holds finite numbers
+            self.v = v.new_zeros(B, G, self.size, hd)
+        own = self.n[:, None] + torch.arange(t, device=k.device)  # (B, t): the slot of each stored token
+        b, i = keep.nonzero(as_tuple=True)
+        self.k[b, :, own[b, i]] = k[b, :, i]
+        self.v[b, :, own[b, i]] = v[b, :, i]
+        self.n += keep.sum(dim=1)
+        S = int(self.n.max())
+        slot = torch.arange(S, device=k.device)
+        # a new token sees its row's stored entries up to its own slot. A token that is not stored
+        # (padding of a routed layer) may have nothing to see; slot 0 keeps its discarded output finite
+        mask = (slot <= own[..., None]) & (slot < self.n[:, None, None]) | (slot == 0)
+        return self.k[:, :, :S], self.v[:, :, :S], mask[:, None]
+
+
+class RoutedKeys:
+    """What the attention of a routed block reads its keys through, in the place of model_gpt's KV
+    cache argument, so that Attention and Block stay model_gpt's. append(k, v) of the K gathered
+    tokens of each row returns the keys and values they attend over and the mask that lets a routed
+    token see only the routed tokens at earlier positions of its row (and itself): in a forward the
+    K tokens themselves; in incremental decoding the layer's RoutedKVCache, which stores those that
+    valid marks."""
+
+    def __init__(self, valid, cache=None):
+        self.valid = valid  # (B, K): which slots hold routed tokens (the rest are padding)
+        self.cache = cache
+
+    def append(self, k, v):
+        if self.cache is not None:
+            return self.cache.append(k, v, self.valid)
+        K = self.valid.size(1)
+        slot = torch.arange(K, device=k.device)
+        mask = (slot[None, :] <= slot[:, None]) & self.valid[:, None, :]          # (B, K, K)
+        # padding slots are masked as keys; attending to themselves keeps their softmax rows finite
+        mask = mask | torch.eye(K, dtype=torch.bool, device=k.device)
+        return k, v, mask[:, None]
 
 
 def route(score, tau, K, n_routed=0):
@@ -258,21 +296,15 @@ def routed_update(block, x, gate, pos, valid, rope, cache=None, start=0):
 
     The K gathered tokens of a row run through the block as a short sequence of their own: a routed
     token attends to the routed tokens at earlier positions of the same row (and itself), with RoPE
-    at the true positions, so relative distances stay real. Padding slots are masked as keys and
-    their update is zeroed; attending to themselves keeps their softmax rows finite.
-    In incremental decoding x holds the next tokens after `start` earlier ones and cache is the
-    layer's KVCache: the routed tokens also attend to the row's earlier routed tokens, whose keys and
-    values are all it holds, and only theirs are added to it."""
+    at the true positions, so relative distances stay real (RoutedKeys). Padding slots' updates are
+    zeroed. In incremental decoding x holds the next tokens after `start` earlier ones and cache is
+    the layer's RoutedKVCache: the routed tokens also attend to the row's earlier routed tokens,
+    whose keys and values are all it holds, and only theirs are added to it."""
     B, K = pos.shape
     index = pos[..., None].expand(B, K, x.size(-1))
     xs = x.gather(1, index)                                                    # (B, K, d)
-    mask = None  # with a cache, the cache builds the mask over the row's stored routed tokens
-    if cache is None:
-        slot = torch.arange(K, device=x.device)
-        mask = (((slot[None, :] <= slot[:, None]) & valid[:, None, :])
-                | torch.eye(K, dtype=torch.bool, device=x.device))[:, None]          # (B, 1, K, K)
     cos, sin = rope(start + pos)                                               # (B, K, hd)
-    delta = block(xs, cos[:, None], sin[:, None], mask, cache, valid) - xs    # attention + MLP updates
+    delta = block(xs, cos[:, None], sin[:, None], RoutedKeys(valid, cache)) - xs  # attention + MLP updates
     weight = (gate.gather(1, pos) * valid).unsqueeze(-1).to(delta.dtype)
     return x.scatter_add(1, index, weight * delta)
 
@@ -316,7 +348,7 @@ class MoDBlock(nn.Module):
         k = max(1, int(self.config.mod_capacity * T))                       # top-k target count
         K = min(T, self.cap())
         r = self.score(x)
-        aux = None
+        aux = 0
         if self.training:
             top_k = torch.zeros_like(r).scatter_(1, r.topk(k, dim=1).indices, 1.0)  # a target, no gradient
             aux = F.binary_cross_entropy_with_logits(r, top_k)
@@ -325,9 +357,9 @@ class MoDBlock(nn.Module):
         else:
             sel, pos, valid = route(r, self.tau, K)
         out = routed_update(self.block, x, self.gate(r), pos, valid, rope)
-        self.last = {"frac_routed": sel.float().mean()}
-        if self.training:  # how often the causal rule agrees with the top-k it stands in for
-            self.last.update(agreement=((r >= self.tau) == (top_k > 0)).float().mean(), aux_bce=aux.detach())
+        self.last = {"sel": sel}  # for stats(), which reduces them only when asked
+        if self.training:
+            self.last.update(r=r.detach(), top_k=top_k, tau=self.tau.clone(), aux=aux.detach())
             update_threshold(self.tau, r.detach(), k, self.config.tau_momentum)  # after deciding with the old tau
         return out, aux
 
@@ -340,6 +372,16 @@ class MoDBlock(nn.Module):
         if not sel.any():
             return x  # nothing routed: this layer cost these tokens one dot product each
         return routed_update(self.block, x, self.gate(r), pos, valid, rope, cache, start)
+
+
+# Copied from model_gpt.check_heads
+def check_heads(config):
+    """The attention shapes RoPE and grouped KV heads need, checked before any weight is made."""
+    if config.n_embd % config.n_head or config.n_head % config.n_kv_head:
+        raise ValueError(f"n_embd ({config.n_embd}) must be divisible by n_head ({config.n_head}) "
+                         f"and n_head by n_kv_head ({config.n_kv_head})")
+    if (config.n_embd // config.n_head) % 2:
+        raise ValueError("the head size n_embd/n_head must be even for RoPE")
 
 
 # Copied from model_gpt.Cache
@@ -355,8 +397,7 @@ class Cache:
 class MoD(nn.Module):
     def __init__(self, config):
         super().__init__()
-        if config.n_embd % config.n_head or config.n_head % config.n_kv_head or (config.n_embd // config.n_head) % 2:
-            raise ValueError("n_embd must be a multiple of n_head, n_head of n_kv_head, and the head size even")
+        check_heads(config)
         if config.mod_routing not in ("threshold", "topk"):
             raise ValueError(f"mod_routing must be 'threshold' or 'topk', not {config.mod_routing!r}")
         self.config = config
@@ -367,14 +408,16 @@ class MoD(nn.Module):
         self.norm_f = RMSNorm(config.n_embd, config.norm_eps)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # tied
+        # every Linear and the embedding ~ N(0, 0.02), routed blocks and routers included (the reference
+        # left its routed blocks at PyTorch's default init: an unfair comparison with its dense baseline)
         self.apply(self._init_weights)
         for block in self.blocks:
             if isinstance(block, MoDBlock):
                 nn.init.normal_(block.router, std=config.init_std)
 
+    # Copied from model_gpt.GPT._init_weights
     def _init_weights(self, module):
-        # every Linear and the embedding ~ N(0, 0.02), routed blocks included (the reference left its
-        # routed blocks at PyTorch's default init: an unfair comparison with its dense baseline)
+        # Qwen2's init (initializer_range 0.02): every Linear and the embedding ~ N(0, 0.02), biases 0
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
         if isinstance(module, nn.Linear) and module.bias is not None:
@@ -389,7 +432,7 @@ class MoD(nn.Module):
         aux_losses = []
         for block in self.blocks:
             if isinstance(block, MoDBlock):
-                x, aux = block(x, self.rope)
+                x, aux = block(x, self.rope)  # aux: the router's BCE in training, else 0
                 aux_losses.append(aux)
             else:
                 x = block(x, cos, sin)
@@ -398,15 +441,15 @@ class MoD(nn.Module):
         if targets is not None:
             loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
             if self.training and aux_losses:  # the paper's auxiliary loss; evaluation reports pure CE
-                loss = loss + self.config.mod_aux_loss_weight * torch.stack(aux_losses).mean()
+                loss = loss + self.config.router_loss_weight * torch.stack(aux_losses).mean()
         return logits, loss
 
     def init_cache(self, batch_size):
         """An empty cache for batch_size rows: per dense layer a KVCache of block_size positions, per
         routed layer one of K, the most tokens a row can route there."""
         device = self.wte.weight.device
-        return Cache([KVCache(batch_size, block.cap() if isinstance(block, MoDBlock) else self.config.block_size, device)
-                      for block in self.blocks])
+        return Cache([RoutedKVCache(batch_size, block.cap(), device) if isinstance(block, MoDBlock)
+                      else KVCache(self.config.block_size) for block in self.blocks])
 
     @torch.no_grad()
     def forward_cached(self, idx, cache):
@@ -440,17 +483,18 @@ class MoD(nn.Module):
         routed = {l: block for l, block in enumerate(self.blocks) if isinstance(block, MoDBlock) and block.last}
         if not routed:
             return {}
-        out = {f"frac_routed_l{l}": block.last["frac_routed"].item() for l, block in routed.items()}
+        out = {f"frac_routed_l{l}": block.last["sel"].float().mean().item() for l, block in routed.items()}
         out["tau"] = torch.stack([block.tau for block in routed.values()]).mean().item()
-        for key in ("agreement", "aux_bce"):  # training forwards only
-            values = [block.last[key] for block in routed.values() if key in block.last]
-            if values:
-                out[key] = torch.stack(values).mean().item()
+        trained = [block.last for block in routed.values() if "aux" in block.last]  # training forwards only
+        if trained:  # how often the causal rule (with the tau it used) agrees with the top-k it stands in for
+            out["agreement"] = torch.stack([((last["r"] >= last["tau"]) == (last["top_k"] > 0)).float().mean()
+                                            for last in trained]).mean().item()
+            out["aux_bce"] = torch.stack([last["aux"] for last in trained]).mean().item()
         return out
 
     def flops_per_token(self):
         # nanoGPT's accounting (6 per parameter and token, 12*d*T per layer for attention) with a
-        # routed block computing f = K/T of the rows (specs/mod.md section 3)
+        # routed block computing f = K/T of the rows, and its attention f*T keys for each of them
         c = self.config
         T = c.block_size
         f = min(T, math.ceil(c.capacity_factor * c.mod_capacity * T)) / T

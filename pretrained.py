@@ -188,7 +188,7 @@ def layer_prefixes(model_name, n_layer):
     if model_name == "mod":  # odd layers are MoDBlocks wrapping a Block (model_mod.MoD)
         return [f"blocks.{i}." if i % 2 == 0 else f"blocks.{i}.block." for i in range(n_layer)]
     if model_name == "dtf":  # pair p: decision block = layer 2p, dynamic block = layer 2p+1
-        return [f"pairs.{i // 2}.{'decision' if i % 2 == 0 else 'dynamic'}." for i in range(n_layer)]
+        return [f"blocks.{i // 2}.{'decision' if i % 2 == 0 else 'dynamic'}." for i in range(n_layer)]
     raise UserError(f"pretrained Qwen2 weights load into gpt, mod or dtf, not {model_name}")
 
 

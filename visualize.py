@@ -140,18 +140,18 @@ def extract_mod(model, idx, opts):
 def extract_dtf(model, idx, opts):
     import model_dtf
     rec = Recorder()
-    for p, pair in enumerate(model.pairs):
+    for p, pair in enumerate(model.blocks):
         rec.inputs(pair, ("h", p))
         rec.outputs(pair.decision, ("post", p))
         rec.outputs(pair.prior, ("prior", p))
     logits = run(model, idx, rec)
     layers = []
     with torch.no_grad():
-        for p, pair in enumerate(model.pairs):
+        for p, pair in enumerate(model.blocks):
             h, post, prior = rec.seen[("h", p)][0][0], rec.seen[("post", p)][0], rec.seen[("prior", p)][0]
             saved = dict(pair.last)
             G = pair.gate(h, post, prior)  # the pair's own gate on the captured tensors
-            pair.last = saved              # gate() writes its means into last; keep the forward's
+            pair.last = saved              # gate() records its S_CE, S_CU in last; keep the forward's
             T = h.size(1)
             c = pair.config
             K = min(T, math.ceil(c.capacity_factor * c.dtf_capacity * c.block_size))  # as DTFPair.forward
@@ -267,7 +267,7 @@ def extract_doge(model, idx, opts):
                 for t in range(T):
                     table[t] += [f"{delta[0, g, t].item():.4f}" for g in range(G)]
             if model.config.is_moe and opts.layer in (-1, l):
-                experts = block.mlp.experts[0]  # the CDMoE keeps its last routing itself
+                experts = block.mlp.last["experts"][0]  # the CDMoE keeps its last routing itself
                 sections.append({"kind": "table", "title": f"Doge CDMoE layer {l}: experts each token picked",
                                  "header": ["experts (id = a*K + b)"], "note": "", "per_token": True,
                                  "rows": [[" ".join(str(e) for e in experts[t].tolist())] for t in range(T)]})

@@ -1,4 +1,4 @@
-"""BDH (model_bdh.py): the checks of specs/bdh.md §9 beyond the generic contract tests of test_models.py.
+"""BDH (model_bdh.py): checks of the BDH-GPU computation beyond the generic contract tests of test_models.py.
 
 Every comparison is against an independent oracle: the parameter formula, a hand-built rotation
 matrix, LN(embed) @ lm_head, the recurrent form against the parallel form, PyTorch's FLOP counter.
@@ -42,7 +42,7 @@ def embedding_alone(model, idx):
     """The logits when no layer adds anything: x = LN(x + LN(0)) = LN(x) in every layer, so
     LN(embed[idx]) normalised n_layer more times, then the head. (LN is idempotent only up to
     eps / var: the embedding's variance at init is 4e-4, so LN(LN(z)) is 1.2% larger than LN(z).)"""
-    x = model.embed.weight[idx]
+    x = model.wte.weight[idx]
     for _ in range(model.config.n_layer + 1):
         x = F.layer_norm(x, (model.config.n_embd,))
     return x @ model.lm_head
@@ -63,9 +63,9 @@ def test_parameter_count_is_3MD2_plus_2VD_for_any_depth_and_heads(M, D, V):
                             vocab_size=V) == 3 * M * D * D + 2 * V * D
 
 
-def test_parameter_counts_quoted_in_the_spec():
+def test_parameter_counts_of_laptop_and_reference_configs():
     assert n_params() == 803_072  # the laptop config
-    assert n_params(**model_bdh.PRESETS["bdh-25m"]) == 25_296_896
+    assert n_params(**model_bdh.PRESETS["bdh-25m"]) == 25_296_896  # pathwaycom/bdh's default config
 
 
 def test_flops_per_token_counts_the_matmuls_the_code_runs():
@@ -74,7 +74,7 @@ def test_flops_per_token_counts_the_matmuls_the_code_runs():
     with FlopCounterMode(display=False) as counter:
         model(tokens(1, T), tokens(1, T, seed=2))[1].backward()
     assert counter.get_total_flops() == model.flops_per_token() * T
-    assert abs(model.flops_per_token() / 22.8e6 - 1) < 0.01  # spec §7: ~22.8 MFLOP/token, ~4x GPT's
+    assert abs(model.flops_per_token() / 22.8e6 - 1) < 0.01  # ~22.8 MFLOP/token at the laptop config, ~4x GPT's
 
 
 def test_invalid_config_and_too_long_input_raise_value_errors():
@@ -105,8 +105,8 @@ def test_gradients_never_flow_from_later_tokens():
     """d logits[t] / d (embedding at position s) is exactly 0 for s > t and not for s <= t."""
     model = build(**SMALL)
     x = tokens(1, 32)
-    emb = model.embed(x).detach().requires_grad_(True)
-    hook = model.embed.register_forward_hook(lambda module, args, out: emb)  # differentiate w.r.t. emb
+    emb = model.wte(x).detach().requires_grad_(True)
+    hook = model.wte.register_forward_hook(lambda module, args, out: emb)  # differentiate w.r.t. emb
     logits = model(x)[0]
     hook.remove()
     for t in (0, 9, 30):
@@ -190,7 +190,7 @@ def test_rope_preserves_norms_depends_on_offsets_only_and_is_the_identity_at_zer
 
 def test_activations_are_non_negative_and_about_half_half_quarter_dense_at_init():
     model = build()
-    x = F.layer_norm(model.embed(tokens(4, 64)), (model.config.n_embd,))
+    x = F.layer_norm(model.wte(tokens(4, 64)), (model.config.n_embd,))
     with torch.no_grad():
         _, xs, ys, g = model.layer(x, rope_phases(torch.arange(64), model.encoder.size(-1)))
         model(tokens(4, 64))

@@ -1,4 +1,6 @@
 """torch.compile on the CPU: CI has no GPU, so this guards the compiled path that CUDA runs use."""
+import copy
+import importlib
 import os
 import subprocess
 import sys
@@ -28,6 +30,52 @@ def test_compiled_gpt_matches_eager_and_does_not_recompile():
         torch.testing.assert_close(g, p.grad, atol=1e-5, rtol=1e-4)
     with torch._dynamo.config.patch(error_on_recompile=True):  # a second step with new data reuses the graph
         compiled(torch.randint(0, 65, (2, 32)), torch.randint(0, 65, (2, 32)))[1].backward()
+
+
+def routes_some(model):
+    """A routing threshold below the scores, so that the compiled routed path is exercised (an
+    untrained tau is +inf: nothing routed, and the routed block would not run)."""
+    for name, buffer in model.named_buffers():
+        if name.endswith("tau"):
+            buffer.fill_(-float("inf"))  # every token wants the block; the per-row cap decides
+    return model
+
+
+# the smallest config of each dynamic model that still runs its idea: a routed layer for MoD, a pair
+# for DTF, the top-k mask (kws < T) and CDMoE for Doge; dropout off, as eager and compiled draw differently
+DYNAMIC = {"mod": dict(n_layer=2), "dtf": dict(n_layer=2),
+           "doge": dict(n_layer=1, keep_window_size=16, is_moe=True, n_experts=64, n_experts_per_head=4,
+                        balance_loss_weight=0.01),
+           "dawn": dict(n_layer=1), "bdh": dict(n_layer=1, dropout=0.0)}
+
+
+# Inductor (torch 2.13, CPU) generates a backward for DTF that fails (UnboundLocalError on a buffer);
+# train.py then falls back to the eager model. strict: once torch compiles it, the mark must go
+DTF_INDUCTOR_BUG = pytest.mark.xfail(strict=True, reason="torch 2.13's Inductor CPU codegen fails on DTF's backward")
+
+
+@pytest.mark.slow  # Inductor compiles a graph per model: minutes each on a loaded 2-core CPU
+@pytest.mark.parametrize("name", [pytest.param(n, marks=DTF_INDUCTOR_BUG) if n == "dtf" else n for n in sorted(DYNAMIC)])
+def test_compiled_dynamic_model_matches_eager(name):
+    """One training forward+backward of each dynamic model, compiled and eager from the same state:
+    the same logits, loss, gradients and running buffers (a routing threshold's update)."""
+    module = importlib.import_module(f"model_{name}")
+    torch.manual_seed(0)
+    model = routes_some(module.Model(module.Config(block_size=32, **DYNAMIC[name]))).train()
+    twin = copy.deepcopy(model)
+    x, y = torch.randint(0, 65, (4, 32)), torch.randint(0, 65, (4, 32))
+    eager_logits, eager_loss = model(x, y)
+    eager_loss.backward()
+    logits, loss = torch.compile(twin)(x, y)
+    loss.backward()
+    torch.testing.assert_close(logits, eager_logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(loss, eager_loss, atol=1e-5, rtol=1e-5)
+    for (key, p), q in zip(model.named_parameters(), twin.parameters()):
+        assert (p.grad is None) == (q.grad is None), key
+        if p.grad is not None:
+            torch.testing.assert_close(q.grad, p.grad, atol=1e-5, rtol=1e-4, msg=lambda m: f"{key}: {m}")
+    for (key, a), b in zip(model.named_buffers(), twin.buffers()):
+        torch.testing.assert_close(b, a, msg=lambda m: f"{key}: {m}")
 
 
 def test_train_with_compile_flag(tmp_path):

@@ -1,4 +1,4 @@
-"""DAWN (model_dawn.py): the checks of specs/dawn.md section 9 beyond the generic contract tests."""
+"""DAWN (model_dawn.py): checks of the neuron-pool computation beyond the generic contract tests."""
 import itertools
 
 import pytest
@@ -129,7 +129,7 @@ def test_gradient_causality():
 
 
 def test_gradients_reach_the_router_and_skip_unselected_neurons():
-    model = build(orth_coef=0.0, div_coef=0.0, lb_coef=0.0)
+    model = build(orth_loss_weight=0.0, div_loss_weight=0.0, lb_loss_weight=0.0)
     x = tokens(B=1, T=8)
     model.train()
     model(x, tokens(B=1, T=8, seed=4))[1].backward()
@@ -143,14 +143,45 @@ def test_gradients_reach_the_router_and_skip_unselected_neurons():
         assert model.F_v.grad[n].abs().max() > 0
 
 
+def test_stats_from_a_known_routing():
+    """stats() only formats what the forward recorded: for a routing written by hand, the exact values."""
+    model = build()
+    B, T, k = 2, 5, 4
+
+    def picks(*groups):  # every token of every row picks the same neurons, one group per routing
+        return torch.tensor(groups).expand(B, T, len(groups), k)
+
+    def uniform(m, N):
+        return torch.full((B, T, m, N), 1.0 / N)
+
+    one_hot = torch.zeros(B, T, 1, 40)
+    one_hot[..., 0] = 1.0
+    layer = {"selected": {"F_qk": picks([0, 1, 2, 3], [0, 1, 2, 3]),  # Q and K the same: overlap 1
+                          "R_qk": picks([0, 1, 2, 3], [4, 5, 6, 7]),  # disjoint: overlap 0
+                          "F_v": picks([0, 1, 2, 3]), "R_v": picks([0, 1, 2, 3]),
+                          "F_kn": picks([0, 1, 2, 3]), "R_kn": picks([0, 1, 2, 3])},
+             "p": {"F_qk": uniform(2, 16), "R_qk": uniform(2, 16), "F_v": one_hot, "R_v": uniform(1, 40),
+                   "F_kn": uniform(1, 24), "R_kn": uniform(1, 24)}}
+    model.last = {"selected": [layer["selected"]] * 2, "p": [layer["p"]] * 2,
+                  "aux": {"lb": torch.tensor(0.5), "orth": torch.tensor(0.25), "div": torch.tensor(0.125)}}
+    stats = model.stats()
+    expected = {"dead_F_qk": 12 / 16, "dead_R_qk": 8 / 16, "dead_F_v": 36 / 40, "dead_R_v": 36 / 40,
+                "dead_F_kn": 20 / 24, "dead_R_kn": 20 / 24, "qk_overlap": 0.5,
+                "route_entropy": 5 / 6,  # one of the six routings of a layer is one-hot: entropy 0
+                "lb_loss": 0.5, "orth_loss": 0.25, "div_loss": 0.125}
+    assert stats.keys() == expected.keys()
+    for key, value in expected.items():
+        assert stats[key] == pytest.approx(value, abs=1e-6), key
+
+
 def test_stats_and_routing_path():
     model = build()
     model.eval()
     with torch.no_grad():
         model(tokens())
     stats = model.stats()
-    assert all(0 <= stats[f"dead_{pool}"] <= 1 for pool in POOLS)
-    assert 0 <= stats["qk_overlap"] <= 1 and 0 < stats["route_entropy"] <= 1
+    assert set(stats) == {f"dead_{pool}" for pool in POOLS} | {"qk_overlap", "route_entropy"}  # eval: no losses
+    assert 0.9 < stats["route_entropy"] < 1  # at init the router's logits are small: p is close to uniform
     prompt = tokens(B=1, T=12)[0]
     path = model.routing_path(prompt)
     assert len(path) == 4 and set(path[0]) == {"fQ", "fK", "fV", "rQ", "rK", "rV", "fKn", "rKn"}
@@ -172,14 +203,14 @@ def test_cached_decoding_routes_every_token_as_the_forward_does():
     x = tokens(B=1)
     path = model.routing_path(x[0])
     selected = []
-    hooks = [layer.register_forward_hook(lambda module, args, out: selected.append(out[1])) for layer in model.layers]
+    hooks = [layer.register_forward_hook(lambda module, args, out: selected.append(out[1])) for layer in model.blocks]
     cache, t = model.init_cache(1), 0
     for n in PROMPT_THEN_TOKENS:
         model.forward_cached(x[:, t:t + n], cache)
         t += n
     for hook in hooks:
         hook.remove()
-    n_layer = len(model.layers)
+    n_layer = len(model.blocks)
     for l, layer_path in enumerate(path):
         steps = selected[l::n_layer]  # the calls of layer l, in order
         for pool, names in model_dawn.ROUTINGS.items():
@@ -215,3 +246,25 @@ def test_cache_stops_at_the_position_table():
     with torch.no_grad():
         full = model(x)[0]
     torch.testing.assert_close(model.forward_cached(x[:, 60:], cache), full[:, 60:], atol=1e-4, rtol=1e-4)
+
+
+def test_flops_per_token_counts_the_matmuls_the_code_runs():
+    """DAWN's flops_per_token against PyTorch's FLOP counter on one forward+backward of block_size
+    tokens in eval mode (the math SDPA backend, so attention runs as matmuls the counter sees).
+    The formula counts, per layer, the router, the pool products u @ F and [w h] @ R dense over
+    every neuron, W_O and attention over the full T x T square, plus the head. Two small terms it
+    leaves out (0.6% of the total here): the routing logits of K's routing over the two pools it
+    shares with Q (the formula scores each pool once: n_qk * s for F_qk and again for R_qk) and the
+    mixture w @ (u F_n) (m * N * r for each feature pool, m routings of N neurons). The auxiliary losses of training (orthogonality and
+    diversity: a cost per step, not per token) are not in either: eval mode does not compute them."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+    model = build().eval()
+    c = model.config
+    T = c.block_size
+    x = tokens(B=1)
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model(x, x)[1].backward()
+    left_out = 2 * c.n_qk * c.d_space + 2 * c.n_qk * c.rank + c.n_v * c.rank + c.n_know * c.knowledge_rank  # MACs
+    assert counter.get_total_flops() == T * (model.flops_per_token() + 6 * c.n_layer * left_out)
+    assert 6 * c.n_layer * left_out / model.flops_per_token() < 0.01

@@ -1,4 +1,5 @@
-"""The contract of specs/interface.md, checked for every model_*.py at the top level.
+"""The contract every model_*.py at the top level keeps (Config, PRESETS, Model with forward,
+stats, flops_per_token, init_cache and forward_cached), checked for each of them.
 
 Adding a model file adds it to every test here: causality in eval and training mode, batch
 independence, eval determinism, loss at init, learning, the import rule and the marked copies.
@@ -66,7 +67,11 @@ def warm_model(request):
 
 
 def test_there_are_models():
-    assert "gpt" in MODEL_NAMES
+    """The glob finds the model files (a wrong ROOT or pattern would make every test here vacuous),
+    and every model but the baseline has its own test file."""
+    assert {"gpt", "mod", "dtf", "doge", "dawn", "bdh"} <= set(MODEL_NAMES), MODEL_NAMES
+    for name in MODEL_NAMES:
+        assert name == "gpt" or os.path.exists(os.path.join(ROOT, "tests", f"test_{name}.py")), name
 
 
 @pytest.mark.parametrize("name", MODEL_NAMES)
@@ -182,6 +187,25 @@ def test_forward_backward_under_bf16_autocast(name):
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
+def test_gpt_flops_per_token_counts_its_matmuls():
+    """GPT's flops_per_token (nanoGPT's 6 * parameters + 12 * L * d * T) against PyTorch's FLOP
+    counter on one forward+backward of block_size tokens. The math SDPA backend runs attention as
+    matmuls the counter sees (the fused CPU kernel has no FLOP formula). What the two count
+    differently, exactly: the formula charges 6 FLOPs per token to the norm gains and q/k/v biases,
+    which multiply no matrix; the counter counts every matmul, and attention over the full T x T
+    square (the causal half is masked, not skipped) in both."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+    model = build("gpt")
+    T = model.config.block_size
+    x = random_tokens(model, 1)
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model(x, x)[1].backward()
+    not_matmuls = sum(p.numel() for name, p in model.named_parameters() if "norm" in name or name.endswith("bias"))
+    assert not_matmuls == 4 * (2 * 128 + (4 + 2 * 2) * 32) + 128
+    assert counter.get_total_flops() == T * (model.flops_per_token() - 6 * not_matmuls)
+
+
 # --- the single-file rules -------------------------------------------------------------------
 
 def parse(name):
@@ -204,55 +228,138 @@ def test_imports_only_torch(name):
         assert roots <= allowed, f"model_{name}.py imports {roots - allowed}"
 
 
-def top_level_definitions(name):
-    """{name: (source text, line of the definition)} for the classes and functions of a model file."""
+MARKER = "# Copied from model_"
+
+
+def definitions(name):
+    """{qualified name: AST node} for the classes, functions and methods of a model file
+    ("RMSNorm", "GPT._init_weights"), and the file's source."""
     source, tree = parse(name)
-    return {node.name: (ast.get_source_segment(source, node), node.lineno)
-            for node in tree.body if isinstance(node, (ast.ClassDef, ast.FunctionDef))}
+    found = {}
+
+    def visit(nodes, prefix):
+        for node in nodes:
+            if isinstance(node, (ast.ClassDef, ast.FunctionDef)):
+                found[prefix + node.name] = node
+                if isinstance(node, ast.ClassDef):
+                    visit(node.body, f"{prefix}{node.name}.")
+
+    visit(tree.body, "")
+    return source, found
 
 
 def copies(name):
-    """(copied definition, source file, source definition) for every '# Copied from' marker."""
-    source, _ = parse(name)
-    lines = source.splitlines()
-    definitions = top_level_definitions(name)
-    by_line = {line: n for n, (_, line) in definitions.items()}
-    found = []
-    for i, line in enumerate(lines):
-        if line.startswith("# Copied from model_"):
-            target = line[len("# Copied from model_"):].split()[0]
-            other, _, source_name = target.partition(".")
-            copied = by_line.get(i + 2)  # the marker is the line just above the definition
+    """{qualified name: (source file, source qualified name)} for every '# Copied from' marker: the
+    marker sits on the line just above a class, a function or a method (or its decorators)."""
+    source, defs = definitions(name)
+    by_line = {min([node.lineno] + [d.lineno for d in node.decorator_list]): q for q, node in defs.items()}
+    found = {}
+    for i, line in enumerate(source.splitlines()):
+        if line.strip().startswith(MARKER):
+            other, _, source_name = line.strip()[len(MARKER):].split()[0].partition(".")
+            copied = by_line.get(i + 2)
             assert copied is not None, f"model_{name}.py line {i + 1}: marker not directly above a def/class"
-            found.append((copied, other, source_name))
+            found[copied] = (other, source_name)
     return found
 
 
 @pytest.mark.parametrize("name", MODEL_NAMES)
 def test_marked_copies_are_identical(name):
-    for copied, other, source_name in copies(name):
-        mine = top_level_definitions(name)[copied][0]
-        theirs = top_level_definitions(other).get(source_name)
-        assert theirs is not None, f"model_{other}.py has no {source_name}"
-        assert mine.replace(f"class {copied}", f"class {source_name}").replace(
-            f"def {copied}", f"def {source_name}") == theirs[0], \
+    source, defs = definitions(name)
+    for copied, (other, source_name) in copies(name).items():
+        other_source, other_defs = definitions(other)
+        assert source_name in other_defs, f"model_{other}.py has no {source_name}"
+        mine, theirs = defs[copied], other_defs[source_name]
+        text = ast.get_source_segment(source, mine)
+        kind = "class" if isinstance(mine, ast.ClassDef) else "def"
+        text = text.replace(f"{kind} {mine.name}", f"{kind} {theirs.name}", 1)
+        assert text == ast.get_source_segment(other_source, theirs), \
             f"model_{name}.{copied} differs from model_{other}.{source_name}, which it is marked as copied from"
 
 
-def test_copy_check_can_fail(tmp_path, monkeypatch):
-    """The copy test compares text: an edited copy must be caught."""
+def origin(name, qualname):
+    """Where a definition's text comes from: itself, or (following markers on it or on a class
+    around it) the definition it was copied from."""
+    marked = copies(name)
+    parts = qualname.split(".")
+    for i in range(len(parts), 0, -1):
+        outer = ".".join(parts[:i])
+        if outer in marked:
+            other, source_name = marked[outer]
+            return origin(other, ".".join([source_name] + parts[i:]))
+    return name, qualname
+
+
+def body_key(node):
+    """The function's body as AST (docstring and comments left out) and how many statements it has."""
+    body = node.body
+    if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) \
+            and isinstance(body[0].value.value, str):
+        body = body[1:]
+    n_statements = sum(isinstance(n, ast.stmt) for s in body for n in ast.walk(s))
+    return "\n".join(ast.dump(s) for s in body), n_statements
+
+
+def test_identical_bodies_are_marked_copies():
+    """A function or method of 3+ statements whose body (ignoring docstrings) is identical to one in
+    another model file must be a marked copy of it (or both copies of the same third one): otherwise
+    an edit of one silently leaves the other behind."""
+    seen = {}  # body -> [(file, qualified name)]
+    for name in MODEL_NAMES:
+        for qualname, node in definitions(name)[1].items():
+            if isinstance(node, ast.FunctionDef):
+                key, n_statements = body_key(node)
+                if n_statements >= 3:
+                    seen.setdefault(key, []).append((name, qualname))
+    unmarked = []
+    for places in seen.values():
+        origins = {origin(name, qualname) for name, qualname in places}
+        if len(origins) > 1 and len({name for name, _ in places}) > 1:
+            unmarked.append(", ".join(f"model_{n}.{q}" for n, q in places))
+    assert not unmarked, (f"identical bodies not marked as copies of one another (mark the copies "
+                          f"'{MARKER}X.Name' or factor them out): " + "; ".join(unmarked))
+
+
+def fake_root(tmp_path, monkeypatch, fake_source):
+    """A model directory holding model_gpt.py and model_fake.py = fake_source, for the tests of the
+    copy checks."""
     import conftest
-    fake_root = tmp_path
     with open(os.path.join(ROOT, "model_gpt.py")) as f:
-        gpt = f.read()
-    (fake_root / "model_gpt.py").write_text(gpt)
-    rmsnorm = top_level_definitions("gpt")["RMSNorm"][0]
-    (fake_root / "model_fake.py").write_text(
-        "import torch\n\n\n# Copied from model_gpt.RMSNorm\n" + rmsnorm.replace("x.float()", "x.double()") + "\n")
-    monkeypatch.setattr(conftest, "ROOT", str(fake_root))
-    monkeypatch.setitem(globals(), "ROOT", str(fake_root))
+        (tmp_path / "model_gpt.py").write_text(f.read())
+    (tmp_path / "model_fake.py").write_text(fake_source)
+    monkeypatch.setattr(conftest, "ROOT", str(tmp_path))
+    monkeypatch.setitem(globals(), "ROOT", str(tmp_path))
+    monkeypatch.setitem(globals(), "MODEL_NAMES", ["fake", "gpt"])
+
+
+def gpt_text(qualname):
+    source, defs = definitions("gpt")
+    return ast.get_source_segment(source, defs[qualname])
+
+
+def test_copy_check_can_fail(tmp_path, monkeypatch):
+    """The copy test compares text: an edited copy must be caught, for a class and for a method."""
+    rmsnorm = gpt_text("RMSNorm")
+    fake_root(tmp_path, monkeypatch,
+              "import torch\n\n\n# Copied from model_gpt.RMSNorm\n" + rmsnorm.replace("x.float()", "x.double()") + "\n")
     with pytest.raises(AssertionError, match="differs"):
         test_marked_copies_are_identical("fake")
+    init = gpt_text("GPT._init_weights").replace("mean=0.0", "mean=0.1")
+    fake_root(tmp_path, monkeypatch,
+              f"class Fake:\n    # Copied from model_gpt.GPT._init_weights\n    {init}\n")
+    with pytest.raises(AssertionError, match=r"model_fake.Fake._init_weights differs from model_gpt.GPT._init_weights"):
+        test_marked_copies_are_identical("fake")
+
+
+def test_unmarked_copy_check_can_fail(tmp_path, monkeypatch):
+    """An unmarked method identical to GPT's must be caught, naming both places; marked, it passes."""
+    init = gpt_text("GPT._init_weights")
+    fake_root(tmp_path, monkeypatch, f"class Fake:\n    {init}\n")
+    with pytest.raises(AssertionError, match=r"model_fake.Fake._init_weights, model_gpt.GPT._init_weights"):
+        test_identical_bodies_are_marked_copies()
+    fake_root(tmp_path, monkeypatch, f"class Fake:\n    # Copied from model_gpt.GPT._init_weights\n    {init}\n")
+    test_identical_bodies_are_marked_copies()
+    test_marked_copies_are_identical("fake")
 
 
 # --- incremental decoding: init_cache / forward_cached ---------------------------------------

@@ -74,7 +74,7 @@ def test_mod_dtf_take_every_layer_and_keep_fresh_routers(hub, name):
         blocks = [model.blocks[0], model.blocks[1].block]
     else:
         assert {f.split(".")[2] for f in fresh} == {"beta_ce", "beta_cu", "log_o_ce", "m_cu", "tau", "prior"}
-        blocks = [model.pairs[0].decision, model.pairs[0].dynamic]
+        blocks = [model.blocks[0].decision, model.blocks[0].dynamic]
     for ours, theirs in zip(blocks, gpt.blocks):  # layer i of the checkpoint is block i
         for (k, a), b in zip(ours.state_dict().items(), theirs.state_dict().values()):
             assert torch.equal(a, b), k
