@@ -54,11 +54,10 @@ DYNAMIC = {"mod": dict(n_layer=2), "dtf": dict(n_layer=2),
 DTF_INDUCTOR_BUG = pytest.mark.xfail(strict=True, reason="torch 2.13's Inductor CPU codegen fails on DTF's backward")
 
 
-@pytest.mark.slow  # Inductor compiles a graph per model: minutes each on a loaded 2-core CPU
-@pytest.mark.parametrize("name", [pytest.param(n, marks=DTF_INDUCTOR_BUG) if n == "dtf" else n for n in sorted(DYNAMIC)])
-def test_compiled_dynamic_model_matches_eager(name):
-    """One training forward+backward of each dynamic model, compiled and eager from the same state:
-    the same logits, loss, gradients and running buffers (a routing threshold's update)."""
+def compiled_matches_eager(name, backend):
+    """One training forward+backward of a dynamic model, compiled and eager from the same state: the
+    same logits, loss, gradients and running buffers (a routing threshold's update); then a second
+    step on new data reuses the compiled graphs (no recompilation)."""
     module = importlib.import_module(f"model_{name}")
     torch.manual_seed(0)
     model = routes_some(module.Model(module.Config(block_size=32, **DYNAMIC[name]))).train()
@@ -66,7 +65,8 @@ def test_compiled_dynamic_model_matches_eager(name):
     x, y = torch.randint(0, 65, (4, 32)), torch.randint(0, 65, (4, 32))
     eager_logits, eager_loss = model(x, y)
     eager_loss.backward()
-    logits, loss = torch.compile(twin)(x, y)
+    compiled = torch.compile(twin, backend=backend)
+    logits, loss = compiled(x, y)
     loss.backward()
     torch.testing.assert_close(logits, eager_logits, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(loss, eager_loss, atol=1e-5, rtol=1e-5)
@@ -76,6 +76,23 @@ def test_compiled_dynamic_model_matches_eager(name):
             torch.testing.assert_close(q.grad, p.grad, atol=1e-5, rtol=1e-4, msg=lambda m: f"{key}: {m}")
     for (key, a), b in zip(model.named_buffers(), twin.buffers()):
         torch.testing.assert_close(b, a, msg=lambda m: f"{key}: {m}")
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        compiled(torch.randint(0, 65, (4, 32)), torch.randint(0, 65, (4, 32)))[1].backward()
+
+
+@pytest.mark.parametrize("name", sorted(DYNAMIC))
+def test_compiled_dynamic_model_traces_and_matches_eager(name):
+    """Every dynamic model through TorchDynamo and AOTAutograd (backend aot_eager: the graphs
+    torch.compile builds, run by eager kernels): what a routed model's data-dependent steps do to
+    tracing, checked in seconds. Inductor's code generation is the slow test below."""
+    compiled_matches_eager(name, "aot_eager")
+
+
+@pytest.mark.slow  # Inductor compiles a graph per model: one to several minutes each on a 2-core CPU
+@pytest.mark.parametrize("name", [pytest.param(n, marks=DTF_INDUCTOR_BUG) if n == "dtf" else n for n in sorted(DYNAMIC)])
+def test_compiled_dynamic_model_matches_eager(name):
+    """The same with Inductor, the backend train.py --compile=True uses (python -m pytest -m slow)."""
+    compiled_matches_eager(name, "inductor")
 
 
 def test_train_with_compile_flag(tmp_path):
