@@ -234,16 +234,17 @@ class DMAttn(nn.Module):
         q, k, v, delta = self.project(x, cos, sin)
         cache["k"][:, :, t0:t1], cache["v"][:, :, t0:t1], cache["delta"][:, :, t0:t1] = k, v, delta
         k, v, delta = cache["k"][:, :, :t1], cache["v"][:, :, :t1], cache["delta"][:, :, :t1]
-        # The keys the new queries keep are rows t0..t1-1 of the forward's own dynamic mask over all t1
-        # keys, so the kept sets and their tie-breaking are the forward's (a (t1, t1) ranking per step,
-        # only while more than kws keys are visible). Until then every visible key, as an explicit mask:
-        # SDPA's is_causal would align the first new query with key 0.
-        keep = dynamic_mask(delta, self.kws)                                 # (B, G, t1, t1) bool, or None
-        if keep is not None:
-            keep = keep[:, :, t0:]
-        else:
-            pos = torch.arange(t1, device=x.device)
-            keep = (pos[None, :] <= pos[t0:, None]).expand(B, self.n_kv_head, T, t1)
+        # The forward's dynamic_mask rule for the new rows t0..t1-1, without ranking the (t1, t1) mask
+        # again: the cache counts, for every key j, how many keys of 0..t0-1 outrank it ("above"), so a
+        # new row only compares the T new keys with all t1 keys, O(T t1) per step. Key i outranks j
+        # when delta_i > delta_j, or when they tie and i is later, exactly as in dynamic_mask.
+        above, i, j = cache["above"], torch.arange(t0, t1, device=x.device), torch.arange(t1, device=x.device)
+        d_new, d_all = delta[..., t0:, None], delta[..., None, :]                  # (B, G, T, 1), (B, G, 1, t1)
+        outranks = (d_new > d_all) | ((d_new == d_all) & (i[:, None] > j[None, :]))  # new key i over key j
+        above[..., t0:t1] = (delta[..., None, :t0] > d_new).sum(-1)               # earlier keys win ties never
+        counts = above[..., None, :t1] + outranks.cumsum(dim=-2)                   # outranking keys in 0..i
+        keep = (j[None, :] <= i[:, None]) & (counts < self.kws)                   # (B, G, T, t1)
+        above[..., :t1] += outranks.sum(dim=-2)
         return self.attend(q, k, v, keep)
 
 
@@ -384,13 +385,16 @@ class Doge(nn.Module):
 
     def init_cache(self, batch_size):
         """An empty cache for incremental decoding of batch_size rows: per layer, block_size positions of
-        keys and values as SDPA reads them (the bias channels included) and of delta in fp32, which the
-        dynamic mask ranks; t counts the positions filled."""
+        keys and values as SDPA reads them (the bias channels included), of delta in fp32, which the
+        dynamic mask ranks, and of "above", how many earlier keys outrank each key; t counts the
+        positions filled."""
         c, w = self.config, self.wte.weight
         shape = (batch_size, c.n_kv_head, c.block_size)
         hd = c.n_embd // c.n_head + 8
         return {"t": 0, "layers": [{"k": w.new_zeros(*shape, hd), "v": w.new_zeros(*shape, hd),
-                                    "delta": w.new_zeros(shape, dtype=torch.float32)} for _ in self.blocks]}
+                                    "delta": w.new_zeros(shape, dtype=torch.float32),
+                                    "above": torch.zeros(shape, dtype=torch.long, device=w.device)}
+                                   for _ in self.blocks]}
 
     @torch.no_grad()
     def forward_cached(self, idx, cache):
