@@ -350,7 +350,9 @@ class DAWN(nn.Module):
         d, r, rk, s = c.n_embd, c.rank, c.knowledge_rank, c.d_space
         n_total = 2 * (c.n_qk + c.n_v + c.n_know)
         per_layer = (8 * d * s + n_total * s + (c.n_qk + c.n_v) * d * r + (2 * c.n_qk + c.n_v) * r * d
-                     + 2 * c.n_know * d * rk + d * d)
+                     + 2 * c.n_know * d * rk + d * d
+                     + 2 * c.n_qk * s                            # K's routing logits over Q's two pools
+                     + 2 * c.n_qk * r + c.n_v * r + c.n_know * rk)  # mixtures w @ (u F_n), one per routing
         return 6 * (c.n_layer * per_layer + d * c.vocab_size) + 12 * c.n_layer * d * c.block_size
 
 
