@@ -123,7 +123,7 @@ class BDH(nn.Module):
         self.drop = nn.Dropout(config.dropout)
         for p in self.parameters():  # the reference: every tensor ~ N(0, 0.02^2), no biases anywhere
             nn.init.normal_(p, std=0.02)
-        self.last = {}  # small detached tensors from the last forward, for stats()
+        self.last = {}  # the last forward's activations (detached), which stats() reduces when asked
 
     def layer(self, x, phase):
         """One application of the shared layer to x (B, T, D), in the parallel (training) form.
@@ -147,15 +147,15 @@ class BDH(nn.Module):
             raise ValueError(f"sequence length {T} exceeds block_size {self.config.block_size}")
         phase = rope_phases(torch.arange(T, device=idx.device), self.encoder.size(-1))  # once for all layers
         x = layer_norm(self.wte(idx))  # (B, T, D); one stream, read by every head
-        density, fired = [], 0
+        # stats() reduces the last forward's activations only when asked: reducing them here costs
+        # about a tenth of a training step. They are let go before this forward makes its own, so
+        # holding them (they are kept for the backward pass anyway) adds to no peak but the backward's.
+        self.last = {}
+        activations = []
         for _ in range(self.config.n_layer):
             x, xs, ys, g = self.layer(x, phase)
-            # Reduced here, not lazily in stats() as the other models do: keeping xs, ys and g of every
-            # layer until stats() is called would hold the model's largest activations a step longer.
-            with torch.no_grad():  # the activations are >= 0, so sign() is 1 where a neuron fires
-                density.append(torch.stack([xs.sign().mean(), ys.sign().mean(), g.sign().mean()]))
-                fired = fired + xs.amax(dim=1)  # (H, N): > 0 where the neuron fired at some token
-        self.last = {"density": torch.stack(density), "dead": (fired == 0).float().mean()}
+            activations.append((xs.detach(), ys.detach(), g.detach()))
+        self.last = {"activations": activations}
         logits = x @ self.lm_head
         loss = None
         if targets is not None:
@@ -215,11 +215,14 @@ class BDH(nn.Module):
         fired (xs) at any token of the batch in any layer."""
         if not self.last:
             return {}
-        density = self.last["density"].tolist()  # (L, 3): xs, ys, g per layer
+        acts = self.last["activations"]  # the activations are >= 0, so sign() is 1 where a neuron fires
+        density = torch.stack([torch.stack([xs.sign().mean(), ys.sign().mean(), g.sign().mean()])
+                               for xs, ys, g in acts]).tolist()  # (L, 3): xs, ys, g per layer
+        fired = sum(xs.amax(dim=1) for xs, _, _ in acts)  # (H, N): > 0 where the neuron fired at some token
         out = {f"density_{name}": sum(row[i] for row in density) / len(density)
                for i, name in enumerate(("xs", "ys", "g"))}
         out.update({f"density_g_l{l}": row[2] for l, row in enumerate(density)})
-        out["dead_frac"] = self.last["dead"].item()
+        out["dead_frac"] = (fired == 0).float().mean().item()
         return out
 
     def flops_per_token(self):
