@@ -266,7 +266,7 @@ def curves(row, key):
 
 def svg_plot(rows, path, width=400, height=330, margin=55):
     ys = [e["val_loss"] for row in rows for r in row["runs"] for e in r["evals"]]
-    y_lo, y_hi = min(ys), min(max(ys), min(ys) + 1.5)  # the init loss would flatten the interesting part
+    y_lo, y_hi = min(ys), min(max(ys), min(ys) + 0.6)  # zoomed on the end, where models and seeds differ; higher is drawn at the top
     parts = []
     panels = (("iter", "steps", lambda v: f"{v:,.0f}"), ("time", "training time (s)", lambda v: f"{v:,.0f}"),
               ("flops", "training FLOPs (T = 1e12)", lambda v: f"{v / 1e12:.3g}T"))
