@@ -218,12 +218,13 @@ def table(rows, equal):
         first, runs = row["runs"][0], row["runs"]
         diag = ", ".join(f"{k} {v:.3g}" for k, v in first["diagnostics"].items()) or "-"
         tok_s = sorted(r["tokens_per_s"] for r in runs)[len(runs) // 2]
+        spread = f" ± {row['val_loss_std']:.4f}" if row["seeds"] > 1 else ""  # one seed: no spread to show
         lines.append(f"| {row['model']} | {first['params']:,} | {first['non_embedding_params']:,} | "
                      f"{first['flops_per_token'] / 1e6:.2f} | {row['learning_rate']:g} | {row['seeds']} | "
                      f"{tok_s:,.0f} | {max(r['peak_mem_mb'] for r in runs):,.0f} | {first['iters']} | "
                      f"{mean_std([r['train_time_s'] for r in runs])[0]:.0f} | "
-                     f"{row['val_loss_mean']:.4f} ± {row['val_loss_std']:.4f} | "
-                     f"{row['val_loss_at_equal_time']:.4f} | {row['val_loss_at_equal_flops']:.4f} | "
+                     f"{row['val_loss_mean']:.4f}{spread} | {row['val_loss_at_equal_time']:.4f} | "
+                     f"{row['val_loss_at_equal_flops']:.4f} | "
                      f"{mean_std([r['best_val_loss'] for r in runs])[0]:.4f} | {diag} |")
     if any(len(row["sweep"]) > 1 for row in rows):
         lines += ["", "Learning-rate sweep (final val loss, mean ± sd over the seeds run at that rate):", "",
