@@ -2,6 +2,7 @@ import os
 import sys
 
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -107,3 +108,14 @@ def assert_one_line_error(result, program, message):
     assert result.returncode != 0
     assert len(lines) == 1 and lines[0].startswith(f"{program}: error: "), result.stderr
     assert message in lines[0], lines[0]
+
+
+def decode(model, x, chunks, after_each=None):
+    """Feed x through forward_cached in chunks; the logits concatenated, and the cache."""
+    cache, out, t = model.init_cache(x.size(0)), [], 0
+    for n in chunks:
+        out.append(model.forward_cached(x[:, t:t + n], cache))
+        t += n
+        if after_each:
+            after_each(cache, t)
+    return torch.cat(out, dim=1), cache

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 import model_dtf
 import model_gpt
 from model_dtf import DTF, DTFPair, causal_moving_average, route
+from conftest import decode
 
 
 def build(**kw):
@@ -280,17 +281,6 @@ def test_flops_count_only_routed_rows():
 
 
 # --- incremental decoding: a dynamic block's cache holds its routed tokens only -----------------
-
-def decode(model, x, chunks, after_each=None):
-    """Feed x through forward_cached in chunks; the logits concatenated, and the cache."""
-    cache, out, t = model.init_cache(x.size(0)), [], 0
-    for n in chunks:
-        out.append(model.forward_cached(x[:, t:t + n], cache))
-        t += n
-        if after_each:
-            after_each(cache, t)
-    return torch.cat(out, dim=1), cache
-
 
 def routed_inputs(model, x):
     """Per pair, in an eval forward of x: H_post (the dynamic block's input) and the routed tokens."""

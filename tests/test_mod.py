@@ -7,6 +7,7 @@ import torch
 import model_gpt
 import model_mod
 from model_mod import MoD, MoDBlock, route, routed_update
+from conftest import decode
 
 
 def build(**kw):
@@ -222,17 +223,6 @@ def test_flops_count_only_routed_rows():
 
 
 # --- incremental decoding: a routed layer's cache holds its routed tokens only ------------------
-
-def decode(model, x, chunks, after_each=None):
-    """Feed x through forward_cached in chunks; the logits concatenated, and the cache."""
-    cache, out, t = model.init_cache(x.size(0)), [], 0
-    for n in chunks:
-        out.append(model.forward_cached(x[:, t:t + n], cache))
-        t += n
-        if after_each:
-            after_each(cache, t)
-    return torch.cat(out, dim=1), cache
-
 
 def routed_inputs(model, x):
     """The input of every routed block in an eval forward of x, and the tokens it routed there."""
