@@ -363,7 +363,7 @@ class ShakespeareCharConfig:
 class ShakespeareConfig:
     input: str = ""            # a local UTF-8 text file instead of the download
     url: str = SHAKESPEARE_URL
-    tokenizer: str = "gpt2"    # gpt2, or hf:OWNER/NAME: a Qwen2 checkpoint's BPE, to fine-tune it
+    tokenizer: str = "gpt2"    # gpt2, or hf:OWNER/NAME: a Qwen2 or Doge checkpoint's BPE, to fine-tune it
 
 
 @dataclass
@@ -389,7 +389,7 @@ def prepare(dataset, data_dir="data", name="", **options):
     else:
         tokenizer = options.pop("tokenizer", "gpt2")
         if dataset == "shakespeare" and tokenizer != "gpt2" and not tokenizer.startswith("hf:"):
-            raise UserError(f"--tokenizer={tokenizer}: use gpt2 or hf:OWNER/NAME (a Qwen2 checkpoint's tokenizer)")
+            raise UserError(f"--tokenizer={tokenizer}: use gpt2 or hf:OWNER/NAME (a Qwen2 or Doge checkpoint's tokenizer)")
         prepare_shakespeare(out_dir, "char" if dataset == "shakespeare_char" else tokenizer, **options)
     return out_dir
 

@@ -1,13 +1,19 @@
 """
-Pretrained Qwen2 / Qwen2.5 checkpoints from the Hugging Face Hub, as our GPT, MoD or DTF.
+Pretrained checkpoints from the Hugging Face Hub: Qwen2 / Qwen2.5 as our GPT, MoD or DTF, and
+SmallDoge's Doge (transformers' DogeForCausalLM, model_type doge) as our Doge.
 
     python prepare_data.py shakespeare --tokenizer=hf:Qwen/Qwen2.5-0.5B --name=shakespeare_qwen
     python train.py --model=mod --init_from=hf:Qwen/Qwen2.5-0.5B --dataset=shakespeare_qwen
+    python prepare_data.py shakespeare --tokenizer=hf:SmallDoge/Doge-20M --name=shakespeare_doge
+    python train.py --model=doge --init_from=hf:SmallDoge/Doge-20M --dataset=shakespeare_doge [--is_moe=True]
 
 Transfer learning as in the Dynamic-Transformers reference: layer i of the checkpoint becomes our
 block i (MoD: routed layers wrap a Block; DTF: pair p holds layers 2p and 2p+1 as its decision and
 dynamic blocks), every pretrained tensor is used, and what the checkpoint does not have (routers,
-thresholds, DTF's priors and gate scalars) keeps its fresh init.
+thresholds, DTF's priors and gate scalars) keeps its fresh init. Doge's layer i is our block i
+under the same leaf names; with --is_moe=True a dense Doge is upcycled as the Doge authors continue
+their MoE models from dense ones: each dense MLP becomes the shared (dense) part of a CDMoE, whose
+router and private experts start fresh.
 
 Files come from $DYNLM_HF_URL (default https://huggingface.co)/<repo>/resolve/main/<file> into
 $DYNLM_CACHE (default ~/.cache/dynamic-lm)/hf/<repo>/, through prepare_data.download (resume,
@@ -147,9 +153,13 @@ def read_config(repo):
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise UserError(f"{path} is not JSON; delete it and rerun to download it again") from None
     architectures = hf.get("architectures") or []
-    if hf.get("model_type") != "qwen2" or architectures not in ([], ["Qwen2ForCausalLM"]):
+    known = {"qwen2": "Qwen2ForCausalLM", "doge": "DogeForCausalLM"}
+    if hf.get("model_type") not in known or architectures not in ([], [known[hf.get("model_type")]]):
         raise UserError(f"hf:{repo} is a {hf.get('model_type')} model ({', '.join(architectures) or 'no architecture'}); "
-                        f"only Qwen2/Qwen2.5 checkpoints (model_type qwen2, Qwen2ForCausalLM) can be loaded")
+                        f"only Qwen2/Qwen2.5 checkpoints (model_type qwen2, Qwen2ForCausalLM: --model=gpt, mod or dtf) "
+                        f"and Doge ones (model_type doge, DogeForCausalLM: --model=doge) can be loaded")
+    if hf["model_type"] == "doge":
+        return hf
     rope = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
     if rope.get("rope_type", rope.get("type", "default")) != "default" or hf.get("use_sliding_window"):
         raise UserError(f"hf:{repo} uses {rope.get('rope_type') or 'sliding-window attention'}; only plain RoPE "
@@ -160,10 +170,24 @@ def read_config(repo):
     return hf
 
 
-def model_fields(repo, overrides, dataset_vocab_size):
+def check_model(repo, hf, model_name):
+    """The checkpoint's architecture goes into these of our models."""
+    if model_name is None:
+        return
+    if hf["model_type"] == "doge" and model_name != "doge":
+        raise UserError(f"hf:{repo} is a Doge checkpoint; load it with --model=doge, not --model={model_name}")
+    if hf["model_type"] == "qwen2" and model_name not in ("gpt", "mod", "dtf"):
+        raise UserError(f"hf:{repo} is a Qwen2 checkpoint; load it with --model=gpt, mod or dtf, not --model={model_name}")
+
+
+def model_fields(repo, overrides, dataset_vocab_size, model_name=None):
     """Fields of our Config from the checkpoint's config.json. Command-line options may set the rest
-    (block_size, dropout, routing knobs) but not the shapes the weights fix."""
+    (block_size, dropout, routing knobs) but not the shapes the weights fix. model_name, when given,
+    must be a model the checkpoint loads into."""
     hf = read_config(repo)
+    check_model(repo, hf, model_name)
+    if hf["model_type"] == "doge":
+        return doge_fields(repo, hf, overrides, dataset_vocab_size)
     rope = hf.get("rope_parameters") or {}  # where transformers 5 writes rope_theta
     fields = dict(vocab_size=hf["vocab_size"], n_layer=hf["num_hidden_layers"], n_head=hf["num_attention_heads"],
                   n_kv_head=hf.get("num_key_value_heads", hf["num_attention_heads"]), n_embd=hf["hidden_size"],
@@ -215,13 +239,19 @@ def map_tensors(tensors, prefixes):
 def load_weights(model, model_name, repo):
     """Copy every tensor of hf:<repo> into model (fp32 or whatever its parameters are); returns the
     names of our parameters and buffers the checkpoint does not provide (they keep their init)."""
+    hf = read_config(repo)
+    check_model(repo, hf, model_name)
     tensors = {}
     for path in fetch_weights(repo):
         tensors.update(read_safetensors(path))
     try:
-        mapped = map_tensors(tensors, layer_prefixes(model_name, model.config.n_layer))
+        if hf["model_type"] == "doge":
+            mapped = map_doge_tensors(tensors, model.config.n_layer, bool(hf.get("is_moe")))
+        else:
+            mapped = map_tensors(tensors, layer_prefixes(model_name, model.config.n_layer))
     except KeyError as e:
-        raise UserError(f"hf:{repo} lacks the tensor {e.args[0]}; the checkpoint is incomplete or not Qwen2") from None
+        kind = "Doge" if hf["model_type"] == "doge" else "Qwen2"
+        raise UserError(f"hf:{repo} lacks the tensor {e.args[0]}; the checkpoint is incomplete or not {kind}") from None
     state = model.state_dict()
     with torch.no_grad():
         for name, t in mapped.items():
@@ -233,6 +263,85 @@ def load_weights(model, model_name, repo):
             state[name].copy_(t)  # state_dict tensors share storage with the parameters
     fresh = set(state) - set(mapped) - {"lm_head.weight"}
     return sorted({re.sub(r"\.\d+\.", ".N.", name) for name in fresh})  # one entry per kind, not per layer
+
+
+# -----------------------------------------------------------------------------
+# Doge: transformers' DogeForCausalLM config.json and tensor names -> model_doge
+
+def doge_fields(repo, hf, overrides, dataset_vocab_size):
+    """model_doge.Config fields for a Doge config.json. What model_doge.py does not compute is refused
+    rather than approximated. Upcycling: a dense checkpoint with --is_moe=True (and optionally
+    --n_experts, --n_experts_per_head, --balance_loss_weight) gets fresh routers and experts."""
+    def refuse(what):
+        raise UserError(f"hf:{repo} {what}, which model_doge.py does not implement; only transformers' "
+                        f"DogeForCausalLM layout as SmallDoge's Doge-20M/60M/160M/320M use it can be loaded")
+
+    n_head = hf["num_attention_heads"]
+    if hf.get("hidden_act", "silu") != "silu":
+        refuse(f"uses the activation {hf['hidden_act']} (Doge's is silu)")
+    if hf.get("attention_bias") or hf.get("mlp_bias"):
+        refuse("has linear biases (attention_bias or mlp_bias)")
+    if hf.get("sliding_window") is not None:
+        refuse("uses sliding-window attention")
+    if hf.get("head_dim") not in (None, hf["hidden_size"] // n_head):
+        refuse(f"has head_dim {hf['head_dim']} != hidden_size / num_attention_heads")
+    if hf.get("dynamic_mask_ratio") or hf.get("num_cdmoe_experts"):
+        refuse("is in the older small-doge layout (dynamic_mask_ratio or num_cdmoe_experts)")
+    if not hf.get("tie_word_embeddings", False):
+        refuse("has a separate lm_head (our Doge ties it to the embedding)")
+    rope = hf.get("rope_scaling") or hf.get("rope_parameters") or {}  # transformers 4 writes the first, 5 the second
+    if rope.get("rope_type", rope.get("type", "default")) not in ("default", "dynamic") or \
+            rope.get("partial_rotary_factor", 1.0) != 1.0:
+        refuse(f"uses {rope.get('rope_type') or rope.get('type')} RoPE scaling")
+    # dynamic NTK scaling only rescales RoPE's base once a sequence is longer than max_position_embeddings;
+    # up to that length it is plain RoPE, so a block_size within it is exact
+    max_pos = hf.get("max_position_embeddings", 2048)
+    if rope.get("original_max_position_embeddings"):
+        max_pos = min(max_pos, rope["original_max_position_embeddings"])
+    fields = dict(vocab_size=hf["vocab_size"], n_layer=hf["num_hidden_layers"], n_head=n_head,
+                  n_kv_head=hf.get("num_key_value_heads") or n_head, n_embd=hf["hidden_size"],
+                  intermediate_size=hf["intermediate_size"], norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+                  rope_theta=float(hf.get("rope_theta") or rope.get("rope_theta", 1e4)))
+    if hf.get("is_moe"):
+        fields.update(is_moe=True, n_experts=hf["num_experts"], n_experts_per_head=hf["num_experts_per_tok"])
+        if overrides.get("is_moe") is False:
+            raise UserError(f"hf:{repo} is a CDMoE checkpoint; its experts need is_moe, so drop --is_moe=False")
+        overrides = {k: v for k, v in overrides.items() if k != "is_moe"}
+    fixed = sorted(set(overrides) & set(fields))
+    if fixed:
+        raise UserError(f"--{fixed[0]} is fixed by hf:{repo}'s weights; drop it")
+    if dataset_vocab_size > hf["vocab_size"]:
+        raise UserError(f"the dataset's vocabulary ({dataset_vocab_size:,}) is larger than hf:{repo}'s embedding ({hf['vocab_size']:,})")
+    block_size = overrides.get("block_size", min(1024, max_pos))
+    if block_size > max_pos:
+        raise UserError(f"--block_size={block_size} is longer than hf:{repo}'s {max_pos} positions; beyond them its "
+                        f"dynamic NTK RoPE scaling would apply, which model_doge.py does not implement")
+    return {"keep_window_size": hf.get("keep_window_size", 2048), **overrides, **fields, "block_size": block_size}
+
+
+# HF Doge's names inside layer i -> ours inside blocks.i (model_doge keeps HF's leaf names where it can)
+DOGE_LEAVES = {"input_layernorm.weight": "attn_norm.weight", "post_attention_layernorm.weight": "mlp_norm.weight",
+               "input_residual": "input_residual", "post_attention_residual": "post_attention_residual",
+               **{f"self_attn.{x}": f"attn.{x}" for x in ("q_proj.weight", "k_proj.weight", "v_proj.weight",
+                                                           "o_proj.weight", "q_norm.weight", "k_norm.weight",
+                                                           "dt_proj.weight", "A")},
+               **{f"mlp.{x}_proj.weight": f"mlp.{x}_proj.weight" for x in ("gate", "up", "down")}}
+DOGE_MOE_LEAVES = ("mlp.router_gate.weight", "mlp.down_embed.weight", "mlp.up_embed.weight")
+
+
+def map_doge_tensors(tensors, n_layer, is_moe):
+    """{our name: tensor} from DogeForCausalLM's names. A CDMoE's dense part keeps the MLP's names (CDMoE
+    inherits MLP), so a dense checkpoint fills the dense part of an upcycled model as it is."""
+    out = {"wte.weight": tensors.pop("model.embed_tokens.weight"), "norm_f.weight": tensors.pop("model.norm.weight")}
+    tensors.pop("lm_head.weight", None)  # tied: it is wte
+    for i in range(n_layer):
+        leaves = {**DOGE_LEAVES, **({x: x for x in DOGE_MOE_LEAVES} if is_moe else {})}
+        for theirs, ours in leaves.items():
+            out[f"blocks.{i}.{ours}"] = tensors.pop(f"model.layers.{i}.{theirs}")
+    if tensors:
+        raise UserError(f"the checkpoint has tensors no DogeForCausalLM with this config.json has (e.g. "
+                        f"{next(iter(tensors))}); is it in transformers' Doge layout?")
+    return out
 
 
 # -----------------------------------------------------------------------------
@@ -258,6 +367,10 @@ def tokenizer_descriptor(repo):
     with open(path, encoding="utf-8") as f:
         tok = json.load(f)
     model = tok.get("model") or {}
+    pipeline = json.dumps([tok.get("normalizer"), tok.get("pre_tokenizer"), tok.get("decoder")], ensure_ascii=False)
+    if model.get("byte_fallback") or "Metaspace" in pipeline or "▁" in pipeline:
+        raise UserError(f"hf:{repo}'s tokenizer is a sentencepiece-style BPE (byte fallback, ▁ for spaces); "
+                        f"only byte-level BPE tokenizers (GPT-2, Llama 3, Qwen2, SmallDoge style) are supported")
     if model.get("type") != "BPE" or not model.get("vocab"):
         raise UserError(f"hf:{repo}'s tokenizer is not a byte-level BPE ({model.get('type')}); it cannot be used")
     normalizer = (tok.get("normalizer") or {}).get("type")
@@ -266,9 +379,13 @@ def tokenizer_descriptor(repo):
     splits = [p for p in (tok.get("pre_tokenizer") or {}).get("pretokenizers", []) if p.get("type") == "Split"]
     if len(splits) != 1 or "Regex" not in splits[0].get("pattern", {}):
         raise UserError(f"hf:{repo}'s tokenizer has no single Split regex pre-tokenizer (Qwen2 has one)")
+    # added tokens (<|endoftext|>, <|begin_of_text|>, ...) are matched in the text before the BPE; Qwen2
+    # numbers them after the vocabulary, SmallDoge's tokenizer first (ids 0..255), inside it
+    special = {t["content"]: t["id"] for t in tok.get("added_tokens", [])}
     byte_of = {c: b for b, c in bytes_to_unicode().items()}
     try:
-        vocab = {bytes(byte_of[c] for c in token): i for token, i in model["vocab"].items()}
+        vocab = {bytes(byte_of[c] for c in token): i for token, i in model["vocab"].items()
+                 if special.get(token) != i}
     except KeyError:
         raise UserError(f"hf:{repo}'s vocabulary is not byte-level") from None
     # tiktoken merges the adjacent pair whose concatenation has the lowest id; that is HF's BPE only
@@ -278,14 +395,15 @@ def tokenizer_descriptor(repo):
     singles = [i for token, i in vocab.items() if len(token) == 1]
     if len(singles) != 256 or None in merged or merged != sorted(merged) or (merged and merged[0] < max(singles)):
         raise UserError(f"hf:{repo}'s BPE ranks do not follow its merges in id order; tiktoken cannot reproduce it")
+    inside = {content: i for content, i in special.items() if model["vocab"].get(content) == i}
+    vocab.update({content.encode(): i for content, i in inside.items()})  # their place in the id order
     ids = sorted(vocab.values())
-    if ids != list(range(len(ids))):
-        raise UserError(f"hf:{repo}'s vocabulary ids are not 0..{len(ids) - 1}")
+    if ids != list(range(len(ids))) or len(vocab) != len(model["vocab"]):
+        raise UserError(f"hf:{repo}'s vocabulary ids are not 0..{len(model['vocab']) - 1}, each once")
     by_id = sorted(vocab, key=vocab.get)
     return {"kind": "tiktoken", "name": f"hf:{repo}", "pattern": splits[0]["pattern"]["Regex"],
             "ranks": " ".join(base64.b64encode(t).decode() for t in by_id),
-            "special": {t["content"]: t["id"] for t in tok.get("added_tokens", []) if t["id"] >= len(by_id)},
-            "normalize": normalizer}
+            "special": special, "normalize": normalizer}
 
 
 def same_tokenizer(a, b):
@@ -298,7 +416,8 @@ def tiktoken_encoding(desc):
     """(encode, decode) of a descriptor from tokenizer_descriptor. Added tokens such as
     <|endoftext|> are matched in the text, as Hugging Face's tokenizer does."""
     import tiktoken
-    ranks = {base64.b64decode(t): i for i, t in enumerate(desc["ranks"].split(" "))}
+    special_ids = set(desc["special"].values())  # an added token inside the vocabulary is only special
+    ranks = {base64.b64decode(t): i for i, t in enumerate(desc["ranks"].split(" ")) if i not in special_ids}
     enc = tiktoken.Encoding(desc["name"], pat_str=desc["pattern"], mergeable_ranks=ranks,
                             special_tokens=desc["special"])
 

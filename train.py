@@ -46,7 +46,7 @@ class TrainConfig:
     dataset: str = "shakespeare_char"  # a folder of data_dir written by prepare_data.py
     data_dir: str = "data"
     out_dir: str = ""                # default: out-<model>
-    init_from: str = "scratch"       # "scratch", "resume" (from out_dir/ckpt.pt) or "hf:OWNER/NAME" (Qwen2 weights)
+    init_from: str = "scratch"       # "scratch", "resume" (from out_dir/ckpt.pt) or "hf:OWNER/NAME" (Qwen2 or Doge weights)
     overwrite: bool = False          # True: a new run may replace the ckpt.pt already in out_dir
     # iterations, evaluation, logging
     max_iters: int = 2000
@@ -433,7 +433,7 @@ def build_or_resume(cfg, model_overrides, given, device):
             raise UserError("--init_from=hf:... takes the model's shape from the checkpoint; drop --preset")
         if ddp and not master:
             dist.barrier()  # rank 0 downloads first (one writer per cache file); the others then reuse its files
-        model_config = module.Config(**pretrained.model_fields(hf_repo, model_overrides, meta["vocab_size"]))
+        model_config = module.Config(**pretrained.model_fields(hf_repo, model_overrides, meta["vocab_size"], cfg.model))
         if not pretrained.same_tokenizer(meta["tokenizer"], pretrained.tokenizer_descriptor(hf_repo)):
             raise UserError(f"dataset {cfg.dataset} was not tokenized with hf:{hf_repo}'s tokenizer; prepare it "
                             f"with: python prepare_data.py shakespeare --tokenizer=hf:{hf_repo} --name=NAME")

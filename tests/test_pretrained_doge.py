@@ -1,0 +1,173 @@
+"""Pretrained Doge weights and tokenizer (pretrained.py, model_doge.py) against transformers' own
+DogeForCausalLM, offline: tests/fixtures/doge_tiny/ was written by tests/make_doge_fixtures.py, and a
+FileServer on 127.0.0.1 stands in for the Hugging Face Hub."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import model_doge
+import pretrained
+from cli import UserError
+from conftest import ROOT, assert_one_line_error, decode, make_text
+from prepare_data import get_tokenizer
+from test_pretrained import safetensors_bytes
+
+FIXTURE = os.path.join(ROOT, "tests", "fixtures", "doge_tiny")
+EXPECTED = torch.load(os.path.join(FIXTURE, "expected.pt"), weights_only=True)
+CONFIG = json.loads(open(os.path.join(FIXTURE, "config.json")).read())
+MOE_FRESH = ["blocks.N.mlp.down_embed.weight", "blocks.N.mlp.router_gate.weight", "blocks.N.mlp.up_embed.weight"]
+
+
+def read(name):
+    with open(os.path.join(FIXTURE, name), "rb") as f:
+        return f.read()
+
+
+@pytest.fixture
+def hub(file_server, tmp_path, monkeypatch):
+    """The fixture as the hub repo tiny/doge; an empty cache. serve() adds variants."""
+    def serve(repo, config=None, weights=None, tokenizer=None):
+        files = {"config.json": json.dumps(config or CONFIG).encode(), "tokenizer.json": tokenizer or read("tokenizer.json"),
+                 "model.safetensors": weights or read("model.safetensors")}
+        for name, data in files.items():
+            file_server.files[f"/{repo}/resolve/main/{name}"] = data
+    serve("tiny/doge")
+    file_server.serve = serve
+    monkeypatch.setenv("DYNLM_HF_URL", file_server.url)
+    monkeypatch.setenv("DYNLM_CACHE", str(tmp_path / "cache"))
+    return file_server
+
+
+def load(repo="tiny/doge", **overrides):
+    model = model_doge.Model(model_doge.Config(**pretrained.model_fields(repo, overrides, 0, "doge")))
+    fresh = pretrained.load_weights(model, "doge", repo)
+    return model.eval(), fresh
+
+
+def test_logits_equal_transformers_fp32(hub):
+    model, fresh = load()
+    assert fresh == []  # every parameter comes from the checkpoint
+    c = model.config
+    assert (c.n_head, c.n_kv_head, c.keep_window_size, c.block_size, c.rope_theta) == (2, 1, 16, 64, 1e4)
+    idx = EXPECTED["idx"]
+    assert idx.size(1) > c.keep_window_size  # the dynamic mask's top-k runs
+    with torch.no_grad():
+        logits = model(idx)[0]
+    torch.testing.assert_close(logits, EXPECTED["logits"], atol=1e-5, rtol=0)
+    cached, _ = decode(model, idx, [5] + [1] * (idx.size(1) - 5))  # incremental decoding: the same
+    torch.testing.assert_close(cached, EXPECTED["logits"], atol=1e-5, rtol=0)
+
+
+def test_tokenizer_ids_equal_transformers_and_round_trip(hub):
+    desc = pretrained.tokenizer_descriptor("tiny/doge")
+    encode, dec = get_tokenizer(json.loads(json.dumps(desc)))  # as read back from meta.json
+    for text, ids in EXPECTED["ids"].items():
+        assert encode(text) == ids, text
+        assert dec(ids) == text
+    # SmallDoge's layout: the added tokens come first, inside the vocabulary
+    assert desc["special"]["<|begin_of_text|>"] == 0 and desc["special"]["<|end_of_text|>"] == 1
+    assert EXPECTED["with_bos"] == [0] + EXPECTED["ids"]["Hello world"]  # HF's BOS, which we do not add
+
+
+def test_upcycle_dense_into_cdmoe(hub):
+    dense, _ = load()
+    moe, fresh = load(is_moe=True, n_experts=16, n_experts_per_head=2)
+    assert fresh == MOE_FRESH  # router and private experts fresh; all else from the checkpoint
+    for d, m in zip(dense.blocks, moe.blocks):  # the dense MLP is the CDMoE's shared part
+        for x in ("gate_proj", "up_proj", "down_proj"):
+            assert torch.equal(getattr(d.mlp, x).weight, getattr(m.mlp, x).weight)
+    with torch.no_grad():
+        for block in moe.blocks:
+            block.mlp.up_embed.weight.zero_()  # no private experts' output: the dense model exactly
+        logits = moe(EXPECTED["idx"])[0]
+    torch.testing.assert_close(logits, EXPECTED["logits"], atol=1e-5, rtol=0)
+
+
+def test_moe_checkpoint_uses_every_tensor(hub):
+    tensors = {k: v.clone() for k, v in pretrained.read_safetensors(os.path.join(FIXTURE, "model.safetensors")).items()}
+    g = torch.Generator().manual_seed(0)
+    for i in range(CONFIG["num_hidden_layers"]):
+        tensors[f"model.layers.{i}.mlp.router_gate.weight"] = torch.randn(8, 32, generator=g)
+        tensors[f"model.layers.{i}.mlp.down_embed.weight"] = torch.randn(16, 32, generator=g)
+        tensors[f"model.layers.{i}.mlp.up_embed.weight"] = torch.zeros(16, 32)
+    config = {**CONFIG, "is_moe": True, "num_experts": 16, "num_experts_per_tok": 2}
+    hub.serve("tiny/doge-moe", config=config, weights=safetensors_bytes(tensors))
+    model, fresh = load("tiny/doge-moe")
+    assert fresh == [] and model.config.is_moe and model.config.n_experts == 16
+    assert torch.equal(model.blocks[1].mlp.router_gate.weight, tensors["model.layers.1.mlp.router_gate.weight"])
+    with torch.no_grad():  # zero up vectors: the dense part alone, which is the fixture's MLP
+        torch.testing.assert_close(model(EXPECTED["idx"])[0], EXPECTED["logits"], atol=1e-5, rtol=0)
+    with pytest.raises(UserError, match="CDMoE checkpoint; its experts need is_moe"):
+        pretrained.model_fields("tiny/doge-moe", {"is_moe": False}, 0, "doge")
+    with pytest.raises(UserError, match="--n_experts is fixed by"):
+        pretrained.model_fields("tiny/doge-moe", {"n_experts": 64}, 0, "doge")
+    with pytest.raises(UserError, match="tensors no DogeForCausalLM with this config.json has"):
+        pretrained.map_doge_tensors(dict(tensors), 2, is_moe=False)  # experts a dense config has no place for
+
+
+def test_bad_configs_give_one_line_errors(hub):
+    bad = {"gelu": {"hidden_act": "gelu"}, "untied": {"tie_word_embeddings": False},
+           "yarn": {"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "bias": {"attention_bias": True},
+           "old": {"dynamic_mask_ratio": 0.1}, "window": {"sliding_window": 8}}
+    for repo, change in bad.items():
+        hub.serve(f"tiny/{repo}", config={**CONFIG, **change})
+        with pytest.raises(UserError, match="which model_doge.py does not implement") as e:
+            pretrained.model_fields(f"tiny/{repo}", {}, 0, "doge")
+        assert "\n" not in str(e.value)
+    with pytest.raises(UserError, match=r"--block_size=128 is longer than hf:tiny/doge's 64 positions"):
+        pretrained.model_fields("tiny/doge", {"block_size": 128}, 0, "doge")
+    with pytest.raises(UserError, match="--n_layer is fixed by hf:tiny/doge's weights"):
+        pretrained.model_fields("tiny/doge", {"n_layer": 4}, 0, "doge")
+    with pytest.raises(UserError, match="is a Doge checkpoint; load it with --model=doge, not --model=gpt"):
+        pretrained.model_fields("tiny/doge", {}, 0, "gpt")
+    # transformers 5 writes rope_theta inside rope_parameters
+    v5 = {k: v for k, v in CONFIG.items() if k not in ("rope_theta", "rope_scaling")}
+    hub.serve("tiny/v5", config={**v5, "rope_parameters": {"rope_type": "dynamic", "factor": 4.0, "rope_theta": 5e5}})
+    assert pretrained.model_fields("tiny/v5", {}, 0, "doge")["rope_theta"] == 5e5
+    wide = {**CONFIG, "intermediate_size": 96}
+    hub.serve("tiny/wide", config=wide)
+    with pytest.raises(UserError, match=r"blocks.0.mlp.gate_proj.weight has shape \(64, 32\), model_doge.py expects \(96, 32\)"):
+        load("tiny/wide")
+    spm = json.loads(read("tokenizer.json"))
+    spm["model"]["byte_fallback"] = True
+    hub.serve("tiny/spm", tokenizer=json.dumps(spm).encode())
+    with pytest.raises(UserError, match="sentencepiece-style BPE"):
+        pretrained.tokenizer_descriptor("tiny/spm")
+
+
+def run(script, *args, env):
+    return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], capture_output=True, text=True,
+                          env=env, cwd=ROOT, timeout=300)
+
+
+def test_fine_tune_and_sample_end_to_end(hub, tmp_path):
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    text = tmp_path / "text.txt"
+    text.write_text(make_text(20000))
+    data = str(tmp_path / "data")
+    r = run("prepare_data.py", "shakespeare", "--tokenizer=hf:tiny/doge", f"--input={text}", "--name=tiny",
+            f"--data_dir={data}", env=env)
+    assert r.returncode == 0, r.stderr
+    common = ["--model=doge", "--init_from=hf:tiny/doge", "--dataset=tiny", f"--data_dir={data}", "--max_iters=2",
+              "--eval_interval=2", "--eval_iters=1", "--batch_size=2", "--block_size=32", "--device=cpu",
+              "--compile=False"]
+    out = str(tmp_path / "out")
+    r = run("train.py", *common, f"--out_dir={out}", env=env)
+    assert r.returncode == 0, r.stderr
+    assert "loaded hf:tiny/doge\n" in r.stdout
+    r = run("sample.py", f"--out_dir={out}", "--num_samples=1", "--max_new_tokens=8", "--start=ROMEO:",
+            "--device=cpu", env=env)
+    assert r.returncode == 0 and r.stdout.startswith("ROMEO:"), r.stderr
+    moe = str(tmp_path / "moe")
+    r = run("train.py", *common, f"--out_dir={moe}", "--is_moe=True", "--n_experts=16", "--n_experts_per_head=2", env=env)
+    assert r.returncode == 0, r.stderr
+    assert f"loaded hf:tiny/doge; fresh: {', '.join(MOE_FRESH)}" in r.stdout
+    r = run("sample.py", f"--out_dir={moe}", "--num_samples=1", "--max_new_tokens=8", "--start=ROMEO:",
+            "--device=cpu", env=env)
+    assert r.returncode == 0 and r.stdout.startswith("ROMEO:"), r.stderr
+    r = run("train.py", *common[1:], "--model=gpt", f"--out_dir={tmp_path / 'gpt'}", env=env)
+    assert_one_line_error(r, "train.py", "hf:tiny/doge is a Doge checkpoint; load it with --model=doge")
