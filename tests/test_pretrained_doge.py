@@ -162,6 +162,15 @@ def test_fine_tune_and_sample_end_to_end(hub, tmp_path):
     r = run("sample.py", f"--out_dir={out}", "--num_samples=1", "--max_new_tokens=8", "--start=ROMEO:",
             "--device=cpu", env=env)
     assert r.returncode == 0 and r.stdout.startswith("ROMEO:"), r.stderr
+    # --max_iters=0 converts without training: the saved weights are the checkpoint's
+    converted = str(tmp_path / "converted")
+    r = run("train.py", *[a for a in common if not a.startswith("--max_iters")], "--max_iters=0",
+            f"--out_dir={converted}", env=env)
+    assert r.returncode == 0, r.stderr
+    saved = torch.load(os.path.join(converted, "ckpt.pt"), weights_only=True)["model"]
+    original = pretrained.read_safetensors(os.path.join(FIXTURE, "model.safetensors"))
+    assert torch.equal(saved["wte.weight"], original["model.embed_tokens.weight"])
+    assert torch.equal(saved["blocks.1.mlp.down_proj.weight"], original["model.layers.1.mlp.down_proj.weight"])
     moe = str(tmp_path / "moe")
     r = run("train.py", *common, f"--out_dir={moe}", "--is_moe=True", "--n_experts=16", "--n_experts_per_head=2", env=env)
     assert r.returncode == 0, r.stderr
