@@ -4,6 +4,7 @@ Prepare a dataset for train.py: get the text, tokenize it, write uint16 token fi
     python prepare_data.py shakespeare_char                  # tiny Shakespeare, one token per character
     python prepare_data.py shakespeare                       # tiny Shakespeare, GPT-2 BPE (tiktoken)
     python prepare_data.py shakespeare --tokenizer=hf:Qwen/Qwen2.5-0.5B --name=shakespeare_qwen  # a checkpoint's BPE
+    python prepare_data.py shakespeare --tokenizer=wordpiece:hf:google-bert/bert-base-uncased --name=shakespeare_bert  # DAWN-39M's
     python prepare_data.py shakespeare_char --input=my.txt --name=mytext    # any UTF-8 text file
     python prepare_data.py c4 --tokens=5e9                   # C4 English, GPT-2 BPE, token shards
 
@@ -111,6 +112,9 @@ def get_tokenizer(desc):
     if desc["kind"] == "tiktoken" and "ranks" in desc:  # a pretrained checkpoint's own BPE
         import pretrained
         return pretrained.tiktoken_encoding(desc)
+    if desc["kind"] == "wordpiece":  # BERT's, for the DAWN-39M checkpoint
+        import pretrained
+        return pretrained.wordpiece_encoding(desc)
     if desc["kind"] == "tiktoken":
         enc = bpe_encoding(desc["encoding"])
         return enc.encode_ordinary, lambda ids: enc.decode([i for i in ids if i < enc.n_vocab])
@@ -206,6 +210,10 @@ def prepare_text(out_dir, text, tokenizer):
         import pretrained
         desc = pretrained.tokenizer_descriptor(tokenizer[3:])
         vocab_size = max([len(desc["ranks"].split(" ")), *[i + 1 for i in desc["special"].values()]])
+    elif tokenizer.startswith("wordpiece:"):  # a vocab.txt, to fine-tune DAWN-39M (train.py --init_from=FILE)
+        import pretrained
+        desc = pretrained.wordpiece_descriptor(tokenizer[len("wordpiece:"):])
+        vocab_size = len(desc["vocab"].split("\n"))
     else:
         desc, vocab_size = {"kind": "tiktoken", "encoding": BPE_ENCODING}, BPE_VOCAB_SIZE
     encode, _ = get_tokenizer(desc)
@@ -363,7 +371,8 @@ class ShakespeareCharConfig:
 class ShakespeareConfig:
     input: str = ""            # a local UTF-8 text file instead of the download
     url: str = SHAKESPEARE_URL
-    tokenizer: str = "gpt2"    # gpt2, or hf:OWNER/NAME: a Qwen2 or Doge checkpoint's BPE, to fine-tune it
+    tokenizer: str = "gpt2"    # gpt2, or hf:OWNER/NAME: a Qwen2 or Doge checkpoint's BPE, to fine-tune it; or
+                               # wordpiece:PATH/vocab.txt or wordpiece:hf:OWNER/NAME: BERT's WordPiece (DAWN-39M)
 
 
 @dataclass
@@ -388,8 +397,9 @@ def prepare(dataset, data_dir="data", name="", **options):
         prepare_c4(out_dir, **options)
     else:
         tokenizer = options.pop("tokenizer", "gpt2")
-        if dataset == "shakespeare" and tokenizer != "gpt2" and not tokenizer.startswith("hf:"):
-            raise UserError(f"--tokenizer={tokenizer}: use gpt2 or hf:OWNER/NAME (a Qwen2 or Doge checkpoint's tokenizer)")
+        if dataset == "shakespeare" and tokenizer != "gpt2" and not tokenizer.startswith(("hf:", "wordpiece:")):
+            raise UserError(f"--tokenizer={tokenizer}: use gpt2, hf:OWNER/NAME (a Qwen2 or Doge checkpoint's tokenizer) "
+                            f"or wordpiece:PATH/vocab.txt or wordpiece:hf:OWNER/NAME (a BERT vocabulary)")
         prepare_shakespeare(out_dir, "char" if dataset == "shakespeare_char" else tokenizer, **options)
     return out_dir
 

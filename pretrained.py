@@ -427,3 +427,307 @@ def tiktoken_encoding(desc):
         return enc.encode(text, allowed_special="all")
 
     return encode, lambda ids: enc.decode([i for i in ids if i < enc.n_vocab])
+
+
+# =============================================================================
+# DAWN-39M: the DAWN authors' published checkpoint (Zenodo record 18060421; madst0614/DAWN, model
+# v17.1 with per-token routing) as our model_dawn.DAWN, and its tokenizer, BERT's uncased WordPiece.
+#
+#     python prepare_data.py shakespeare --tokenizer=wordpiece:hf:google-bert/bert-base-uncased --name=shakespeare_bert
+#     python train.py --model=dawn --init_from=PATH/dawn_39m_weights.pt --dataset=shakespeare_bert
+#
+# The file is a torch.save pickle {"model_state_dict": {reference name: tensor}, "config": the
+# reference's DAWN(**config) keyword arguments, ...}. Tensors map one to one, except that the
+# reference keeps the Q/K and V pools of each kind in one tensor (f_neurons = [F_qk; F_v]) and
+# its router as three Linears (proj_all: the six attention queries, then one per knowledge routing)
+# where ours is one Linear of eight queries in the same order. Dropped: the GlobalSSM (built by the
+# reference but never run when both routings are per token, as in the 39M model), the usage EMAs
+# (logging only), the tied lm_head, and the copies of the shared pools every reference layer lists
+# in its state_dict (the same tensors).
+
+DAWN_POOL_FIELDS = {  # our Config field: (reference feature-pool key, reference restore-pool key)
+    "n_qk": ("n_feature_qk", "n_restore_qk"), "n_v": ("n_feature_v", "n_restore_v"),
+    "n_know": ("n_feature_know", "n_restore_know"), "top_k_qk": ("top_k_feature_qk", "top_k_restore_qk"),
+    "top_k_v": ("top_k_feature_v", "top_k_restore_v"), "top_k_know": ("top_k_feature_know", "top_k_restore_know")}
+DAWN_RENAMED = {"n_layer": "n_layers", "n_head": "n_heads", "n_embd": "d_model", "block_size": "max_seq_len",
+                "vocab_size": "vocab_size", "rank": "rank", "knowledge_rank": "knowledge_rank", "d_space": "d_space"}
+DAWN_FIXED = sorted(set(DAWN_POOL_FIELDS) | set(DAWN_RENAMED) - {"block_size"})  # set by the weights, not the command line
+DAWN_LAYER_PARTS = {"norm1.weight": "attn_norm.weight", "norm1.bias": "attn_norm.bias",
+                    "attn.expand_O.weight": "W_O.weight", "norm2.weight": "mlp_norm.weight", "norm2.bias": "mlp_norm.bias"}
+
+
+def is_dawn_checkpoint(init_from):
+    """--init_from names a reference DAWN file (anything but scratch, resume and hf:...)."""
+    return init_from not in ("scratch", "resume") and not init_from.startswith("hf:")
+
+
+def read_dawn_checkpoint(path):
+    """(config, state_dict) of a reference DAWN checkpoint, loaded as data only (weights_only)."""
+    if not os.path.isfile(path):
+        raise UserError(f"--init_from={path}: no such file; download dawn_39m_weights.pt from "
+                        f"https://zenodo.org/records/18060421 (or use scratch, resume or hf:OWNER/NAME)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # weights_only refuses pickled code as well as broken files
+        why = (str(e).strip().splitlines() or [""])[0][:120]
+        raise UserError(f"{path} is not a readable PyTorch checkpoint ({e.__class__.__name__}: {why}); "
+                        f"download it again (it is loaded as data only, never as code)") from None
+    if isinstance(ckpt, dict) and isinstance(ckpt.get("model_state_dict"), dict):
+        state, config = ckpt["model_state_dict"], ckpt.get("config") or ckpt.get("model_config") or {}
+    elif isinstance(ckpt, dict) and ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+        state, config = ckpt, {}  # a bare state_dict, as the reference README's example loads
+    elif isinstance(ckpt, dict) and "model_name" in ckpt:
+        raise UserError(f"{path} was written by this repo's train.py; continue it with --init_from=resume "
+                        f"--out_dir={os.path.dirname(path) or '.'}")
+    else:
+        raise UserError(f"{path} holds no model_state_dict; it is not a DAWN reference checkpoint")
+    if not isinstance(config, dict):
+        raise UserError(f"{path}: its config is a {type(config).__name__}, not a dict of DAWN's arguments")
+    state = {k.removeprefix("_orig_mod."): v for k, v in state.items()}  # saved from a torch.compile'd model
+    if "shared_neurons.f_neurons" not in state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"{path} is not a DAWN v17.1 checkpoint (it has no shared_neurons.f_neurons)")
+    version = str(config.get("model_version", ckpt.get("model_version", "17.1")))  # (a training checkpoint's)
+    if not version.startswith("17.1") or "router.tau_proj.weight" in state:
+        raise UserError(f"{path} is DAWN v{version}; only v17.1 (the published DAWN-39M) can be loaded")
+    for flag in ("attention_token_routing", "knowledge_token_routing"):
+        if config.get(flag, True) is False:
+            raise UserError(f"{path} was built with {flag}=False: sequence-level routing (the DAWN-24M model) "
+                            f"reads future tokens, and model_dawn.py implements only per-token routing")
+    return config, state
+
+
+def dawn_model_fields(path, config, state, overrides, dataset_vocab_size):
+    """Our model_dawn Config fields for the checkpoint: shapes from its tensors and config (which must
+    agree); dropout, router_dropout and the loss weights from the command line, else the reference's.
+    What the tensors cannot say (heads, how f_neurons splits into Q/K and V, top-k) a file without a
+    config takes from the dawn-39m preset if its shapes are that model's."""
+    import model_dawn
+    fixed = sorted(set(overrides) & set(DAWN_FIXED))
+    if fixed:
+        raise UserError(f"--{fixed[0]} is fixed by {path}'s weights; drop it")
+    try:
+        seen = {"vocab_size": state["token_emb.weight"].shape[0], "n_embd": state["token_emb.weight"].shape[1],
+                "block_size": state["pos_emb.weight"].shape[0], "rank": state["shared_neurons.f_neurons"].shape[2],
+                "knowledge_rank": state["shared_neurons.feature_know"].shape[2],
+                "n_know": state["shared_neurons.feature_know"].shape[0],
+                "d_space": state["router.neuron_router.neuron_emb"].shape[1],
+                "n_layer": len({k.split(".")[1] for k in state if k.startswith("layers.")})}
+    except (KeyError, IndexError):
+        raise UserError(f"{path} lacks the embeddings or pools of a DAWN v17.1 checkpoint") from None
+    preset = model_dawn.PRESETS["dawn-39m"]
+    fits_preset = all(preset[k] == v for k, v in seen.items())
+
+    def reference(key, field):
+        if key in config:
+            return config[key]
+        if field in seen:
+            return seen[field]
+        if not config and fits_preset:
+            return preset[field]
+        raise UserError(f"{path} has no config[{key!r}]; without it the checkpoint's shape is ambiguous")
+
+    fields = {field: reference(key, field) for field, key in DAWN_RENAMED.items()}
+    for field, (feature_key, restore_key) in DAWN_POOL_FIELDS.items():
+        fields[field], restore = reference(feature_key, field), reference(restore_key, field)
+        if restore != fields[field]:
+            raise UserError(f"{path}: {feature_key} = {fields[field]} but {restore_key} = {restore}; "
+                            f"model_dawn.py gives a feature pool and its restore pool the same size and top-k")
+    seen["n_qk+n_v"] = state["shared_neurons.f_neurons"].shape[0]
+    fields["n_qk+n_v"] = fields["n_qk"] + fields["n_v"]
+    for field, value in seen.items():
+        if fields[field] != value:
+            raise UserError(f"{path}: its config says {field} = {fields[field]}, its tensors {value}; the file is inconsistent")
+    del fields["n_qk+n_v"]
+    if dataset_vocab_size > fields["vocab_size"]:
+        raise UserError(f"the dataset's vocabulary ({dataset_vocab_size:,}) is larger than {path}'s embedding "
+                        f"({fields['vocab_size']:,})")
+    block_size = overrides.get("block_size", fields["block_size"])
+    if block_size > fields["block_size"]:
+        raise UserError(f"--block_size={block_size} is longer than {path}'s {fields['block_size']} learned positions")
+    defaults = {"dropout": float(config.get("dropout", preset["dropout"])),
+                "router_dropout": float(config.get("router_dropout", preset["router_dropout"]))}
+    return {**defaults, **overrides, **fields, "block_size": block_size}
+
+
+def map_dawn_tensors(state, n_qk, n_v, n_layer):
+    """{our name: tensor} from the reference's names (see the section comment)."""
+    state = dict(state)
+    neurons, router = "shared_neurons.", "router.neuron_router."
+    f_neurons, r_neurons = state.pop(neurons + "f_neurons"), state.pop(neurons + "r_neurons")
+    out = {"wte.weight": state.pop("token_emb.weight"), "wpe.weight": state.pop("pos_emb.weight"),
+           "F_qk": f_neurons[:n_qk], "F_v": f_neurons[n_qk:], "R_qk": r_neurons[:n_qk], "R_v": r_neurons[n_qk:],
+           "F_kn": state.pop(neurons + "feature_know"), "R_kn": state.pop(neurons + "restore_know"),
+           "neuron_emb": state.pop(router + "neuron_emb"),
+           "norm_f.weight": state.pop("norm.weight"), "norm_f.bias": state.pop("norm.bias")}
+    for part in ("weight", "bias"):  # proj_all's six attention queries, then the two knowledge queries
+        out[f"router.{part}"] = torch.cat([state.pop(f"{router}{p}.{part}")
+                                           for p in ("proj_all", "proj_feature_know", "proj_restore_know")])
+    for i in range(n_layer):
+        for theirs, ours in DAWN_LAYER_PARTS.items():
+            out[f"blocks.{i}.{ours}"] = state.pop(f"layers.{i}.{theirs}")
+    shared = {neurons + name: t for name, t in [("f_neurons", f_neurons), ("r_neurons", r_neurons),
+                                                 ("feature_know", out["F_kn"]), ("restore_know", out["R_kn"])]}
+    for name in list(state):
+        copy = re.fullmatch(r"layers\.\d+\.(?:attn|knowledge)\.(shared_neurons\.\w+)", name)
+        if copy and copy.group(1) in shared:  # a layer's view of the shared pools: must be the same tensor
+            t, pool = state.pop(name), shared[copy.group(1)]
+            same_storage = t.data_ptr() == pool.data_ptr() and t.shape == pool.shape and t.stride() == pool.stride()
+            if not same_storage and not torch.equal(t, pool):  # (torch.save keeps shared storage shared)
+                raise UserError(f"the checkpoint's {name} differs from {copy.group(1)}; the file is corrupt")
+        elif name.startswith("global_ssm.") or name.startswith(router + "usage_ema_") or name == "lm_head.weight":
+            state.pop(name)  # the unused SSM, logging buffers, and the head tied to token_emb
+    if state:
+        raise UserError(f"the checkpoint has tensors no DAWN v17.1 model has (e.g. {next(iter(state))})")
+    return out
+
+
+def load_dawn_weights(model, path, state):
+    """Copy every tensor of the reference state_dict into our model (wpe: its first block_size rows)."""
+    c = model.config
+    try:
+        mapped = map_dawn_tensors(state, c.n_qk, c.n_v, c.n_layer)
+    except KeyError as e:
+        raise UserError(f"{path} lacks the tensor {e.args[0]}; the checkpoint is incomplete or not DAWN v17.1") from None
+    mapped["wpe.weight"] = mapped["wpe.weight"][:c.block_size]
+    ours = model.state_dict()
+    with torch.no_grad():
+        for name, t in mapped.items():
+            if tuple(t.shape) != tuple(ours[name].shape):
+                raise UserError(f"{path}: {name} has shape {tuple(t.shape)}, model_dawn.py expects {tuple(ours[name].shape)}")
+            if not torch.isfinite(t).all():
+                raise UserError(f"{path}: {name} holds inf or nan; download the file again")
+            ours[name].copy_(t)  # state_dict tensors share storage with the parameters
+    missing = set(ours) - set(mapped) - {"lm_head.weight"}
+    if missing:  # model_dawn.py grew a parameter this mapping does not know
+        raise UserError(f"the checkpoint provides no {sorted(missing)[0]} for model_dawn.py")
+
+
+def check_dawn_tokenizer(desc, vocab_size, dataset):
+    """The dataset must be tokenized with a WordPiece vocabulary of the checkpoint's size."""
+    if desc.get("kind") != "wordpiece" or len(desc["vocab"].split("\n")) != vocab_size:
+        raise UserError(f"dataset {dataset} was not tokenized with a {vocab_size:,}-token WordPiece vocabulary "
+                        f"(DAWN-39M uses bert-base-uncased's); prepare it with: python prepare_data.py shakespeare "
+                        f"--tokenizer=wordpiece:hf:google-bert/bert-base-uncased --name=NAME")
+
+
+# -----------------------------------------------------------------------------
+# BERT's WordPiece (what the DAWN reference tokenized C4 with: bert-base-uncased, no special tokens)
+#
+# Basic tokenization, then WordPiece on each word:
+# - drop NUL, U+FFFD and control/format characters; every whitespace character is a separator;
+# - every CJK ideograph is a word of its own; NFC;
+# - per whitespace-separated token: lowercase, strip accents (NFD, drop the combining marks),
+#   then every punctuation character (ASCII symbols included) becomes a word of its own;
+# - WordPiece: the longest vocabulary entry that prefixes the word, then the longest "##" entry
+#   for the rest, and so on; a word longer than 100 characters, or one that cannot be covered so,
+#   is [UNK] as a whole.
+# [PAD], [UNK], [CLS], [SEP] and [MASK] written in the text are those tokens.
+
+WORDPIECE_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+CJK_RANGES = ((0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0x20000, 0x2A6DF), (0x2A700, 0x2B73F), (0x2B740, 0x2B81F),
+              (0x2B820, 0x2CEAF), (0xF900, 0xFAFF), (0x2F800, 0x2FA1F))
+MAX_WORD_CHARS = 100
+
+
+def wordpiece_descriptor(source):
+    """{"kind": "wordpiece", "name", "vocab": the tokens in id order, one a line, "lowercase"} of a
+    vocab.txt: source is its path, or hf:OWNER/NAME for that repo's vocab.txt on the Hugging Face Hub."""
+    path = fetch_file(source[3:], "vocab.txt") if source.startswith("hf:") else source
+    try:
+        with open(path, encoding="utf-8") as f:
+            tokens = f.read().split("\n")
+    except OSError as e:
+        raise UserError(f"cannot read the WordPiece vocabulary {path}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not UTF-8 text; a WordPiece vocab.txt holds one token a line") from None
+    if tokens and tokens[-1] == "":
+        tokens.pop()  # the final newline
+    tokens = [t.rstrip("\r") for t in tokens]
+    bad = [i for i, t in enumerate(tokens) if not t or any(c.isspace() for c in t)]
+    if bad:
+        raise UserError(f"{path}: line {bad[0] + 1} is empty or has spaces; a WordPiece vocab.txt holds one token a line")
+    if "[UNK]" not in tokens:
+        raise UserError(f"{path} has no [UNK] token; it is not a WordPiece vocab.txt")
+    # an uncased vocabulary (bert-base-uncased) has no capital letters outside its [SPECIAL] tokens
+    lowercase = not any(c.isupper() for t in tokens if not (t.startswith("[") and t.endswith("]")) for c in t)
+    return {"kind": "wordpiece", "name": source, "vocab": "\n".join(tokens), "lowercase": lowercase}
+
+
+def _is_punctuation(ch):
+    cp = ord(ch)
+    return 33 <= cp <= 47 or 58 <= cp <= 64 or 91 <= cp <= 96 or 123 <= cp <= 126 or unicodedata.category(ch)[0] == "P"
+
+
+def basic_words(text, lowercase=True):
+    """The words of text before WordPiece (see the section comment)."""
+    kept = []
+    for ch in text:
+        cp = ord(ch)
+        if ch in " \t\n\r" or unicodedata.category(ch) == "Zs":
+            kept.append(" ")
+        elif cp == 0 or cp == 0xFFFD or unicodedata.category(ch)[0] == "C":
+            continue
+        elif any(lo <= cp <= hi for lo, hi in CJK_RANGES):
+            kept.append(f" {ch} ")
+        else:
+            kept.append(ch)
+    words = []
+    for token in unicodedata.normalize("NFC", "".join(kept)).split():
+        if lowercase:
+            token = "".join(c for c in unicodedata.normalize("NFD", token.lower()) if unicodedata.category(c) != "Mn")
+        word = ""
+        for ch in token:
+            if _is_punctuation(ch):
+                words += [word, ch] if word else [ch]
+                word = ""
+            else:
+                word += ch
+        if word:
+            words.append(word)
+    return words
+
+
+def wordpiece_encoding(desc):
+    """(encode, decode) of a descriptor from wordpiece_descriptor."""
+    tokens = desc["vocab"].split("\n")
+    vocab = {t: i for i, t in enumerate(tokens)}  # a repeated token: its last line, as BertTokenizer
+    unk = vocab["[UNK]"]
+    specials = [t for t in WORDPIECE_SPECIALS if t in vocab]
+    split_specials = re.compile("(" + "|".join(map(re.escape, specials)) + ")")
+    cache = {}
+
+    def word_ids(word):
+        if len(word) > MAX_WORD_CHARS:
+            return [unk]
+        ids, start = [], 0
+        while start < len(word):
+            for end in range(len(word), start, -1):
+                piece = word[start:end] if start == 0 else "##" + word[start:end]
+                if piece in vocab:
+                    ids.append(vocab[piece])
+                    start = end
+                    break
+            else:
+                return [unk]
+        return ids
+
+    def encode(text):
+        ids = []
+        for i, part in enumerate(split_specials.split(text)):
+            if i % 2:  # a special token written in the text
+                ids.append(vocab[part])
+                continue
+            for word in basic_words(part, desc["lowercase"]):
+                if word not in cache:
+                    cache[word] = word_ids(word)
+                ids += cache[word]
+        return ids
+
+    def decode(ids):
+        text = " ".join(tokens[i] for i in ids if i < len(tokens)).replace(" ##", "")
+        for before, after in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
+                              (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
+            text = text.replace(before, after)  # undo the spaces WordPiece put around punctuation
+        return text
+
+    return encode, decode

@@ -6,6 +6,7 @@ Train any model_<name>.py of this repo. nanoGPT's training loop, for every archi
     python train.py --model=gpt --preset=gpt2-124m --dataset=shakespeare --batch_size=8
     python train.py --model=gpt --init_from=resume                # continue out-gpt/ckpt.pt
     python train.py --model=mod --init_from=hf:Qwen/Qwen2.5-0.5B --dataset=shakespeare_qwen  # fine-tune (pretrained.py)
+    python train.py --model=dawn --init_from=dawn_39m_weights.pt --dataset=shakespeare_bert  # DAWN's published weights
     torchrun --standalone --nproc_per_node=8 train.py --model=dtf --gradient_accumulation_steps=8
 
 Options are --key=value: the training settings in TrainConfig below, or any field of the model's
@@ -47,6 +48,7 @@ class TrainConfig:
     data_dir: str = "data"
     out_dir: str = ""                # default: out-<model>
     init_from: str = "scratch"       # "scratch", "resume" (from out_dir/ckpt.pt) or "hf:OWNER/NAME" (Qwen2 or Doge weights)
+                                     # or, with --model=dawn, a DAWN reference checkpoint file (dawn_39m_weights.pt)
     overwrite: bool = False          # True: a new run may replace the ckpt.pt already in out_dir
     # iterations, evaluation, logging
     max_iters: int = 2000
@@ -99,8 +101,9 @@ def parse_args(argv):
     model_overrides = {k: getattr(model_cfg, k) for k in given if hasattr(model_cfg, k) and k not in train_keys}
     if cfg.preset and cfg.preset not in module.PRESETS:
         raise UserError(f"unknown preset {cfg.preset!r} for {cfg.model}; choose one of {', '.join(module.PRESETS)}")
-    if cfg.init_from not in ("scratch", "resume") and not cfg.init_from.startswith("hf:"):
-        raise UserError(f"--init_from={cfg.init_from}: choose scratch, resume or hf:OWNER/NAME")
+    if pretrained.is_dawn_checkpoint(cfg.init_from) and cfg.model != "dawn":
+        raise UserError(f"--init_from={cfg.init_from}: choose scratch, resume or hf:OWNER/NAME "
+                        f"(a checkpoint file loads only with --model=dawn: DAWN's reference weights)")
     for key in ("max_iters", "eval_interval", "eval_iters", "log_interval", "batch_size",
                 "gradient_accumulation_steps"):
         if getattr(cfg, key) <= 0 and not (key == "max_iters" and cfg.max_iters == 0):
@@ -421,6 +424,7 @@ def build_or_resume(cfg, model_overrides, given, device):
                              **{k: getattr(cfg, k) for k in given if hasattr(cfg, k)}})
     meta = load_meta(cfg)
     hf_repo = cfg.init_from[3:] if cfg.init_from.startswith("hf:") else None
+    dawn_file = cfg.init_from if ckpt is None and pretrained.is_dawn_checkpoint(cfg.init_from) else None
     if ckpt is not None:
         if ckpt["tokenizer"] != meta["tokenizer"]:
             raise UserError(f"{ckpt_path} was trained on {saved['dataset']!r} with another tokenizer than "
@@ -439,6 +443,13 @@ def build_or_resume(cfg, model_overrides, given, device):
                             f"with: python prepare_data.py shakespeare --tokenizer=hf:{hf_repo} --name=NAME")
         if ddp and master:
             dist.barrier()
+    elif dawn_file:  # DAWN's reference weights (pretrained.py): they fix the shapes and the tokenizer
+        if "preset" in given:
+            raise UserError("--init_from=FILE takes the model's shape from the checkpoint; drop --preset")
+        dawn_config, dawn_state = pretrained.read_dawn_checkpoint(dawn_file)
+        model_config = module.Config(**pretrained.dawn_model_fields(dawn_file, dawn_config, dawn_state,
+                                                                    model_overrides, meta["vocab_size"]))
+        pretrained.check_dawn_tokenizer(meta["tokenizer"], model_config.vocab_size, cfg.dataset)
     else:
         fields = {**(module.PRESETS[cfg.preset] if cfg.preset else {}), **model_overrides}
         vocab_size = max(meta["vocab_size"], fields.get("vocab_size", 0))  # larger = padding, allowed
@@ -455,6 +466,9 @@ def build_or_resume(cfg, model_overrides, given, device):
         if hf_repo and master:  # one download; DDP copies rank 0's weights to the other processes
             fresh = pretrained.load_weights(model, cfg.model, hf_repo)
             print(f"loaded hf:{hf_repo}" + (f"; fresh: {', '.join(fresh)}" if fresh else ""))
+        if dawn_file and master:
+            pretrained.load_dawn_weights(model, dawn_file, dawn_state)
+            print(f"loaded {dawn_file}")
     optimizer = configure_optimizer(model, cfg, device)
     progress = {"iter_num": 0, "best_val_loss": float("inf"), "train_time": 0.0, "tokens_seen": 0}
     if ckpt is not None:
