@@ -539,8 +539,8 @@ def train_loop(cfg, model, optimizer, progress, tokenizer, device, dtype):
             log_jsonl(log_path, {"iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"],
                                  "time": train_time, "tokens": tokens_seen})
             # a resumed run's first evaluation is its checkpoint's; --max_iters=0 saves the model as
-            # built (e.g. pretrained weights converted for sample.py)
-            if iter_num > start_iter or cfg.max_iters == 0:
+            # built or loaded (e.g. pretrained weights converted for sample.py)
+            if iter_num > start_iter or (cfg.max_iters == 0 and cfg.init_from != "resume"):
                 save_checkpoint(ckpt_path, {
                     "model_name": cfg.model, "model_config": dataclasses.asdict(raw_model.config),
                     "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),

@@ -210,6 +210,16 @@ def test_fine_tune_and_sample_end_to_end(file_server, tmp_path):
     r = run("sample.py", f"--out_dir={out}", "--num_samples=1", "--max_new_tokens=8", "--start=The KING of",
             "--device=cpu", env=env)
     assert r.returncode == 0 and r.stdout.startswith("the king of "), r.stderr
+    # --max_iters=0 saves the loaded weights untrained: train.py's checkpoint computes the reference's logits
+    r = run("train.py", f"--init_from={WEIGHTS}", "--dataset=bert", *common[:2], f"--out_dir={out}0", "--max_iters=0",
+            "--eval_iters=1", "--batch_size=2", "--device=cpu", "--compile=False", env=env)
+    assert r.returncode == 0, r.stderr
+    ckpt = torch.load(os.path.join(f"{out}0", "ckpt.pt"), weights_only=True)
+    assert ckpt["iter_num"] == 0 and ckpt["tokenizer"]["kind"] == "wordpiece"
+    model = model_dawn.DAWN(model_dawn.Config(**ckpt["model_config"]))
+    model.load_state_dict(ckpt["model"])
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(EXPECTED["idx"])[0], EXPECTED["logits"], atol=1e-5, rtol=0)
     # a dataset in another tokenizer, another model, and a file that is not a checkpoint: one line each
     r = run("prepare_data.py", "shakespeare_char", f"--input={text}", "--name=chars", f"--data_dir={data}", env=env)
     assert r.returncode == 0, r.stderr
