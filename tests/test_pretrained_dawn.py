@@ -4,8 +4,6 @@ authors' model_v17_1.py (a tiny random model in the layout of their dawn_39m_wei
 transformers' BertTokenizer (ids for a tiny vocab.txt)."""
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -13,6 +11,7 @@ import torch
 import model_dawn
 import pretrained
 from cli import UserError
+from test_pretrained import run
 from conftest import ROOT, assert_one_line_error, make_text
 from prepare_data import get_tokenizer
 
@@ -184,11 +183,6 @@ def test_bad_checkpoints_give_one_line_errors(tmp_path):
     model = load(save(tmp_path, {**ckpt, "model_state_dict": compiled}))
     with torch.no_grad():
         torch.testing.assert_close(model(EXPECTED["idx"])[0], EXPECTED["logits"], atol=1e-5, rtol=0)
-
-
-def run(script, *args, env):
-    return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], capture_output=True, text=True,
-                          env=env, cwd=ROOT, timeout=300)
 
 
 def test_fine_tune_and_sample_end_to_end(file_server, tmp_path):

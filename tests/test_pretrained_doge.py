@@ -3,8 +3,6 @@ DogeForCausalLM, offline: tests/fixtures/doge_tiny/ was written by tests/make_do
 FileServer on 127.0.0.1 stands in for the Hugging Face Hub."""
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -14,7 +12,7 @@ import pretrained
 from cli import UserError
 from conftest import ROOT, assert_one_line_error, decode, make_text
 from prepare_data import get_tokenizer
-from test_pretrained import safetensors_bytes
+from test_pretrained import run, safetensors_bytes
 
 FIXTURE = os.path.join(ROOT, "tests", "fixtures", "doge_tiny")
 EXPECTED = torch.load(os.path.join(FIXTURE, "expected.pt"), weights_only=True)
@@ -137,11 +135,6 @@ def test_bad_configs_give_one_line_errors(hub):
     hub.serve("tiny/spm", tokenizer=json.dumps(spm).encode())
     with pytest.raises(UserError, match="sentencepiece-style BPE"):
         pretrained.tokenizer_descriptor("tiny/spm")
-
-
-def run(script, *args, env):
-    return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], capture_output=True, text=True,
-                          env=env, cwd=ROOT, timeout=300)
 
 
 def test_fine_tune_and_sample_end_to_end(hub, tmp_path):
