@@ -259,7 +259,8 @@ class DAWN(nn.Module):
             raise ValueError(f"the cache holds {t0} tokens; {T} more would exceed block_size "
                              f"{self.config.block_size} (DAWN has learned positions)")
         was_training = self.training
-        self.eval()
+        if was_training:
+            self.eval()  # dropout off (only when on: eval() walks every module, a cost per token)
         try:
             x = self.wte(idx) + self.wpe(torch.arange(t0, t0 + T, device=idx.device))
             keys = self.keys()
@@ -267,7 +268,8 @@ class DAWN(nn.Module):
                 x, _ = block(x, self, keys, layer_cache, t0)
             logits = self.lm_head(self.norm_f(x))
         finally:
-            self.train(was_training)
+            if was_training:
+                self.train()
         cache["t"] = t0 + T
         return logits
 

@@ -127,7 +127,8 @@ class RotaryEmbedding(nn.Module):
 
 # Copied from model_gpt.apply_rope
 def apply_rope(x, cos, sin):
-    """Rotate x (B, heads, T, hd) by position: x*cos + rotate_half(x)*sin, rotate_half([a,b]) = [-b,a]."""
+    """Rotate x (..., hd) by position: x*cos + rotate_half(x)*sin, rotate_half([a,b]) = [-b,a], with
+    cos and sin shaped to broadcast over x's head axis (x (B, T, heads, hd): cos (T, 1, hd))."""
     a, b = x.chunk(2, dim=-1)
     return x * cos.to(x.dtype) + torch.cat([-b, a], dim=-1) * sin.to(x.dtype)
 
@@ -406,7 +407,8 @@ class Doge(nn.Module):
             raise ValueError(f"the cache holds {t0} tokens; {T} more would exceed block_size "
                              f"{self.config.block_size}")
         was_training = self.training
-        self.eval()
+        if was_training:
+            self.eval()  # dropout off (only when on: eval() walks every module, a cost per token)
         try:
             cos, sin = self.rope(torch.arange(t0, t0 + T, device=idx.device))
             x = self.wte(idx)
@@ -414,7 +416,8 @@ class Doge(nn.Module):
                 x, _ = block(x, cos, sin, layer_cache, t0)
             logits = self.lm_head(self.norm_f(x))
         finally:
-            self.train(was_training)
+            if was_training:
+                self.train()
         cache["t"] = t0 + T
         return logits
 

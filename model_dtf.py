@@ -124,7 +124,8 @@ class RotaryEmbedding(nn.Module):
 
 # Copied from model_gpt.apply_rope
 def apply_rope(x, cos, sin):
-    """Rotate x (B, heads, T, hd) by position: x*cos + rotate_half(x)*sin, rotate_half([a,b]) = [-b,a]."""
+    """Rotate x (..., hd) by position: x*cos + rotate_half(x)*sin, rotate_half([a,b]) = [-b,a], with
+    cos and sin shaped to broadcast over x's head axis (x (B, T, heads, hd): cos (T, 1, hd))."""
     a, b = x.chunk(2, dim=-1)
     return x * cos.to(x.dtype) + torch.cat([-b, a], dim=-1) * sin.to(x.dtype)
 
@@ -143,7 +144,8 @@ class KVCache:
     def append(self, k, v):
         """Store the new keys and values k, v (B, G, t, hd) after the earlier ones. Returns keys and
         values over the filled part of the buffers and the boolean mask (t, S) of the new queries,
-        or None where plain causal attention is exact (the first call)."""
+        or None where none is needed: on the first call plain causal attention is exact, and a
+        single new token may see every stored key."""
         B, G, t, hd = k.shape
         if self.k is None:
             self.k = k.new_zeros(B, G, self.size, hd)
@@ -151,8 +153,8 @@ class KVCache:
         s0, S = self.filled, self.filled + t
         self.k[:, :, s0:S], self.v[:, :, s0:S] = k, v
         self.filled = S
-        if s0 == 0:
-            return k, v, None
+        if s0 == 0 or t == 1:
+            return self.k[:, :, :S], self.v[:, :, :S], None
         mask = torch.arange(S, device=k.device) <= s0 + torch.arange(t, device=k.device)[:, None]  # (t, S)
         return self.k[:, :, :S], self.v[:, :, :S], mask
 
@@ -163,7 +165,8 @@ class Attention(nn.Module):
 
     forward(x, cos, sin, cache=None): plain causal attention over x, rotated by cos and sin. In
     incremental decoding x holds the next t tokens and cache is the layer's KVCache: their keys and
-    values join it, and they attend over all of it with the boolean mask it returns (True = may attend)."""
+    values join it, and they attend over all of it with the boolean mask it returns (True = may attend;
+    None: causal, or no mask at all for a single query, which may see every key it is given)."""
 
     def __init__(self, config):
         super().__init__()
@@ -178,17 +181,17 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, cache=None):
         B, T, _ = x.shape
         H, G, hd = self.n_head, self.n_kv_head, self.head_dim
-        q, k, v = self.qkv_proj(x).split([H * hd, G * hd, G * hd], dim=-1)
-        q = q.view(B, T, H, hd).transpose(1, 2)               # (B, H, T, hd)
-        k = k.view(B, T, G, hd).transpose(1, 2)               # (B, G, T, hd)
-        v = v.view(B, T, G, hd).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        qkv = self.qkv_proj(x).view(B, T, H + 2 * G, hd)       # the H query, G key, G value heads
+        qk = apply_rope(qkv[:, :, :H + G], cos.unsqueeze(-2), sin.unsqueeze(-2))  # q and k in one rotation
+        q = qk[:, :, :H].transpose(1, 2)                      # (B, H, T, hd)
+        k = qk[:, :, H:].transpose(1, 2)                      # (B, G, T, hd)
+        v = qkv[:, :, H + G:].transpose(1, 2)
         mask = None
         if cache is not None:
             k, v, mask = cache.append(k, v)
         # enable_gqa: kv head g serves query heads g*H/G .. (g+1)*H/G - 1, without copying k and v
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=G != H,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                                           enable_gqa=G != H, dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).reshape(B, T, H * hd)
         return self.resid_dropout(self.o_proj(y))
 
@@ -313,7 +316,7 @@ def routed_update(block, x, gate, pos, valid, rope, cache=None, start=0):
     index = pos[..., None].expand(B, K, x.size(-1))
     xs = x.gather(1, index)                                                    # (B, K, d)
     cos, sin = rope(start + pos)                                               # (B, K, hd)
-    delta = block(xs, cos[:, None], sin[:, None], RoutedKeys(valid, cache)) - xs  # attention + MLP updates
+    delta = block(xs, cos, sin, RoutedKeys(valid, cache)) - xs                 # attention + MLP updates
     weight = (gate.gather(1, pos) * valid).unsqueeze(-1).to(delta.dtype)
     return x.scatter_add(1, index, weight * delta)
 
