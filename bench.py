@@ -13,8 +13,9 @@ mode=train times fwd+bwd+AdamW steps after warm-up and prints ms/step, tokens/s,
 the allocator's high-water mark; CPU: peak RSS growth over the process before the model was built)
 and, on a GPU, MFU from the model's flops_per_token(). mode=generate times greedy generation of
 new_tokens tokens after a 16-token prompt at block_size 16 + new_tokens (nothing is cropped): with
-sample.py's cached decoding and by re-running the full forward for every token (--crop=True), and
-checks both produce the same tokens.
+the cache (sample.py's decoding) and by re-running the full forward for every token (--crop=True),
+the two ways token by token in turn so that both meet the same machine, and checks both produce the
+same tokens. With --checkpoints, sample.py's generate() runs each way in full, one after the other.
 mode=tokenize times prepare_data.py's C4 path (gzip JSON lines -> GPT-2 BPE token shard) on a
 20 MB file of ~2 KB documents cut from --text, with 1 process and with all cores.
 Every measurement runs in a fresh process, models are interleaved over `repeats` rounds and the
@@ -142,6 +143,31 @@ def measure_train(opts, model_args, name, device, dtype):
             "params": sum(p.numel() for p in model.parameters()), "flops_per_token": model.flops_per_token()}
 
 
+@torch.no_grad()
+def greedy_lockstep(model, prompt, n):
+    """Greedy decoding of n tokens after prompt both ways at once, token by token: one cached step
+    (forward_cached, as sample.py decodes while the text fits in block_size), then one full forward
+    over the whole text (as sample.py's --crop=True). Each way's seconds are summed separately, so a
+    slow moment of the machine (they come and go over seconds on a shared CPU) hits both ways alike
+    and their ratio is stable. Returns ({way: tokens}, {way: seconds})."""
+    sync = torch.cuda.synchronize if prompt.device.type == "cuda" else (lambda: None)
+    cache = model.init_cache(prompt.size(0))
+    text = {"cached": prompt, "forward": prompt}
+    seconds = {"cached": 0.0, "forward": 0.0}
+    for i in range(n):
+        for way in ("cached", "forward"):
+            sync()
+            t0 = time.perf_counter()
+            if way == "cached":
+                logits = model.forward_cached(text[way] if i == 0 else text[way][:, -1:], cache)[:, -1]
+            else:
+                logits = model(text[way])[0][:, -1]
+            text[way] = torch.cat((text[way], logits.argmax(dim=-1, keepdim=True)), dim=1)
+            sync()
+            seconds[way] += time.perf_counter() - t0
+    return text, seconds
+
+
 def measure_generate(opts, model_args, name, device, dtype):
     """Greedy generation after a 16-token prompt, cached and by re-running the forward. With
     --checkpoints, `name` is a trained run's out_dir: its model, at its block_size, with a prompt from
@@ -167,12 +193,15 @@ def measure_generate(opts, model_args, name, device, dtype):
         prompt = prompt.to(device)
     result = {"params": sum(p.numel() for p in model.parameters())}
     outputs = {}
-    for way, crop in (("cached", False), ("forward", True)):  # crop=True: the whole forward per token
-        t0 = time.perf_counter()
-        outputs[way] = generate(model, prompt, opts.new_tokens, top_k=1, crop=crop)
-        result[f"{way}_tok_s"] = opts.new_tokens / (time.perf_counter() - t0)
     if 16 + opts.new_tokens <= model.config.block_size:
+        outputs, seconds = greedy_lockstep(model, prompt, opts.new_tokens)
         result["same_tokens"] = bool(torch.equal(outputs["cached"], outputs["forward"]))
+        result.update({f"{way}_tok_s": opts.new_tokens / s for way, s in seconds.items()})
+    else:
+        for way, crop in (("cached", False), ("forward", True)):  # crop=True: the whole forward per token
+            t0 = time.perf_counter()
+            outputs[way] = generate(model, prompt, opts.new_tokens, top_k=1, crop=crop)
+            result[f"{way}_tok_s"] = opts.new_tokens / (time.perf_counter() - t0)
     if hasattr(model, "stats"):
         model(outputs["cached"][:, -model.config.block_size:])  # the routing of the generated text
         result["stats"] = {k: v for k, v in model.stats().items() if "frac_routed" in k}

@@ -88,3 +88,16 @@ def test_bench_generate_times_trained_checkpoints(tmp_path):
     r = subprocess.run([sys.executable, "bench.py", "--mode=generate", f"--checkpoints={tmp_path}"], cwd=ROOT,
                        capture_output=True, text=True)
     assert_one_line_error(r, "bench.py", f"no checkpoint at {tmp_path}/ckpt.pt")
+
+
+@pytest.mark.parametrize("name", ["gpt", "mod"])
+def test_bench_lockstep_decodes_what_sample_py_decodes(name):
+    """bench.py --mode=generate times the two ways token by token in turn; both must produce
+    sample.py's greedy tokens (cached and re-run), and each way's time is its own."""
+    import bench
+    model = small(name)
+    x = prompt(model, 2, 4)
+    text, seconds = bench.greedy_lockstep(model, x, 12)
+    expected = generate(model, x, 12, top_k=1)
+    assert torch.equal(text["cached"], expected) and torch.equal(text["forward"], expected)
+    assert set(seconds) == {"cached", "forward"} and all(s > 0 for s in seconds.values())
