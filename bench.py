@@ -14,8 +14,8 @@ the allocator's high-water mark; CPU: peak RSS growth over the process before th
 and, on a GPU, MFU from the model's flops_per_token(). mode=generate times greedy generation of
 new_tokens tokens after a 16-token prompt at block_size 16 + new_tokens (nothing is cropped): with
 the cache (sample.py's decoding) and by re-running the full forward for every token (--crop=True),
-the two ways token by token in turn so that both meet the same machine, and checks both produce the
-same tokens. With --checkpoints, sample.py's generate() runs each way in full, one after the other.
+the two ways alternating every 32 tokens so that both meet the same machine, and checks both produce
+the same tokens. With --checkpoints, sample.py's generate() runs each way in full, one after the other.
 mode=tokenize times prepare_data.py's C4 path (gzip JSON lines -> GPT-2 BPE token shard) on a
 20 MB file of ~2 KB documents cut from --text, with 1 process and with all cores.
 Every measurement runs in a fresh process, models are interleaved over `repeats` rounds and the
@@ -144,25 +144,29 @@ def measure_train(opts, model_args, name, device, dtype):
 
 
 @torch.no_grad()
-def greedy_lockstep(model, prompt, n):
-    """Greedy decoding of n tokens after prompt both ways at once, token by token: one cached step
-    (forward_cached, as sample.py decodes while the text fits in block_size), then one full forward
-    over the whole text (as sample.py's --crop=True). Each way's seconds are summed separately, so a
-    slow moment of the machine (they come and go over seconds on a shared CPU) hits both ways alike
-    and their ratio is stable. Returns ({way: tokens}, {way: seconds})."""
+def greedy_lockstep(model, prompt, n, chunk=32):
+    """Greedy decoding of n tokens after prompt both ways, alternating every `chunk` tokens: the
+    next chunk by cached steps (forward_cached, as sample.py decodes while the text fits in
+    block_size), then the same positions by a full forward over the whole text per token (as
+    sample.py's --crop=True). Each way's seconds are summed separately, so a slow moment of the
+    machine (they come and go over seconds on a shared CPU) hits both ways alike, while each way
+    still runs many steps in a row, as it would alone (alternating every token slows the cached
+    steps, whose small operations then start from caches the full forward has flushed).
+    Returns ({way: tokens}, {way: seconds})."""
     sync = torch.cuda.synchronize if prompt.device.type == "cuda" else (lambda: None)
     cache = model.init_cache(prompt.size(0))
     text = {"cached": prompt, "forward": prompt}
     seconds = {"cached": 0.0, "forward": 0.0}
-    for i in range(n):
+    for first in range(0, n, chunk):
         for way in ("cached", "forward"):
             sync()
             t0 = time.perf_counter()
-            if way == "cached":
-                logits = model.forward_cached(text[way] if i == 0 else text[way][:, -1:], cache)[:, -1]
-            else:
-                logits = model(text[way])[0][:, -1]
-            text[way] = torch.cat((text[way], logits.argmax(dim=-1, keepdim=True)), dim=1)
+            for i in range(first, min(n, first + chunk)):
+                if way == "cached":
+                    logits = model.forward_cached(text[way] if i == 0 else text[way][:, -1:], cache)[:, -1]
+                else:
+                    logits = model(text[way])[0][:, -1]
+                text[way] = torch.cat((text[way], logits.argmax(dim=-1, keepdim=True)), dim=1)
             sync()
             seconds[way] += time.perf_counter() - t0
     return text, seconds

@@ -193,7 +193,7 @@ class BDH(nn.Module):
         """What incremental decoding carries: the synaptic states and the number of tokens they hold."""
         return {"state": self.initial_state(batch_size), "t": 0}
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def forward_cached(self, idx, cache):
         """Logits (B, t, V) of the next t tokens idx (B, t) after the cache's, through step() one token
         at a time: exactly the parallel form's logits, at O(n*D) per token whatever the position.

@@ -249,7 +249,7 @@ class DAWN(nn.Module):
         w = self.wte.weight
         return {"t": 0, "layers": [{"k": w.new_zeros(shape), "v": w.new_zeros(shape)} for _ in self.blocks]}
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def forward_cached(self, idx, cache):
         """Logits (B, T, V) of the next T tokens idx (B, T) after the cache's t, equal to the eval
         forward's at those positions; writes their keys and values into the cache. Always the eval

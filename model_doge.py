@@ -397,7 +397,7 @@ class Doge(nn.Module):
                                     "above": torch.zeros(shape, dtype=torch.long, device=w.device)}
                                    for _ in self.blocks]}
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def forward_cached(self, idx, cache):
         """Logits (B, T, V) of the next T tokens idx (B, T) after the cache's t, equal to the eval
         forward's at those positions; writes their keys into the cache. Always the eval computation

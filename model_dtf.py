@@ -431,9 +431,11 @@ class DTFPair(nn.Module):
         h_post = self.decision(h, cos, sin, cache=cache.decision)
         h_prior = self.prior(h)
         G = self.gate(h, h_post, h_prior, cache.d_st[:, :start + h.size(1)])
+        if not (G >= self.tau).any():
+            return h_post  # no token clears tau: the dynamic block does no work
         sel, pos, valid = route(G, self.tau, self.cap(), cache.dynamic.n[:, None])
         if not sel.any():
-            return h_post  # nothing routed: the dynamic block does no work
+            return h_post  # the rows that wanted more are at their cap K
         return routed_update(self.dynamic, h_post, G, pos, valid, rope, cache.dynamic, start)
 
 
@@ -518,7 +520,7 @@ class DTF(nn.Module):
         device = self.wte.weight.device
         return Cache([PairCache(batch_size, self.config.block_size, pair.cap(), device) for pair in self.blocks])
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def forward_cached(self, idx, cache):
         """idx (B, t): the next t >= 1 tokens of each row after those the cache holds. Returns logits
         (B, t, V) and updates the cache in place. Always the eval-mode computation, whatever

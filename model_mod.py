@@ -371,9 +371,11 @@ class MoDBlock(nn.Module):
         token decides on arrival by the forward's rule, the row's earlier routed tokens (cache.n)
         counted against the cap, and only routed tokens run the block and enter the cache."""
         r = self.score(x)
+        if not (r >= self.tau).any():
+            return x  # no token clears tau: this layer cost these tokens one dot product each
         sel, pos, valid = route(r, self.tau, self.cap(), cache.n[:, None])
         if not sel.any():
-            return x  # nothing routed: this layer cost these tokens one dot product each
+            return x  # the rows that wanted more are at their cap K
         return routed_update(self.block, x, self.gate(r), pos, valid, rope, cache, start)
 
 
@@ -454,7 +456,7 @@ class MoD(nn.Module):
         return Cache([RoutedKVCache(batch_size, block.cap(), device) if isinstance(block, MoDBlock)
                       else KVCache(self.config.block_size) for block in self.blocks])
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def forward_cached(self, idx, cache):
         """idx (B, t): the next t >= 1 tokens of each row after those the cache holds. Returns logits
         (B, t, V) and updates the cache in place. Always the eval-mode computation, whatever
