@@ -94,6 +94,7 @@ def test_help_shows_defaults_and_the_fields_comments(capsys):
 
 @pytest.mark.parametrize("script,args,comment", [("sample.py", [], "the prompt, or FILE:path"),
                                                  ("bench.py", [], "timed steps"),
+                                                 ("bench_originals.py", [], "timed steps of each, alternating"),
                                                  ("visualize.py", [], "output file; default out_dir/visualize.html"),
                                                  ("prepare_data.py", ["c4"], "tokenizing processes; 0: all cores")])
 def test_every_script_uses_it(script, args, comment):
@@ -104,3 +105,17 @@ def test_every_script_uses_it(script, args, comment):
     assert_one_line_error(run(*args, "--colour=red"), script,
                           "--colour=red is neither a bench.py option" if script == "bench.py" else
                           "unknown option --colour=red; the options are --")
+
+
+def test_bench_originals_skips_what_is_not_there(tmp_path):
+    """bench_originals.py without the original repositories says, per model, what to clone; an
+    unknown model name is a one-line error."""
+    def run(*a):
+        return subprocess.run([sys.executable, "bench_originals.py", f"--originals={tmp_path}", *a], cwd=ROOT,
+                              capture_output=True, text=True)
+    r = run("--models=gpt,bdh,dawn")
+    assert r.returncode == 0, r.stderr
+    assert "skipped: " + str(tmp_path / "nanoGPT" / "model.py") + " not found (git clone https://github.com/karpathy/nanoGPT)" in r.stdout
+    assert "bdh.py not found (git clone https://github.com/pathwaycom/bdh)" in r.stdout
+    assert "model_v17_1.py not found (git clone https://github.com/madst0614/DAWN)" in r.stdout
+    assert_one_line_error(run("--models=gpt,xl"), "bench_originals.py", "--models: no original is known for 'xl'")

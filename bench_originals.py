@@ -1,0 +1,182 @@
+"""
+Time this repo's models against the original implementations in one process (a benchmark, not a test).
+
+    python bench_originals.py --originals=../originals                 # every original found there
+    python bench_originals.py --originals=../originals --models=gpt,bdh --rounds=31
+
+The originals are not dependencies of this repo: clone the ones you want into --originals, a folder
+each, under these names (the files read from each are in brackets):
+
+    nanoGPT/  https://github.com/karpathy/nanoGPT   (model.py: GPT, GPTConfig)
+    bdh/      https://github.com/pathwaycom/bdh     (bdh.py: BDH, BDHConfig)
+    DAWN/     https://github.com/madst0614/DAWN     (models/model_v17_1.py: DAWN, per-token routing)
+
+and Hugging Face's DogeForCausalLM is timed when `transformers` (5.x) is installed. Missing ones are
+skipped with a line saying so.
+
+Each pair is built at this repo's laptop config (vocab 65, block 64, 4 layers, width 128, dropout 0)
+with the original's matching options, and one training step is the same for both: forward with
+targets, the cross-entropy loss (plus, for DAWN, the auxiliary losses its training script adds, with
+the same weights as ours), backward, gradient clipping to 1.0 and a plain torch.optim.AdamW step, on
+the same batch of random tokens (batch 12 x 64). Steps alternate, one of ours and one of the
+original's, so that a slow moment of the machine hits both; after the warm-up steps the median of
+each is printed with the speed-up (the original's ms / ours). Run it on an otherwise idle machine.
+"""
+import dataclasses
+import importlib.util
+import os
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from cli import UserError, parse_options
+from model_bdh import BDH
+from model_bdh import Config as BDHOursConfig
+from model_dawn import DAWN
+from model_dawn import Config as DAWNOursConfig
+from model_doge import Config as DogeOursConfig
+from model_doge import Doge
+from model_gpt import GPT
+from model_gpt import Config as GPTOursConfig
+
+
+@dataclasses.dataclass
+class BenchOriginalsConfig:
+    originals: str = "../originals"  # a folder holding nanoGPT/, bdh/, DAWN/ as cloned
+    models: str = "gpt,bdh,dawn,doge"  # comma-separated; the first column of the table
+    batch_size: int = 12
+    warmup: int = 3              # steps of each before the timed ones
+    rounds: int = 21             # timed steps of each, alternating
+    threads: int = 0             # torch.set_num_threads; 0: torch's default
+
+
+def load_file(path, name):
+    """Import one .py file of an original as a module, with its folder on sys.path for its imports."""
+    sys.path.insert(0, os.path.dirname(path))
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# Each builder returns (ours, theirs, loss_of_theirs), or a string saying why the original is missing.
+# loss_of_theirs(model, x, y) is the training loss the original's own training code optimises.
+
+def gpt_pair(root):
+    path = os.path.join(root, "nanoGPT", "model.py")
+    if not os.path.exists(path):
+        return f"{path} not found (git clone https://github.com/karpathy/nanoGPT)"
+    ng = load_file(path, "nanogpt_model")
+    c = GPTOursConfig()
+    theirs = ng.GPT(ng.GPTConfig(block_size=c.block_size, vocab_size=c.vocab_size, n_layer=c.n_layer,
+                                 n_head=c.n_head, n_embd=c.n_embd, dropout=0.0, bias=False))
+    return GPT(dataclasses.replace(c, dropout=0.0)), theirs, lambda m, x, y: m(x, y)[1]
+
+
+def bdh_pair(root):
+    path = os.path.join(root, "bdh", "bdh.py")
+    if not os.path.exists(path):
+        return f"{path} not found (git clone https://github.com/pathwaycom/bdh)"
+    ref = load_file(path, "bdh_reference")
+    c = BDHOursConfig(dropout=0.0)
+    theirs = ref.BDH(ref.BDHConfig(n_layer=c.n_layer, n_embd=c.n_embd, n_head=c.n_head, dropout=0.0,
+                                   mlp_internal_dim_multiplier=c.mlp_internal_dim_multiplier,
+                                   vocab_size=c.vocab_size))
+    return BDH(c), theirs, lambda m, x, y: m(x, y)[1]
+
+
+def dawn_pair(root):
+    path = os.path.join(root, "DAWN", "models", "model_v17_1.py")
+    if not os.path.exists(path):
+        return f"{path} not found (git clone https://github.com/madst0614/DAWN)"
+    ref = load_file(path, "dawn_reference")
+    c = DAWNOursConfig()
+    theirs = ref.DAWN(vocab_size=c.vocab_size, d_model=c.n_embd, n_layers=c.n_layer, n_heads=c.n_head,
+                      rank=c.rank, knowledge_rank=c.knowledge_rank, max_seq_len=c.block_size, d_space=c.d_space,
+                      n_feature_qk=c.n_qk, n_restore_qk=c.n_qk, n_feature_v=c.n_v, n_restore_v=c.n_v,
+                      n_feature_know=c.n_know, n_restore_know=c.n_know,
+                      top_k_feature_qk=c.top_k_qk, top_k_restore_qk=c.top_k_qk, top_k_feature_v=c.top_k_v,
+                      top_k_restore_v=c.top_k_v, top_k_feature_know=c.top_k_know,
+                      top_k_restore_know=c.top_k_know, dropout=0.0, use_ssm_context=False,
+                      attention_token_routing=True, knowledge_token_routing=True)
+
+    def loss(m, x, y):  # its forward shifts the labels itself (labels = the input, as its train script)
+        ce = m(x, labels=x)[0]
+        return (ce + c.lb_loss_weight * m.aux_loss + c.orth_loss_weight * m.orthogonality_loss()
+                + c.div_loss_weight * m.knowledge_diversity_loss())
+    return DAWN(c), theirs, loss
+
+
+def doge_pair(root):
+    try:
+        from transformers import DogeConfig, DogeForCausalLM
+    except ImportError:
+        return "transformers (5.x, with DogeForCausalLM) is not installed"
+    c = DogeOursConfig()
+    theirs = DogeForCausalLM(DogeConfig(
+        vocab_size=c.vocab_size, hidden_size=c.n_embd, intermediate_size=c.intermediate_size,
+        num_hidden_layers=c.n_layer, num_attention_heads=c.n_head, num_key_value_heads=c.n_kv_head,
+        max_position_embeddings=c.block_size, keep_window_size=c.keep_window_size, rope_theta=c.rope_theta,
+        rms_norm_eps=c.norm_eps, tie_word_embeddings=True, attention_dropout=0.0, hidden_dropout=0.0,
+        is_moe=False, attn_implementation="sdpa"))
+    return Doge(c), theirs, lambda m, x, y: F.cross_entropy(m(input_ids=x).logits.flatten(0, 1), y.flatten())
+
+
+PAIRS = {"gpt": gpt_pair, "bdh": bdh_pair, "dawn": dawn_pair, "doge": doge_pair}
+
+
+def train_step(model, optimizer, loss_of, x, y):
+    loss = loss_of(model, x, y)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def main(argv):
+    opts, = parse_options(argv, BenchOriginalsConfig(), doc=__doc__)
+    names = opts.models.split(",")
+    for name in names:
+        if name not in PAIRS:
+            raise UserError(f"--models: no original is known for {name!r}; choose from {', '.join(PAIRS)}")
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; batch {opts.batch_size} x 64, "
+          f"fwd+bwd+clip+AdamW, {opts.rounds} alternating steps each after {opts.warmup} warm-up, median")
+    print("| model | original | params (ours / theirs) | ours ms/step | original ms/step | speed-up |")
+    print("|---|---|---:|---:|---:|---:|")
+    for name in names:
+        torch.manual_seed(0)
+        pair = PAIRS[name](opts.originals)
+        if isinstance(pair, str):
+            print(f"| {name} | skipped: {pair} | | | | |")
+            continue
+        ours, theirs, their_loss = pair
+        runs = {"ours": (ours, lambda m, x, y: m(x, y)[1]), "theirs": (theirs, their_loss)}
+        optimizers = {k: torch.optim.AdamW(m.parameters(), lr=1e-3) for k, (m, _) in runs.items()}
+        g = torch.Generator().manual_seed(0)
+        x = torch.randint(0, 65, (opts.batch_size, 64), generator=g)
+        y = torch.randint(0, 65, (opts.batch_size, 64), generator=g)
+        times = {k: [] for k in runs}
+        for step in range(opts.warmup + opts.rounds):
+            for k, (model, loss_of) in runs.items():
+                model.train()
+                t0 = time.perf_counter()
+                train_step(model, optimizers[k], loss_of, x, y)
+                if step >= opts.warmup:
+                    times[k].append(time.perf_counter() - t0)
+        ms = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+        params = [sum(p.numel() for p in m.parameters()) for m, _ in runs.values()]
+        print(f"| {name} | {type(theirs).__module__.split('.')[0]}.{type(theirs).__name__} | "
+              f"{params[0]:,} / {params[1]:,} | {ms['ours']:.1f} | {ms['theirs']:.1f} | "
+              f"{ms['theirs'] / ms['ours']:.2f}x |")
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except UserError as e:
+        sys.exit(f"bench_originals.py: error: {e}")
