@@ -50,7 +50,6 @@ class BenchOriginalsConfig:
     batch_size: int = 12
     warmup: int = 3              # steps of each before the timed ones
     rounds: int = 21             # timed steps of each, alternating
-    threads: int = 0             # torch.set_num_threads; 0: torch's default
 
 
 def load_file(path, name):
@@ -142,8 +141,6 @@ def main(argv):
     for name in names:
         if name not in PAIRS:
             raise UserError(f"--models: no original is known for {name!r}; choose from {', '.join(PAIRS)}")
-    if opts.threads:
-        torch.set_num_threads(opts.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; batch {opts.batch_size} x 64, "
           f"fwd+bwd+clip+AdamW, {opts.rounds} alternating steps each after {opts.warmup} warm-up, median")
     print("| model | original | params (ours / theirs) | ours ms/step | original ms/step | speed-up |")
