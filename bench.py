@@ -3,6 +3,7 @@ Benchmark training or generation speed of model files on the current device (a b
 
     python bench.py --model=gpt,mod,dtf                      # laptop configs, batch 12 x block 64
     python bench.py --model=gpt --preset=gpt2-124m --block_size=1024 --batch_size=16 --compile=True
+    python bench.py --model=gpt,mod --compile=both             # each eager and torch.compile'd, in the same rounds
     python bench.py --model=gpt,mod,dtf --mode=generate --new_tokens=512   # block_size 16 + 512
     python bench.py --model=gpt,mod --mode=generate --new_tokens=1008       # block_size 1024
     python bench.py --mode=generate --checkpoints=compare/gpt/lr0.001-seed1337,compare/mod/lr0.001-seed1337
@@ -54,7 +55,7 @@ class BenchConfig:
     checkpoints: str = ""        # generate mode: comma-separated out_dirs of trained runs, timed instead of --model
     device: str = "auto"         # auto: cuda, then mps, then cpu
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # as train.py: bf16 on CUDA when supported, float32 on CPU/MPS
-    compile: bool = False        # time the torch.compile'd model
+    compile: Literal[False, True, "both"] = False  # time the torch.compile'd model; both: each model eager and compiled
     peak_flops: float = 0.0      # 0: look the GPU up in train.PEAK_FLOPS
     profile: bool = False        # write a torch.profiler trace bench_trace_<model>.json (train mode)
     text: str = "data/shakespeare_char/input.txt"  # tokenize mode: any UTF-8 text
@@ -97,7 +98,7 @@ def measure_train(opts, model_args, name, device, dtype):
     base_rss = rss_mb("VmRSS") if device.type == "cpu" and os.path.exists("/proc/self/status") else None
     model = build(opts, model_args, name, device).train()
     optimizer = configure_optimizer(model, TrainConfig(), device)
-    step_model = torch.compile(model) if opts.compile else model
+    step_model = torch.compile(model) if opts.compile is True else model
     B, T, V = opts.batch_size, model.config.block_size, model.config.vocab_size
     x, y = torch.randint(0, V, (B, T), device=device), torch.randint(0, V, (B, T), device=device)
     autocast = nullcontext() if dtype == "float32" else torch.autocast(device.type, dtype=getattr(torch, dtype))
@@ -265,6 +266,8 @@ def main(argv):
     if opts.mode == "tokenize":
         return bench_tokenize(opts)
 
+    if opts.compile is not False and opts.mode != "train":
+        raise UserError("--compile times training steps only; drop it or use --mode=train")
     if opts.checkpoints and opts.mode != "generate":
         raise UserError("--checkpoints times generation only; add --mode=generate")
     names = opts.checkpoints.split(",") if opts.checkpoints else opts.model.split(",")
@@ -281,23 +284,29 @@ def main(argv):
     print(f"device {torch.cuda.get_device_name(device) if device.type == 'cuda' else device}, {dtype}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads; mode {opts.mode}, "
           f"{batch}, {opts.repeats} rounds, median")
-    runs = {name: [] for name in names}
+    # (row label, model, compile) per measurement; --compile=both times each model eager and compiled
+    jobs = [(f"{name}{' compiled' * c}", name, c) for name in names
+            for c in ((False, True) if opts.compile == "both" else (opts.compile,))]
+    runs = {label: [] for label, _, _ in jobs}
     for _ in range(opts.repeats):  # interleaved, so that a slow moment of the machine hits every model
-        for name in names:
-            runs[name].append(run_worker(opts, model_args, name))
+        for label, name, c in jobs:
+            runs[label].append(run_worker(dataclasses.replace(opts, compile=c), model_args, name))
+    names = list(runs)
 
     def median(name, key):
         return statistics.median(r[key] for r in runs[name])
 
     if opts.mode == "train":
-        print("| model | params | MFLOP/token | ms/step | tokens/s | vs first | peak mem MiB |"
+        # warm-up: the first round's warm-up steps, which include compiling (from an empty
+        # TORCHINDUCTOR_CACHE_DIR: a first compile; later rounds hit that cache)
+        print("| model | params | MFLOP/token | ms/step | tokens/s | vs first | peak mem MiB | warm-up s |"
               + (" MFU |" if peak else ""))
-        print("|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if peak else ""))
+        print("|---|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if peak else ""))
         ref = median(names[0], "tok_s")
         for name in names:
             tok_s, r0 = median(name, "tok_s"), runs[name][0]
             row = (f"| {name} | {r0['params']:,} | {r0['flops_per_token'] / 1e6:.2f} | {median(name, 'ms'):.1f} | "
-                   f"{tok_s:,.0f} | {tok_s / ref:.2f}x | {median(name, 'peak_mem_mb'):,.0f} |")
+                   f"{tok_s:,.0f} | {tok_s / ref:.2f}x | {median(name, 'peak_mem_mb'):,.0f} | {r0['warmup_s']:.1f} |")
             print(row + (f" {r0['flops_per_token'] * tok_s / peak:.1%} |" if peak else ""))
     else:
         print("| model | params | cached tok/s | vs first | full forward tok/s | speed-up | same tokens | routed |")

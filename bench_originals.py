@@ -50,6 +50,7 @@ class BenchOriginalsConfig:
     batch_size: int = 12
     warmup: int = 3              # steps of each before the timed ones
     rounds: int = 21             # timed steps of each, alternating
+    compile: bool = False        # torch.compile both models of each pair (the warm-up steps compile)
 
 
 def load_file(path, name):
@@ -142,7 +143,7 @@ def main(argv):
         if name not in PAIRS:
             raise UserError(f"--models: no original is known for {name!r}; choose from {', '.join(PAIRS)}")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; batch {opts.batch_size} x 64, "
-          f"fwd+bwd+clip+AdamW, {opts.rounds} alternating steps each after {opts.warmup} warm-up, median")
+          f"fwd+bwd+clip+AdamW{', both compiled' if opts.compile else ''}, {opts.rounds} alternating steps each after {opts.warmup} warm-up, median")
     print("| model | original | params (ours / theirs) | ours ms/step | original ms/step | speed-up |")
     print("|---|---|---:|---:|---:|---:|")
     for name in names:
@@ -154,6 +155,8 @@ def main(argv):
         ours, theirs, their_loss = pair
         runs = {"ours": (ours, lambda m, x, y: m(x, y)[1]), "theirs": (theirs, their_loss)}
         optimizers = {k: torch.optim.AdamW(m.parameters(), lr=1e-3) for k, (m, _) in runs.items()}
+        if opts.compile:  # a compiled module shares the parameters (and attributes) of the eager one
+            runs = {k: (torch.compile(m), loss_of) for k, (m, loss_of) in runs.items()}
         g = torch.Generator().manual_seed(0)
         x = torch.randint(0, 65, (opts.batch_size, 64), generator=g)
         y = torch.randint(0, 65, (opts.batch_size, 64), generator=g)
