@@ -3,6 +3,7 @@ Time this repo's models against the original implementations in one process (a b
 
     python bench_originals.py --originals=../originals                 # every original found there
     python bench_originals.py --originals=../originals --models=gpt,bdh --rounds=31
+    python bench_originals.py --originals=../originals --compile=True   # both models of each pair compiled
 
 The originals are not dependencies of this repo: clone the ones you want into --originals, a folder
 each, under these names (the files read from each are in brackets):
@@ -126,6 +127,8 @@ def doge_pair(root):
 
 
 PAIRS = {"gpt": gpt_pair, "bdh": bdh_pair, "dawn": dawn_pair, "doge": doge_pair}
+ORIGINALS = {"gpt": "nanoGPT's GPT", "bdh": "pathwaycom/bdh", "dawn": "DAWN v17.1, per-token routing",
+             "doge": "transformers DogeForCausalLM, sdpa"}  # the second column of the table
 
 
 def train_step(model, optimizer, loss_of, x, y):
@@ -170,7 +173,7 @@ def main(argv):
                     times[k].append(time.perf_counter() - t0)
         ms = {k: statistics.median(v) * 1e3 for k, v in times.items()}
         params = [sum(p.numel() for p in m.parameters()) for m, _ in runs.values()]
-        print(f"| {name} | {type(theirs).__module__.split('.')[0]}.{type(theirs).__name__} | "
+        print(f"| {name} | {ORIGINALS[name]} | "
               f"{params[0]:,} / {params[1]:,} | {ms['ours']:.1f} | {ms['theirs']:.1f} | "
               f"{ms['theirs'] / ms['ours']:.2f}x |")
 
