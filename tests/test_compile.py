@@ -30,6 +30,7 @@ def test_compiled_gpt_matches_eager_and_does_not_recompile():
         torch.testing.assert_close(g, p.grad, atol=1e-5, rtol=1e-4)
     with torch._dynamo.config.patch(error_on_recompile=True):  # a second step with new data reuses the graph
         compiled(torch.randint(0, 65, (2, 32)), torch.randint(0, 65, (2, 32)))[1].backward()
+    train_eval_cycle_compiles_once(compiled, B=2)
 
 
 def routes_some(model):
@@ -78,6 +79,24 @@ def compiled_matches_eager(name, backend):
         torch.testing.assert_close(b, a, msg=lambda m: f"{key}: {m}")
     with torch._dynamo.config.patch(error_on_recompile=True):
         compiled(torch.randint(0, 65, (4, 32)), torch.randint(0, 65, (4, 32)))[1].backward()
+    train_eval_cycle_compiles_once(compiled)
+
+
+def train_eval_cycle_compiles_once(compiled, B=4, T=32):
+    """train.py's rhythm: training steps, an evaluation (eval mode, no gradients), training again.
+    The evaluation compiles its own graph once; after that neither switch recompiles, nor do the
+    routing thresholds the training steps keep moving."""
+    def evaluate():
+        compiled.eval()
+        with torch.no_grad():
+            compiled(torch.randint(0, 65, (B, T)), torch.randint(0, 65, (B, T)))
+        compiled.train()
+
+    evaluate()  # the one recompilation: the evaluation graph
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for _ in range(2):
+            compiled(torch.randint(0, 65, (B, T)), torch.randint(0, 65, (B, T)))[1].backward()
+            evaluate()
 
 
 @pytest.mark.parametrize("name", sorted(DYNAMIC))
