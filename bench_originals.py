@@ -11,14 +11,18 @@ each, under these names (the files read from each are in brackets):
     nanoGPT/  https://github.com/karpathy/nanoGPT   (model.py: GPT, GPTConfig)
     bdh/      https://github.com/pathwaycom/bdh     (bdh.py: BDH, BDHConfig)
     DAWN/     https://github.com/madst0614/DAWN     (models/model_v17_1.py: DAWN, per-token routing)
+    Dynamic-Transformers/  https://github.com/fredericowieser/Dynamic-Transformers at commit 41cdd9c
+              (git checkout 41cdd9c; src/models/mod and src/models/dtf: MoDForCausalLM, DTFForCausalLM;
+              they need transformers 4.x, 4.54.1 works, and omegaconf)
 
 and Hugging Face's DogeForCausalLM is timed when `transformers` (5.x) is installed. Missing ones are
-skipped with a line saying so.
+skipped with a line saying so (MoD and DTF need transformers 4, Doge 5: two environments).
 
 Each pair is built at this repo's laptop config (vocab 65, block 64, 4 layers, width 128, dropout 0)
 with the original's matching options, and one training step is the same for both: forward with
 targets, the cross-entropy loss (plus, for DAWN, the auxiliary losses its training script adds, with
-the same weights as ours), backward, gradient clipping to 1.0 and a plain torch.optim.AdamW step, on
+the same weights as ours; for MoD, the router losses its forward adds; for DTF, its prior's loss at
+our weight), backward, gradient clipping to 1.0 and a plain torch.optim.AdamW step, on
 the same batch of random tokens (batch 12 x 64). Steps alternate, one of ours and one of the
 original's, so that a slow moment of the machine hits both; after the warm-up steps the median of
 each is printed with the speed-up (the original's ms / ours). Run it on an otherwise idle machine.
@@ -40,14 +44,18 @@ from model_dawn import DAWN
 from model_dawn import Config as DAWNOursConfig
 from model_doge import Config as DogeOursConfig
 from model_doge import Doge
+from model_dtf import DTF
+from model_dtf import Config as DTFOursConfig
 from model_gpt import GPT
 from model_gpt import Config as GPTOursConfig
+from model_mod import MoD
+from model_mod import Config as MoDOursConfig
 
 
 @dataclasses.dataclass
 class BenchOriginalsConfig:
     originals: str = "../originals"  # a folder holding nanoGPT/, bdh/, DAWN/ as cloned
-    models: str = "gpt,bdh,dawn,doge"  # comma-separated; the first column of the table
+    models: str = "gpt,bdh,dawn,doge,mod,dtf"  # comma-separated; the first column of the table
     batch_size: int = 12
     warmup: int = 3              # steps of each before the timed ones
     rounds: int = 21             # timed steps of each, alternating
@@ -126,9 +134,65 @@ def doge_pair(root):
     return Doge(c), theirs, lambda m, x, y: F.cross_entropy(m(input_ids=x).logits.flatten(0, 1), y.flatten())
 
 
-PAIRS = {"gpt": gpt_pair, "bdh": bdh_pair, "dawn": dawn_pair, "doge": doge_pair}
+def dynamic_transformers(root, kind):
+    """MoDForCausalLM or DTFForCausalLM of the Dynamic-Transformers repository at 41cdd9c, or why not."""
+    repo = os.path.join(root, "Dynamic-Transformers")
+    if not os.path.exists(os.path.join(repo, "src", "models", "dtf", "model.py")):
+        return (f"{repo}/src/models/dtf/model.py not found (git clone https://github.com/fredericowieser/"
+                f"Dynamic-Transformers, then git checkout 41cdd9c in it)")
+    sys.path.insert(0, repo)
+    try:
+        from transformers import Qwen2Config
+        from src.models import DTFForCausalLM, MoDForCausalLM
+    except Exception as e:  # ImportError, or transformers 5, whose Qwen2 pieces it cannot build on
+        return f"its models do not import here ({e.__class__.__name__}: {str(e)[:80]}); they need transformers 4.x and omegaconf"
+    return {"mod": MoDForCausalLM, "dtf": DTFForCausalLM}[kind], Qwen2Config
+
+
+def qwen2_config(Qwen2Config, c, **extra):
+    """The Qwen2Config of one of our Qwen-style configs c, with the reference's own extra fields."""
+    q = Qwen2Config(vocab_size=c.vocab_size, hidden_size=c.n_embd, intermediate_size=c.intermediate_size,
+                    num_hidden_layers=c.n_layer, num_attention_heads=c.n_head, num_key_value_heads=c.n_kv_head,
+                    max_position_embeddings=c.block_size, rope_theta=c.rope_theta, rms_norm_eps=c.norm_eps,
+                    tie_word_embeddings=True, attention_dropout=0.0, use_cache=False, **extra)
+    q._attn_implementation = "sdpa"  # what its training script picks without flash-attention
+    return q
+
+
+def mod_pair(root):
+    found = dynamic_transformers(root, "mod")
+    if isinstance(found, str):
+        return found
+    MoDForCausalLM, Qwen2Config = found
+    c = MoDOursConfig()
+    theirs = MoDForCausalLM(qwen2_config(Qwen2Config, c, mod_capacity=c.mod_capacity, mod_aux_loss_weight=0.01,
+                                         causal_loss_weight=0.01))
+    # its forward shifts the labels itself and adds its routers' auxiliary losses to "loss"
+    return MoD(c), theirs, lambda m, x, y: m(input_ids=x, labels=x)["loss"]
+
+
+def dtf_pair(root):
+    found = dynamic_transformers(root, "dtf")
+    if isinstance(found, str):
+        return found
+    DTFForCausalLM, Qwen2Config = found
+    c = DTFOursConfig()
+    theirs = DTFForCausalLM(qwen2_config(
+        Qwen2Config, c, dtf_capacity=c.dtf_capacity, prior_loss_weight=c.prior_loss_weight, causal_loss_weight=0.01,
+        beta_ce_init=c.beta_ce_init, beta_cu_init=c.beta_cu_init, cu_detection_multiplier_init=c.m_cu_init,
+        ce_criterion_offset_init=c.o_ce_init, prior_ffn_intermediate_size_factor=c.prior_ffn_factor,
+        ma_window=c.ma_window))
+
+    def loss(m, x, y):  # "loss" is the LM loss alone here; the prior's loss is added as ours adds it
+        out = m(input_ids=x, labels=x)
+        return out["loss"] + c.prior_loss_weight * out["prior_loss"]
+    return DTF(c), theirs, loss
+
+
+PAIRS = {"gpt": gpt_pair, "bdh": bdh_pair, "dawn": dawn_pair, "doge": doge_pair, "mod": mod_pair, "dtf": dtf_pair}
 ORIGINALS = {"gpt": "nanoGPT's GPT", "bdh": "pathwaycom/bdh", "dawn": "DAWN v17.1, per-token routing",
-             "doge": "transformers DogeForCausalLM, sdpa"}  # the second column of the table
+             "doge": "transformers DogeForCausalLM, sdpa", "mod": "Dynamic-Transformers MoD, 41cdd9c",
+             "dtf": "Dynamic-Transformers DTF, 41cdd9c"}  # the second column of the table
 
 
 def train_step(model, optimizer, loss_of, x, y):

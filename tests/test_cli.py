@@ -113,9 +113,10 @@ def test_bench_originals_skips_what_is_not_there(tmp_path):
     def run(*a):
         return subprocess.run([sys.executable, "bench_originals.py", f"--originals={tmp_path}", *a], cwd=ROOT,
                               capture_output=True, text=True)
-    r = run("--models=gpt,bdh,dawn")
+    r = run("--models=gpt,bdh,dawn,mod")
     assert r.returncode == 0, r.stderr
     assert "skipped: " + str(tmp_path / "nanoGPT" / "model.py") + " not found (git clone https://github.com/karpathy/nanoGPT)" in r.stdout
     assert "bdh.py not found (git clone https://github.com/pathwaycom/bdh)" in r.stdout
     assert "model_v17_1.py not found (git clone https://github.com/madst0614/DAWN)" in r.stdout
+    assert "dtf/model.py not found (git clone https://github.com/fredericowieser/Dynamic-Transformers" in r.stdout
     assert_one_line_error(run("--models=gpt,xl"), "bench_originals.py", "--models: no original is known for 'xl'")
