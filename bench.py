@@ -285,7 +285,7 @@ def main(argv):
           f"torch {torch.__version__}, {torch.get_num_threads()} threads; mode {opts.mode}, "
           f"{batch}, {opts.repeats} rounds, median")
     # (row label, model, compile) per measurement; --compile=both times each model eager and compiled
-    jobs = [(f"{name}{' compiled' * c}", name, c) for name in names
+    jobs = [(name + (" compiled" if c else ""), name, c) for name in names
             for c in ((False, True) if opts.compile == "both" else (opts.compile,))]
     runs = {label: [] for label, _, _ in jobs}
     for _ in range(opts.repeats):  # interleaved, so that a slow moment of the machine hits every model

@@ -54,7 +54,7 @@ from model_mod import Config as MoDOursConfig
 
 @dataclasses.dataclass
 class BenchOriginalsConfig:
-    originals: str = "../originals"  # a folder holding nanoGPT/, bdh/, DAWN/ as cloned
+    originals: str = "../originals"  # a folder holding nanoGPT/, bdh/, DAWN/, Dynamic-Transformers/ as cloned
     models: str = "gpt,bdh,dawn,doge,mod,dtf"  # comma-separated; the first column of the table
     batch_size: int = 12
     warmup: int = 3              # steps of each before the timed ones
@@ -134,8 +134,9 @@ def doge_pair(root):
     return Doge(c), theirs, lambda m, x, y: F.cross_entropy(m(input_ids=x).logits.flatten(0, 1), y.flatten())
 
 
-def dynamic_transformers(root, kind):
-    """MoDForCausalLM or DTFForCausalLM of the Dynamic-Transformers repository at 41cdd9c, or why not."""
+def dynamic_transformers(root, kind, c, **options):
+    """The Dynamic-Transformers repository's MoDForCausalLM or DTFForCausalLM (commit 41cdd9c) at our
+    Qwen-style config c plus its own options, or a string saying why it cannot be built here."""
     repo = os.path.join(root, "Dynamic-Transformers")
     if not os.path.exists(os.path.join(repo, "src", "models", "dtf", "model.py")):
         return (f"{repo}/src/models/dtf/model.py not found (git clone https://github.com/fredericowieser/"
@@ -146,42 +147,33 @@ def dynamic_transformers(root, kind):
         from src.models import DTFForCausalLM, MoDForCausalLM
     except Exception as e:  # ImportError, or transformers 5, whose Qwen2 pieces it cannot build on
         return f"its models do not import here ({e.__class__.__name__}: {str(e)[:80]}); they need transformers 4.x and omegaconf"
-    return {"mod": MoDForCausalLM, "dtf": DTFForCausalLM}[kind], Qwen2Config
-
-
-def qwen2_config(Qwen2Config, c, **extra):
-    """The Qwen2Config of one of our Qwen-style configs c, with the reference's own extra fields."""
     q = Qwen2Config(vocab_size=c.vocab_size, hidden_size=c.n_embd, intermediate_size=c.intermediate_size,
                     num_hidden_layers=c.n_layer, num_attention_heads=c.n_head, num_key_value_heads=c.n_kv_head,
                     max_position_embeddings=c.block_size, rope_theta=c.rope_theta, rms_norm_eps=c.norm_eps,
-                    tie_word_embeddings=True, attention_dropout=0.0, use_cache=False, **extra)
+                    tie_word_embeddings=True, attention_dropout=0.0, use_cache=False, **options)
     q._attn_implementation = "sdpa"  # what its training script picks without flash-attention
-    return q
+    return {"mod": MoDForCausalLM, "dtf": DTFForCausalLM}[kind](q)
 
 
 def mod_pair(root):
-    found = dynamic_transformers(root, "mod")
-    if isinstance(found, str):
-        return found
-    MoDForCausalLM, Qwen2Config = found
     c = MoDOursConfig()
-    theirs = MoDForCausalLM(qwen2_config(Qwen2Config, c, mod_capacity=c.mod_capacity, mod_aux_loss_weight=0.01,
-                                         causal_loss_weight=0.01))
+    theirs = dynamic_transformers(root, "mod", c, mod_capacity=c.mod_capacity, mod_aux_loss_weight=0.01,
+                                  causal_loss_weight=0.01)
+    if isinstance(theirs, str):
+        return theirs
     # its forward shifts the labels itself and adds its routers' auxiliary losses to "loss"
     return MoD(c), theirs, lambda m, x, y: m(input_ids=x, labels=x)["loss"]
 
 
 def dtf_pair(root):
-    found = dynamic_transformers(root, "dtf")
-    if isinstance(found, str):
-        return found
-    DTFForCausalLM, Qwen2Config = found
     c = DTFOursConfig()
-    theirs = DTFForCausalLM(qwen2_config(
-        Qwen2Config, c, dtf_capacity=c.dtf_capacity, prior_loss_weight=c.prior_loss_weight, causal_loss_weight=0.01,
+    theirs = dynamic_transformers(
+        root, "dtf", c, dtf_capacity=c.dtf_capacity, prior_loss_weight=c.prior_loss_weight, causal_loss_weight=0.01,
         beta_ce_init=c.beta_ce_init, beta_cu_init=c.beta_cu_init, cu_detection_multiplier_init=c.m_cu_init,
         ce_criterion_offset_init=c.o_ce_init, prior_ffn_intermediate_size_factor=c.prior_ffn_factor,
-        ma_window=c.ma_window))
+        ma_window=c.ma_window)
+    if isinstance(theirs, str):
+        return theirs
 
     def loss(m, x, y):  # "loss" is the LM loss alone here; the prior's loss is added as ours adds it
         out = m(input_ids=x, labels=x)

@@ -40,9 +40,9 @@ attention acts on one position, and the attention reads positions s < t only. Th
 excluded on purpose, so position 0 reads nothing: its read-out is LN(0) = 0 in every layer, x only
 gets normalised again, and its logits are a function of the first token alone. Masked scores are 0,
 not -inf (there is no softmax to remove them from). What we do differently from the reference is
-speed only: the RoPE phases are computed once per forward rather than per layer,
-every head runs in one batched matmul, the scores' gradient is one matmul (CausalScores), and generation uses the recurrence instead of re-running
-the whole sequence for every new token.
+speed only: the RoPE phases are computed once per forward rather than per layer, every head runs
+in one batched matmul, the scores' gradient is one matmul (CausalScores), and generation uses the
+recurrence instead of re-running the whole sequence for every new token.
 
 Naming: this file keeps the reference's names on purpose, which are the paper's swapped. encoder
 (D -> neurons) is the paper's D_x, encoder_v (D -> neurons, for the read-out) is D_y, and decoder
