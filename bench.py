@@ -30,15 +30,16 @@ import statistics
 import subprocess
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 import torch
 
+from checkpoint import load_checkpoint, load_model_module, model_from_checkpoint
 from cli import UserError, option_pairs, parse_options
-from train import TrainConfig, configure_optimizer, load_model_module, peak_flops, pick_device
+from device import autocast, peak_flops, pick_device
+from train_config import TrainConfig, configure_optimizer
 
 @dataclass
 class BenchConfig:
@@ -56,7 +57,7 @@ class BenchConfig:
     device: str = "auto"         # auto: cuda, then mps, then cpu
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # as train.py: bf16 on CUDA when supported, float32 on CPU/MPS
     compile: Literal[False, True, "both"] = False  # time the torch.compile'd model; both: each model eager and compiled
-    peak_flops: float = 0.0      # 0: look the GPU up in train.PEAK_FLOPS
+    peak_flops: float = 0.0      # 0: look the GPU up in device.PEAK_FLOPS
     profile: bool = False        # write a torch.profiler trace bench_trace_<model>.json (train mode)
     text: str = "data/shakespeare_char/input.txt"  # tokenize mode: any UTF-8 text
     worker: bool = False         # (used by bench.py itself) one measurement in this process, as a JSON line
@@ -101,10 +102,10 @@ def measure_train(opts, model_args, name, device, dtype):
     step_model = torch.compile(model) if opts.compile is True else model
     B, T, V = opts.batch_size, model.config.block_size, model.config.vocab_size
     x, y = torch.randint(0, V, (B, T), device=device), torch.randint(0, V, (B, T), device=device)
-    autocast = nullcontext() if dtype == "float32" else torch.autocast(device.type, dtype=getattr(torch, dtype))
+    amp = autocast(device, dtype)
 
     def step():
-        with autocast:
+        with amp:
             loss = step_model(x, y)[1]
         loss.backward()
         optimizer.step()
@@ -181,7 +182,6 @@ def measure_generate(opts, model_args, name, device, dtype):
     from sample import generate
     if opts.checkpoints:
         from prepare_data import read_tokens
-        from train import load_checkpoint, model_from_checkpoint
         path = os.path.join(name, "ckpt.pt")
         ckpt = load_checkpoint(path, device)
         model = model_from_checkpoint(ckpt, path).eval()

@@ -31,14 +31,14 @@ import os
 import shutil
 import subprocess
 import sys
-
 from dataclasses import dataclass
 
 import torch
 
+from checkpoint import load_checkpoint, model_from_checkpoint
 from cli import UserError, parse_options, parse_value
 from prepare_data import write_json
-from train import TrainConfig, load_model_module, parse_args
+from train_config import TrainConfig, parse_args
 
 
 @dataclass
@@ -92,11 +92,9 @@ def iterations_for_budget(model, out, args, budget):
 def param_counts(out_dir):
     """(total, non-embedding) parameters. Non-embedding leaves out matrices with a vocab_size
     dimension (token embedding, LM head) and learned position tables, as scaling-law papers do."""
-    ckpt = torch.load(os.path.join(out_dir, "ckpt.pt"), map_location="cpu", weights_only=True)
-    module = load_model_module(ckpt["model_name"])
-    config = module.Config(**ckpt["model_config"])
-    with torch.device("meta"):
-        model = module.Model(config)
+    path = os.path.join(out_dir, "ckpt.pt")
+    model = model_from_checkpoint(load_checkpoint(path), path, weights=False)
+    config = model.config
     total = sum(p.numel() for p in model.parameters())
     embedding = {id(p) for p in model.parameters() if config.vocab_size in p.shape}
     embedding |= {id(m.weight) for m in model.modules()

@@ -17,7 +17,6 @@ that looks complete; rerunning the same command resumes a partial download.
 """
 import dataclasses
 import gzip
-import hashlib
 import json
 import multiprocessing
 import os
@@ -28,18 +27,15 @@ from collections import deque
 from dataclasses import dataclass
 
 import numpy as np
-import requests
 
 from cli import UserError, options_help, parse_options
+from hub import download
+from tokenizer import GPT2, bpe_encoding, check_option, describe, get_tokenizer
 
 MAGIC, VERSION, HEADER_INTS = 20261122, 1, 256  # header: 256 int32 = 1024 bytes
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"  # 1,115,394 bytes
-# GPT-2's BPE. tiktoken's "r50k_base" has the same ranks, pattern and <|endoftext|> (50256) as its
-# "gpt2" encoding, and is one file (so an offline TIKTOKEN_CACHE_DIR can hold it).
-BPE_ENCODING = "r50k_base"
-BPE_VOCAB_SIZE = 50304  # 50257 padded to a multiple of 64 (faster matmuls; the extra rows never occur)
 
 
 # -----------------------------------------------------------------------------
@@ -94,137 +90,21 @@ def write_json(path, obj):
 
 
 # -----------------------------------------------------------------------------
-# tokenizers: meta.json's "tokenizer" entry says which one, and train.py stores it in checkpoints
-
-def get_tokenizer(desc):
-    """(encode, decode) for a tokenizer description from meta.json or a checkpoint."""
-    if desc["kind"] == "char":
-        chars = desc["chars"]
-        stoi = {c: i for i, c in enumerate(chars)}
-
-        def encode(text):
-            missing = sorted(set(text) - set(stoi))
-            if missing:
-                raise UserError(f"characters {''.join(missing)!r} are not in this model's vocabulary")
-            return [stoi[c] for c in text]
-
-        return encode, lambda ids: "".join(chars[i] for i in ids)
-    if desc["kind"] == "tiktoken" and "ranks" in desc:  # a pretrained checkpoint's own BPE
-        import pretrained
-        return pretrained.tiktoken_encoding(desc)
-    if desc["kind"] == "wordpiece":  # BERT's, for the DAWN-39M checkpoint
-        import pretrained
-        return pretrained.wordpiece_encoding(desc)
-    if desc["kind"] == "tiktoken":
-        enc = bpe_encoding(desc["encoding"])
-        return enc.encode_ordinary, lambda ids: enc.decode([i for i in ids if i < enc.n_vocab])
-    raise UserError(f"unknown tokenizer {desc!r}")
-
-
-def bpe_encoding(name):
-    import tiktoken
-    try:
-        return tiktoken.get_encoding(name)
-    except requests.RequestException as e:  # tiktoken fetches its BPE file on first use
-        raise UserError(f"tiktoken could not download the {name} BPE ({e.__class__.__name__}); connect "
-                        f"to the internet once, or point TIKTOKEN_CACHE_DIR at a cache holding it") from None
-
-
-# -----------------------------------------------------------------------------
-# download
-
-def download(url, path, sha256=None, retries=5, local_hint="use a local copy with --input=FILE"):
-    """Stream url to path: progress on stderr, resume of a partial file with an HTTP Range request,
-    retries with exponential backoff, sha256 check, then rename into place."""
-    part = path + ".part"
-    for attempt in range(retries):
-        have = os.path.getsize(part) if os.path.exists(part) else 0
-        try:
-            with requests.get(url, stream=True, timeout=30,
-                              headers={"Range": f"bytes={have}-"} if have else {}) as r:
-                if have and r.status_code == 200:  # the server ignored the Range: start over
-                    have = 0
-                elif r.status_code == 416:  # nothing left to send: the partial file is complete
-                    break
-                if 400 <= r.status_code < 500:
-                    raise UserError(f"HTTP {r.status_code} for {url}; check the address, or {local_hint}")
-                r.raise_for_status()
-                total = have + int(r.headers.get("Content-Length", 0))
-                with open(part, "ab" if have else "wb") as f:
-                    _stream(r, f, have, total, os.path.basename(path))
-            break
-        except (requests.ConnectionError, requests.Timeout, requests.HTTPError,
-                requests.exceptions.ChunkedEncodingError) as e:
-            if attempt == retries - 1:
-                raise UserError(f"downloading {url} failed {retries} times ({e.__class__.__name__}); check "
-                                f"the network and rerun to resume, or {local_hint}") from None
-            wait = 2 ** attempt
-            print(f"{e.__class__.__name__} while downloading {url}; retrying in {wait}s", file=sys.stderr)
-            time.sleep(wait)
-    if sha256 is not None:
-        digest = file_sha256(part)
-        if digest != sha256:
-            os.remove(part)
-            raise UserError(f"{url} downloaded with sha256 {digest[:12]}..., expected {sha256[:12]}...; "
-                            f"the partial file was deleted, rerun to download it again")
-    os.replace(part, path)
-
-
-def _stream(response, f, have, total, label):
-    start, last, got = time.time(), 0.0, 0
-    try:
-        for chunk in response.iter_content(chunk_size=1 << 16):
-            try:
-                f.write(chunk)
-            except OSError as e:
-                raise UserError(f"could not write {f.name}: {e.strerror} (is the disk full?); free some "
-                                f"space and rerun to resume") from None
-            got += len(chunk)
-            now = time.time()
-            if now - last > 0.5 or (total and have + got >= total):
-                last = now
-                rate = got / max(now - start, 1e-9) / 2**20
-                size = f"{(have + got) / 2**20:.1f}/{total / 2**20:.1f} MiB" if total else f"{(have + got) / 2**20:.1f} MiB"
-                print(f"\r{label}: {size} {rate:.1f} MiB/s", end="", file=sys.stderr, flush=True)
-    finally:
-        print(file=sys.stderr)
-
-
-def file_sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-# -----------------------------------------------------------------------------
 # datasets
 
 def prepare_text(out_dir, text, tokenizer):
-    """Tokenize one text: first 90% train, last 10% val (nanoGPT's split), plus meta.json."""
-    if tokenizer == "char":
-        chars = "".join(sorted(set(text)))
-        desc, vocab_size = {"kind": "char", "chars": chars}, len(chars)
-    elif tokenizer.startswith("hf:"):  # to fine-tune that checkpoint (train.py --init_from=hf:...)
-        import pretrained
-        desc = pretrained.tokenizer_descriptor(tokenizer[3:])
-        vocab_size = max([len(desc["ranks"].split(" ")), *[i + 1 for i in desc["special"].values()]])
-    elif tokenizer.startswith("wordpiece:"):  # a vocab.txt, to fine-tune DAWN-39M (train.py --init_from=FILE)
-        import pretrained
-        desc = pretrained.wordpiece_descriptor(tokenizer[len("wordpiece:"):])
-        vocab_size = len(desc["vocab"].split("\n"))
-    else:
-        desc, vocab_size = {"kind": "tiktoken", "encoding": BPE_ENCODING}, BPE_VOCAB_SIZE
-    encode, _ = get_tokenizer(desc)
+    """Tokenize one text with the --tokenizer option `tokenizer` (tokenizer.py): first 90% train,
+    last 10% val (nanoGPT's split), plus meta.json."""
+    desc = describe(tokenizer, text)
+    tok = get_tokenizer(desc)
     n = int(0.9 * len(text))
-    train, val = encode(text[:n]), encode(text[n:])
+    train, val = tok.encode(text[:n]), tok.encode(text[n:])
     if len(val) < 2:
         raise UserError("the text is too short to split into train and val")
     write_tokens(os.path.join(out_dir, "train.bin"), train)
     write_tokens(os.path.join(out_dir, "val.bin"), val)
-    write_json(os.path.join(out_dir, "meta.json"), {"vocab_size": vocab_size, "tokenizer": desc})
-    print(f"{out_dir}: vocabulary {vocab_size:,}, train {len(train):,} tokens, val {len(val):,} tokens")
+    write_json(os.path.join(out_dir, "meta.json"), {"vocab_size": tok.vocab_size, "tokenizer": desc})
+    print(f"{out_dir}: vocabulary {tok.vocab_size:,}, train {len(train):,} tokens, val {len(val):,} tokens")
 
 
 def prepare_shakespeare(out_dir, tokenizer, input="", url=SHAKESPEARE_URL):
@@ -268,7 +148,7 @@ def c4_file(split, i):
 
 def encode_documents(docs):
     """<|endoftext|> + tokens for each document, as one uint16 array (runs in a worker process)."""
-    enc = bpe_encoding(BPE_ENCODING)
+    enc = bpe_encoding(GPT2["encoding"])
     eot = np.array([enc.eot_token], dtype=np.uint16)
     return np.concatenate([part for ids in enc.encode_ordinary_batch(docs, num_threads=1)
                            for part in (eot, np.array(ids, dtype=np.uint16))])
@@ -349,7 +229,7 @@ def prepare_c4(out_dir, tokens=0, shards=0, val_shards=1, base_url=C4_URL, procs
         total += ensure("train", i)
         i += 1
     write_json(os.path.join(out_dir, "meta.json"),
-               {"vocab_size": BPE_VOCAB_SIZE, "tokenizer": {"kind": "tiktoken", "encoding": BPE_ENCODING}})
+               {"vocab_size": get_tokenizer(GPT2).vocab_size, "tokenizer": GPT2})
     print(f"{out_dir}: {i} train shards, {total:,} train tokens, {val_shards} val shards")
 
 
@@ -396,11 +276,9 @@ def prepare(dataset, data_dir="data", name="", **options):
     if dataset == "c4":
         prepare_c4(out_dir, **options)
     else:
-        tokenizer = options.pop("tokenizer", "gpt2")
-        if dataset == "shakespeare" and tokenizer != "gpt2" and not tokenizer.startswith(("hf:", "wordpiece:")):
-            raise UserError(f"--tokenizer={tokenizer}: use gpt2, hf:OWNER/NAME (a Qwen2 or Doge checkpoint's tokenizer) "
-                            f"or wordpiece:PATH/vocab.txt or wordpiece:hf:OWNER/NAME (a BERT vocabulary)")
-        prepare_shakespeare(out_dir, "char" if dataset == "shakespeare_char" else tokenizer, **options)
+        tokenizer = "char" if dataset == "shakespeare_char" else options.pop("tokenizer", "gpt2")
+        check_option(tokenizer)  # before any download
+        prepare_shakespeare(out_dir, tokenizer, **options)
     return out_dir
 
 

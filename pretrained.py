@@ -1,11 +1,15 @@
 """
-Pretrained checkpoints from the Hugging Face Hub: Qwen2 / Qwen2.5 as our GPT, MoD or DTF, and
-SmallDoge's Doge (transformers' DogeForCausalLM, model_type doge) as our Doge.
+Pretrained weights as our models: Qwen2 / Qwen2.5 from the Hugging Face Hub as our GPT, MoD or DTF,
+SmallDoge's Doge (transformers' DogeForCausalLM, model_type doge) as our Doge, and the DAWN authors'
+published DAWN-39M checkpoint as our DAWN. train.py --init_from=hf:OWNER/NAME or =FILE calls
+from_pretrained; the files come through hub.py, the tokenizers are tokenizer.py's.
 
     python prepare_data.py shakespeare --tokenizer=hf:Qwen/Qwen2.5-0.5B --name=shakespeare_qwen
     python train.py --model=mod --init_from=hf:Qwen/Qwen2.5-0.5B --dataset=shakespeare_qwen
     python prepare_data.py shakespeare --tokenizer=hf:SmallDoge/Doge-20M --name=shakespeare_doge
     python train.py --model=doge --init_from=hf:SmallDoge/Doge-20M --dataset=shakespeare_doge [--is_moe=True]
+    python prepare_data.py shakespeare --tokenizer=wordpiece:hf:google-bert/bert-base-uncased --name=shakespeare_bert
+    python train.py --model=dawn --init_from=PATH/dawn_39m_weights.pt --dataset=shakespeare_bert
 
 Transfer learning as in the Dynamic-Transformers reference: layer i of the checkpoint becomes our
 block i (MoD: routed layers wrap a Block; DTF: pair p holds layers 2p and 2p+1 as its decision and
@@ -14,132 +18,82 @@ thresholds, DTF's priors and gate scalars) keeps its fresh init. Doge's layer i 
 under the same leaf names; with --is_moe=True a dense Doge is upcycled as the Doge authors continue
 their MoE models from dense ones: each dense MLP becomes the shared (dense) part of a CDMoE, whose
 router and private experts start fresh.
-
-Files come from $DYNLM_HF_URL (default https://huggingface.co)/<repo>/resolve/main/<file> into
-$DYNLM_CACHE (default ~/.cache/dynamic-lm)/hf/<repo>/, through prepare_data.download (resume,
-progress, rename into place). Each file's sha256 is checked against the hub's X-Linked-Etag when
-it sends one (its LFS files), and is recorded next to the file so that a reused file is checked too.
-No transformers and no safetensors package: the format is simple enough to read here (read_safetensors),
-and the tokenizer is tiktoken with the checkpoint's own byte-level BPE (tokenizer_descriptor).
 """
-import base64
 import json
 import math
 import os
 import re
-import unicodedata
 
-import numpy as np
-import requests
 import torch
 
+from checkpoint import load_model_module
 from cli import UserError
-from prepare_data import download, file_sha256
-
-HF_URL = "https://huggingface.co"
-
-
-def cache_dir(repo):
-    root = os.environ.get("DYNLM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "dynamic-lm")
-    return os.path.join(root, "hf", *repo.split("/"))
+from hub import fetch_file, fetch_weights, read_safetensors
+from tokenizer import describe, get_tokenizer, same_tokenizer
 
 
-# -----------------------------------------------------------------------------
-# download
-
-def check_repo(repo):
-    if not re.fullmatch(r"[\w.-]+/[\w.-]+", repo):
-        raise UserError(f"hf:{repo} is not a Hugging Face repo id; write it as hf:OWNER/NAME, e.g. hf:Qwen/Qwen2.5-0.5B")
-
-
-def fetch_file(repo, name, required=True):
-    """Local path of <repo>/<name>, downloaded on first use; None if the hub has no such file and
-    required is False."""
-    check_repo(repo)
-    path = os.path.join(cache_dir(repo), name)
-    record = path + ".sha256"
-    if os.path.exists(path) and os.path.exists(record):
-        with open(record) as f:
-            expected = f.read().strip()
-        if file_sha256(path) == expected:
-            return path
-        os.remove(path)  # damaged since it was downloaded: fetch it again
-    url = f"{os.environ.get('DYNLM_HF_URL', HF_URL).rstrip('/')}/{repo}/resolve/main/{name}"
-    status, sha256 = probe(url)
-    if status == 404 and not required:
-        return None
-    if status in (401, 403, 404):
-        raise UserError(f"{url}: HTTP {status}; check the repo id (only public repos can be downloaded)")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    download(url, path, sha256=sha256, local_hint=f"put the file at {path} and its sha256 in {record}")
-    with open(record + ".tmp", "w") as f:
-        f.write(file_sha256(path) + "\n")
-    os.replace(record + ".tmp", record)
-    return path
+def from_pretrained(cfg, overrides, meta, weights=True):
+    """Our model cfg.model with the weights cfg.init_from names: hf:OWNER/NAME (Qwen2 or Doge) or a DAWN
+    reference checkpoint file. The checkpoint fixes the shapes (overrides, the command line's model
+    options, may set the rest), and the dataset (meta: its meta.json) must be in its tokenizer.
+    weights=False leaves the fresh init (under DDP the other processes receive rank 0's weights)."""
+    module = load_model_module(cfg.model)
+    if cfg.init_from.startswith("hf:"):
+        repo = cfg.init_from[3:]
+        fields = model_fields(repo, overrides, meta["vocab_size"], cfg.model)
+        if not same_tokenizer(meta["tokenizer"], describe(cfg.init_from)):
+            raise UserError(f"dataset {cfg.dataset} was not tokenized with hf:{repo}'s tokenizer; prepare it "
+                            f"with: python prepare_data.py shakespeare --tokenizer=hf:{repo} --name=NAME")
+        model = module.Model(module.Config(**fields))
+        if weights:
+            fresh = load_weights(model, cfg.model, repo)
+            print(f"loaded hf:{repo}" + (f"; fresh: {', '.join(fresh)}" if fresh else ""))
+        return model
+    path = cfg.init_from
+    config, state = read_dawn_checkpoint(path)
+    fields = dawn_model_fields(path, config, state, overrides, meta["vocab_size"])
+    desc = meta["tokenizer"]  # a WordPiece vocabulary of the checkpoint's size
+    if desc["kind"] != "wordpiece" or get_tokenizer(desc).vocab_size != fields["vocab_size"]:
+        raise UserError(f"dataset {cfg.dataset} was not tokenized with a {fields['vocab_size']:,}-token WordPiece "
+                        f"vocabulary (DAWN-39M uses bert-base-uncased's); prepare it with: python prepare_data.py "
+                        f"shakespeare --tokenizer=wordpiece:hf:google-bert/bert-base-uncased --name=NAME")
+    model = module.Model(module.Config(**fields))
+    if weights:
+        load_dawn_weights(model, path, state)
+        print(f"loaded {path}")
+    return model
 
 
-def probe(url):
-    """(HTTP status, sha256 or None) of url without following the hub's redirect to its CDN: for an
-    LFS file the hub answers 302 with the file's sha256 as X-Linked-Etag (ETag on the CDN is not it)."""
-    try:
-        with requests.get(url, stream=True, allow_redirects=False, timeout=30) as r:
-            etag = (r.headers.get("X-Linked-Etag") or r.headers.get("ETag") or "").strip('W/"')
-            return r.status_code, etag if re.fullmatch(r"[0-9a-f]{64}", etag) else None
-    except requests.RequestException:
-        return None, None  # download() retries and reports the network problem
+def checked_fields(source, fields, overrides, dataset_vocab_size, max_positions, positions="positions"):
+    """fields (what the weights fix) with the command line's overrides for the rest, and block_size:
+    the command line's, else the checkpoint's up to 1024, never past its max_positions."""
+    fixed = sorted(set(overrides) & set(fields))
+    if fixed:
+        raise UserError(f"--{fixed[0]} is fixed by {source}'s weights; drop it")
+    if dataset_vocab_size > fields["vocab_size"]:
+        raise UserError(f"the dataset's vocabulary ({dataset_vocab_size:,}) is larger than {source}'s embedding "
+                        f"({fields['vocab_size']:,})")
+    block_size = overrides.get("block_size", min(1024, max_positions))
+    if block_size > max_positions:
+        raise UserError(f"--block_size={block_size} is longer than {source}'s {max_positions} {positions}")
+    return {**overrides, **fields, "block_size": block_size}
 
 
-def fetch_weights(repo):
-    """Paths of the checkpoint's safetensors files: model.safetensors, or the shards its index names."""
-    index = fetch_file(repo, "model.safetensors.index.json", required=False)
-    if index is None:
-        return [fetch_file(repo, "model.safetensors")]
-    with open(index) as f:
-        shards = sorted(set(json.load(f)["weight_map"].values()))
-    return [fetch_file(repo, shard) for shard in shards]
-
-
-# -----------------------------------------------------------------------------
-# safetensors: 8-byte little-endian header length n, n bytes of JSON {name: {dtype, shape,
-# data_offsets: [begin, end]}} (offsets relative to the end of the header), then the raw data
-
-# BF16 has no numpy type: its 16 bits are read as int16 and viewed as torch.bfloat16
-SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.int16, "F64": np.float64}
-
-
-def read_safetensors(path):
-    """{name: tensor} viewing a copy-on-write memory map of the file: nothing is read until a tensor
-    is used, so a 1 GB checkpoint costs no memory beyond the model it is copied into."""
-    def bad(why):
-        return UserError(f"{path} is not a readable safetensors file ({why}); delete it and rerun to download it again")
-
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        head = f.read(8)
-        n = int.from_bytes(head, "little") if len(head) == 8 else -1
-        if not 2 <= n <= min(size - 8, 100 << 20):
-            raise bad("bad header length")
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise bad("the header is not JSON") from None
-    header.pop("__metadata__", None)
-    data = np.memmap(path, dtype=np.uint8, mode="c", offset=8 + n) if size > 8 + n else np.zeros(0, np.uint8)
-    tensors = {}
-    for name, info in header.items():
-        try:
-            dtype, shape, (begin, end) = info["dtype"], list(info["shape"]), info["data_offsets"]
-        except (TypeError, KeyError, ValueError):
-            raise bad(f"malformed entry for {name}") from None
-        if dtype not in SAFETENSORS_DTYPES:
-            raise bad(f"{name} has unsupported dtype {dtype}")
-        np_dtype = SAFETENSORS_DTYPES[dtype]
-        if not 0 <= begin <= end <= data.size or end - begin != math.prod(shape) * np.dtype(np_dtype).itemsize:
-            raise bad(f"{name}'s data_offsets do not match its shape or the file size")
-        array = data[begin:end].view(np_dtype).reshape(shape)
-        t = torch.from_numpy(array)
-        tensors[name] = t.view(torch.bfloat16) if dtype == "BF16" else t  # same 16 bits, read as bf16
-    return tensors
+def copy_weights(model, mapped, source):
+    """Copy {our name: tensor} into model (in its parameters' dtype) after checking names, shapes and
+    finiteness; returns the names of our parameters and buffers that mapped does not provide."""
+    state, model_file = model.state_dict(), f"{type(model).__module__}.py"
+    with torch.no_grad():
+        for name, t in mapped.items():
+            if name not in state:
+                raise UserError(f"{model_file} has no {name} for {source}'s weights")
+            if tuple(t.shape) != tuple(state[name].shape):
+                raise UserError(f"{source}: {name} has shape {tuple(t.shape)}, {model_file} expects "
+                                f"{tuple(state[name].shape)}")
+            if not torch.isfinite(t).all():
+                raise UserError(f"{source}: {name} holds inf or nan; download the file again")
+            state[name].copy_(t)  # state_dict tensors share storage with the parameters
+    return set(state) - set(mapped) - {"lm_head.weight"}  # lm_head is tied to wte
 
 
 # -----------------------------------------------------------------------------
@@ -193,16 +147,8 @@ def model_fields(repo, overrides, dataset_vocab_size, model_name=None):
                   n_kv_head=hf.get("num_key_value_heads", hf["num_attention_heads"]), n_embd=hf["hidden_size"],
                   intermediate_size=hf["intermediate_size"], rope_theta=float(hf.get("rope_theta") or rope.get("rope_theta", 1e4)),
                   norm_eps=float(hf["rms_norm_eps"]), qkv_bias=True)
-    fixed = sorted(set(overrides) & set(fields))
-    if fixed:
-        raise UserError(f"--{fixed[0]} is fixed by hf:{repo}'s weights; drop it")
-    if dataset_vocab_size > hf["vocab_size"]:
-        raise UserError(f"the dataset's vocabulary ({dataset_vocab_size:,}) is larger than hf:{repo}'s embedding ({hf['vocab_size']:,})")
-    block_size = overrides.get("block_size", min(1024, hf.get("max_position_embeddings", 1024)))
-    if block_size > hf.get("max_position_embeddings", block_size):
-        raise UserError(f"--block_size={block_size} is longer than hf:{repo} was trained for "
-                        f"({hf['max_position_embeddings']} positions)")
-    return {**overrides, **fields, "block_size": block_size}
+    return checked_fields(f"hf:{repo}", fields, overrides, dataset_vocab_size,
+                          hf.get("max_position_embeddings", math.inf), "positions it was trained for")
 
 
 def layer_prefixes(model_name, n_layer):
@@ -252,16 +198,7 @@ def load_weights(model, model_name, repo):
     except KeyError as e:
         kind = "Doge" if hf["model_type"] == "doge" else "Qwen2"
         raise UserError(f"hf:{repo} lacks the tensor {e.args[0]}; the checkpoint is incomplete or not {kind}") from None
-    state = model.state_dict()
-    with torch.no_grad():
-        for name, t in mapped.items():
-            if name not in state:
-                raise UserError(f"model_{model_name}.py has no {name} for the checkpoint's weights")
-            if tuple(t.shape) != tuple(state[name].shape):
-                raise UserError(f"hf:{repo}: {name} has shape {tuple(t.shape)}, model_{model_name}.py "
-                                f"expects {tuple(state[name].shape)}")
-            state[name].copy_(t)  # state_dict tensors share storage with the parameters
-    fresh = set(state) - set(mapped) - {"lm_head.weight"}
+    fresh = copy_weights(model, mapped, f"hf:{repo}")
     return sorted({re.sub(r"\.\d+\.", ".N.", name) for name in fresh})  # one entry per kind, not per layer
 
 
@@ -307,16 +244,10 @@ def doge_fields(repo, hf, overrides, dataset_vocab_size):
         if overrides.get("is_moe") is False:
             raise UserError(f"hf:{repo} is a CDMoE checkpoint; its experts need is_moe, so drop --is_moe=False")
         overrides = {k: v for k, v in overrides.items() if k != "is_moe"}
-    fixed = sorted(set(overrides) & set(fields))
-    if fixed:
-        raise UserError(f"--{fixed[0]} is fixed by hf:{repo}'s weights; drop it")
-    if dataset_vocab_size > hf["vocab_size"]:
-        raise UserError(f"the dataset's vocabulary ({dataset_vocab_size:,}) is larger than hf:{repo}'s embedding ({hf['vocab_size']:,})")
-    block_size = overrides.get("block_size", min(1024, max_pos))
-    if block_size > max_pos:
-        raise UserError(f"--block_size={block_size} is longer than hf:{repo}'s {max_pos} positions; beyond them its "
-                        f"dynamic NTK RoPE scaling would apply, which model_doge.py does not implement")
-    return {"keep_window_size": hf.get("keep_window_size", 2048), **overrides, **fields, "block_size": block_size}
+    checked = checked_fields(f"hf:{repo}", fields, overrides, dataset_vocab_size, max_pos,
+                             "positions; beyond them its dynamic NTK RoPE scaling would apply, which model_doge.py "
+                             "does not implement")
+    return {"keep_window_size": hf.get("keep_window_size", 2048), **checked}
 
 
 # HF Doge's names inside layer i -> ours inside blocks.i (model_doge keeps HF's leaf names where it can)
@@ -344,91 +275,6 @@ def map_doge_tensors(tensors, n_layer, is_moe):
     return out
 
 
-# -----------------------------------------------------------------------------
-# tokenizer: the checkpoint's byte-level BPE (tokenizer.json) as a tiktoken encoding
-
-def bytes_to_unicode():
-    """GPT-2's byte-level alphabet: every byte as a printable character, as byte-level BPE vocabularies write them."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
-
-
-def tokenizer_descriptor(repo):
-    """A compact, self-contained tokenizer description for meta.json and checkpoints:
-    {"kind": "tiktoken", "name", "pattern", "ranks": base64 tokens in id order, "special", "normalize"}."""
-    path = fetch_file(repo, "tokenizer.json")
-    with open(path, encoding="utf-8") as f:
-        tok = json.load(f)
-    model = tok.get("model") or {}
-    pipeline = json.dumps([tok.get("normalizer"), tok.get("pre_tokenizer"), tok.get("decoder")], ensure_ascii=False)
-    if model.get("byte_fallback") or "Metaspace" in pipeline or "▁" in pipeline:
-        raise UserError(f"hf:{repo}'s tokenizer is a sentencepiece-style BPE (byte fallback, ▁ for spaces); "
-                        f"only byte-level BPE tokenizers (GPT-2, Llama 3, Qwen2, SmallDoge style) are supported")
-    if model.get("type") != "BPE" or not model.get("vocab"):
-        raise UserError(f"hf:{repo}'s tokenizer is not a byte-level BPE ({model.get('type')}); it cannot be used")
-    normalizer = (tok.get("normalizer") or {}).get("type")
-    if normalizer not in (None, "NFC"):
-        raise UserError(f"hf:{repo}'s tokenizer normalizes with {normalizer}; only NFC (Qwen2's) is supported")
-    splits = [p for p in (tok.get("pre_tokenizer") or {}).get("pretokenizers", []) if p.get("type") == "Split"]
-    if len(splits) != 1 or "Regex" not in splits[0].get("pattern", {}):
-        raise UserError(f"hf:{repo}'s tokenizer has no single Split regex pre-tokenizer (Qwen2 has one)")
-    # added tokens (<|endoftext|>, <|begin_of_text|>, ...) are matched in the text before the BPE; Qwen2
-    # numbers them after the vocabulary, SmallDoge's tokenizer first (ids 0..255), inside it
-    special = {t["content"]: t["id"] for t in tok.get("added_tokens", [])}
-    byte_of = {c: b for b, c in bytes_to_unicode().items()}
-    try:
-        vocab = {bytes(byte_of[c] for c in token): i for token, i in model["vocab"].items()
-                 if special.get(token) != i}
-    except KeyError:
-        raise UserError(f"hf:{repo}'s vocabulary is not byte-level") from None
-    # tiktoken merges the adjacent pair whose concatenation has the lowest id; that is HF's BPE only
-    # if every merge's result has a larger id than the merges before it and than every single byte
-    merges = [m.split(" ") if isinstance(m, str) else m for m in model.get("merges", [])]
-    merged = [vocab.get(bytes(byte_of[c] for c in a + b)) for a, b in merges]
-    singles = [i for token, i in vocab.items() if len(token) == 1]
-    if len(singles) != 256 or None in merged or merged != sorted(merged) or (merged and merged[0] < max(singles)):
-        raise UserError(f"hf:{repo}'s BPE ranks do not follow its merges in id order; tiktoken cannot reproduce it")
-    inside = {content: i for content, i in special.items() if model["vocab"].get(content) == i}
-    vocab.update({content.encode(): i for content, i in inside.items()})  # their place in the id order
-    ids = sorted(vocab.values())
-    if ids != list(range(len(ids))) or len(vocab) != len(model["vocab"]):
-        raise UserError(f"hf:{repo}'s vocabulary ids are not 0..{len(model['vocab']) - 1}, each once")
-    by_id = sorted(vocab, key=vocab.get)
-    return {"kind": "tiktoken", "name": f"hf:{repo}", "pattern": splits[0]["pattern"]["Regex"],
-            "ranks": " ".join(base64.b64encode(t).decode() for t in by_id),
-            "special": special, "normalize": normalizer}
-
-
-def same_tokenizer(a, b):
-    """Two descriptors encode alike (the name does not matter: Qwen2.5's sizes share one tokenizer)."""
-    keys = ("kind", "encoding", "pattern", "ranks", "special", "normalize")
-    return all(a.get(k) == b.get(k) for k in keys)
-
-
-def tiktoken_encoding(desc):
-    """(encode, decode) of a descriptor from tokenizer_descriptor. Added tokens such as
-    <|endoftext|> are matched in the text, as Hugging Face's tokenizer does."""
-    import tiktoken
-    special_ids = set(desc["special"].values())  # an added token inside the vocabulary is only special
-    ranks = {base64.b64decode(t): i for i, t in enumerate(desc["ranks"].split(" ")) if i not in special_ids}
-    enc = tiktoken.Encoding(desc["name"], pat_str=desc["pattern"], mergeable_ranks=ranks,
-                            special_tokens=desc["special"])
-
-    def encode(text):
-        if desc["normalize"]:
-            text = unicodedata.normalize(desc["normalize"], text)
-        return enc.encode(text, allowed_special="all")
-
-    return encode, lambda ids: enc.decode([i for i in ids if i < enc.n_vocab])
-
-
 # =============================================================================
 # DAWN-39M: the DAWN authors' published checkpoint (Zenodo record 18060421; madst0614/DAWN, model
 # v17.1 with per-token routing) as our model_dawn.DAWN, and its tokenizer, BERT's uncased WordPiece.
@@ -451,21 +297,20 @@ DAWN_POOL_FIELDS = {  # our Config field: (reference feature-pool key, reference
     "top_k_v": ("top_k_feature_v", "top_k_restore_v"), "top_k_know": ("top_k_feature_know", "top_k_restore_know")}
 DAWN_RENAMED = {"n_layer": "n_layers", "n_head": "n_heads", "n_embd": "d_model", "block_size": "max_seq_len",
                 "vocab_size": "vocab_size", "rank": "rank", "knowledge_rank": "knowledge_rank", "d_space": "d_space"}
-DAWN_FIXED = sorted(set(DAWN_POOL_FIELDS) | set(DAWN_RENAMED) - {"block_size"})  # set by the weights, not the command line
 DAWN_LAYER_PARTS = {"norm1.weight": "attn_norm.weight", "norm1.bias": "attn_norm.bias",
                     "attn.expand_O.weight": "W_O.weight", "norm2.weight": "mlp_norm.weight", "norm2.bias": "mlp_norm.bias"}
 
 
-def is_dawn_checkpoint(init_from):
-    """--init_from names a reference DAWN file (anything but scratch, resume and hf:...)."""
-    return init_from not in ("scratch", "resume") and not init_from.startswith("hf:")
+def check_dawn_file(path):
+    """--init_from=path names an existing file (train.py checks it before any data work)."""
+    if not os.path.isfile(path):
+        raise UserError(f"--init_from={path}: no such file; download dawn_39m_weights.pt from "
+                        f"https://zenodo.org/records/18060421 (or use scratch, resume or hf:OWNER/NAME)")
 
 
 def read_dawn_checkpoint(path):
     """(config, state_dict) of a reference DAWN checkpoint, loaded as data only (weights_only)."""
-    if not os.path.isfile(path):
-        raise UserError(f"--init_from={path}: no such file; download dawn_39m_weights.pt from "
-                        f"https://zenodo.org/records/18060421 (or use scratch, resume or hf:OWNER/NAME)")
+    check_dawn_file(path)
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # weights_only refuses pickled code as well as broken files
@@ -502,9 +347,6 @@ def dawn_model_fields(path, config, state, overrides, dataset_vocab_size):
     What the tensors cannot say (heads, how f_neurons splits into Q/K and V, top-k) a file without a
     config takes from the dawn-39m preset if its shapes are that model's."""
     import model_dawn
-    fixed = sorted(set(overrides) & set(DAWN_FIXED))
-    if fixed:
-        raise UserError(f"--{fixed[0]} is fixed by {path}'s weights; drop it")
     try:
         seen = {"vocab_size": state["token_emb.weight"].shape[0], "n_embd": state["token_emb.weight"].shape[1],
                 "block_size": state["pos_emb.weight"].shape[0], "rank": state["shared_neurons.f_neurons"].shape[2],
@@ -538,15 +380,11 @@ def dawn_model_fields(path, config, state, overrides, dataset_vocab_size):
         if fields[field] != value:
             raise UserError(f"{path}: its config says {field} = {fields[field]}, its tensors {value}; the file is inconsistent")
     del fields["n_qk+n_v"]
-    if dataset_vocab_size > fields["vocab_size"]:
-        raise UserError(f"the dataset's vocabulary ({dataset_vocab_size:,}) is larger than {path}'s embedding "
-                        f"({fields['vocab_size']:,})")
-    block_size = overrides.get("block_size", fields["block_size"])
-    if block_size > fields["block_size"]:
-        raise UserError(f"--block_size={block_size} is longer than {path}'s {fields['block_size']} learned positions")
+    max_positions = fields.pop("block_size")  # wpe's rows: our block_size may be shorter
+    checked = checked_fields(path, fields, overrides, dataset_vocab_size, max_positions, "learned positions")
     defaults = {"dropout": float(config.get("dropout", preset["dropout"])),
                 "router_dropout": float(config.get("router_dropout", preset["router_dropout"]))}
-    return {**defaults, **overrides, **fields, "block_size": block_size}
+    return {**defaults, **checked}
 
 
 def map_dawn_tensors(state, n_qk, n_v, n_layer):
@@ -589,145 +427,6 @@ def load_dawn_weights(model, path, state):
     except KeyError as e:
         raise UserError(f"{path} lacks the tensor {e.args[0]}; the checkpoint is incomplete or not DAWN v17.1") from None
     mapped["wpe.weight"] = mapped["wpe.weight"][:c.block_size]
-    ours = model.state_dict()
-    with torch.no_grad():
-        for name, t in mapped.items():
-            if tuple(t.shape) != tuple(ours[name].shape):
-                raise UserError(f"{path}: {name} has shape {tuple(t.shape)}, model_dawn.py expects {tuple(ours[name].shape)}")
-            if not torch.isfinite(t).all():
-                raise UserError(f"{path}: {name} holds inf or nan; download the file again")
-            ours[name].copy_(t)  # state_dict tensors share storage with the parameters
-    missing = set(ours) - set(mapped) - {"lm_head.weight"}
+    missing = copy_weights(model, mapped, path)
     if missing:  # model_dawn.py grew a parameter this mapping does not know
         raise UserError(f"the checkpoint provides no {sorted(missing)[0]} for model_dawn.py")
-
-
-def check_dawn_tokenizer(desc, vocab_size, dataset):
-    """The dataset must be tokenized with a WordPiece vocabulary of the checkpoint's size."""
-    if desc.get("kind") != "wordpiece" or len(desc["vocab"].split("\n")) != vocab_size:
-        raise UserError(f"dataset {dataset} was not tokenized with a {vocab_size:,}-token WordPiece vocabulary "
-                        f"(DAWN-39M uses bert-base-uncased's); prepare it with: python prepare_data.py shakespeare "
-                        f"--tokenizer=wordpiece:hf:google-bert/bert-base-uncased --name=NAME")
-
-
-# -----------------------------------------------------------------------------
-# BERT's WordPiece (what the DAWN reference tokenized C4 with: bert-base-uncased, no special tokens)
-#
-# Basic tokenization, then WordPiece on each word:
-# - drop NUL, U+FFFD and control/format characters; every whitespace character is a separator;
-# - every CJK ideograph is a word of its own; NFC;
-# - per whitespace-separated token: lowercase, strip accents (NFD, drop the combining marks),
-#   then every punctuation character (ASCII symbols included) becomes a word of its own;
-# - WordPiece: the longest vocabulary entry that prefixes the word, then the longest "##" entry
-#   for the rest, and so on; a word longer than 100 characters, or one that cannot be covered so,
-#   is [UNK] as a whole.
-# [PAD], [UNK], [CLS], [SEP] and [MASK] written in the text are those tokens.
-
-WORDPIECE_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
-CJK_RANGES = ((0x4E00, 0x9FFF), (0x3400, 0x4DBF), (0x20000, 0x2A6DF), (0x2A700, 0x2B73F), (0x2B740, 0x2B81F),
-              (0x2B820, 0x2CEAF), (0xF900, 0xFAFF), (0x2F800, 0x2FA1F))
-MAX_WORD_CHARS = 100
-
-
-def wordpiece_descriptor(source):
-    """{"kind": "wordpiece", "name", "vocab": the tokens in id order, one a line, "lowercase"} of a
-    vocab.txt: source is its path, or hf:OWNER/NAME for that repo's vocab.txt on the Hugging Face Hub."""
-    path = fetch_file(source[3:], "vocab.txt") if source.startswith("hf:") else source
-    try:
-        with open(path, encoding="utf-8") as f:
-            tokens = f.read().split("\n")
-    except OSError as e:
-        raise UserError(f"cannot read the WordPiece vocabulary {path}: {e.strerror}") from None
-    except UnicodeDecodeError:
-        raise UserError(f"{path} is not UTF-8 text; a WordPiece vocab.txt holds one token a line") from None
-    if tokens and tokens[-1] == "":
-        tokens.pop()  # the final newline
-    tokens = [t.rstrip("\r") for t in tokens]
-    bad = [i for i, t in enumerate(tokens) if not t or any(c.isspace() for c in t)]
-    if bad:
-        raise UserError(f"{path}: line {bad[0] + 1} is empty or has spaces; a WordPiece vocab.txt holds one token a line")
-    if "[UNK]" not in tokens:
-        raise UserError(f"{path} has no [UNK] token; it is not a WordPiece vocab.txt")
-    # an uncased vocabulary (bert-base-uncased) has no capital letters outside its [SPECIAL] tokens
-    lowercase = not any(c.isupper() for t in tokens if not (t.startswith("[") and t.endswith("]")) for c in t)
-    return {"kind": "wordpiece", "name": source, "vocab": "\n".join(tokens), "lowercase": lowercase}
-
-
-def _is_punctuation(ch):
-    cp = ord(ch)
-    return 33 <= cp <= 47 or 58 <= cp <= 64 or 91 <= cp <= 96 or 123 <= cp <= 126 or unicodedata.category(ch)[0] == "P"
-
-
-def basic_words(text, lowercase=True):
-    """The words of text before WordPiece (see the section comment)."""
-    kept = []
-    for ch in text:
-        cp = ord(ch)
-        if ch in " \t\n\r" or unicodedata.category(ch) == "Zs":
-            kept.append(" ")
-        elif cp == 0 or cp == 0xFFFD or unicodedata.category(ch)[0] == "C":
-            continue
-        elif any(lo <= cp <= hi for lo, hi in CJK_RANGES):
-            kept.append(f" {ch} ")
-        else:
-            kept.append(ch)
-    words = []
-    for token in unicodedata.normalize("NFC", "".join(kept)).split():
-        if lowercase:
-            token = "".join(c for c in unicodedata.normalize("NFD", token.lower()) if unicodedata.category(c) != "Mn")
-        word = ""
-        for ch in token:
-            if _is_punctuation(ch):
-                words += [word, ch] if word else [ch]
-                word = ""
-            else:
-                word += ch
-        if word:
-            words.append(word)
-    return words
-
-
-def wordpiece_encoding(desc):
-    """(encode, decode) of a descriptor from wordpiece_descriptor."""
-    tokens = desc["vocab"].split("\n")
-    vocab = {t: i for i, t in enumerate(tokens)}  # a repeated token: its last line, as BertTokenizer
-    unk = vocab["[UNK]"]
-    specials = [t for t in WORDPIECE_SPECIALS if t in vocab]
-    split_specials = re.compile("(" + "|".join(map(re.escape, specials)) + ")")
-    cache = {}
-
-    def word_ids(word):
-        if len(word) > MAX_WORD_CHARS:
-            return [unk]
-        ids, start = [], 0
-        while start < len(word):
-            for end in range(len(word), start, -1):
-                piece = word[start:end] if start == 0 else "##" + word[start:end]
-                if piece in vocab:
-                    ids.append(vocab[piece])
-                    start = end
-                    break
-            else:
-                return [unk]
-        return ids
-
-    def encode(text):
-        ids = []
-        for i, part in enumerate(split_specials.split(text)):
-            if i % 2:  # a special token written in the text
-                ids.append(vocab[part])
-                continue
-            for word in basic_words(part, desc["lowercase"]):
-                if word not in cache:
-                    cache[word] = word_ids(word)
-                ids += cache[word]
-        return ids
-
-    def decode(ids):
-        text = " ".join(tokens[i] for i in ids if i < len(tokens)).replace(" ##", "")
-        for before, after in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
-                              (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
-            text = text.replace(before, after)  # undo the spaces WordPiece put around punctuation
-        return text
-
-    return encode, decode

@@ -16,9 +16,10 @@ from typing import Literal
 
 import torch
 
+from checkpoint import load_checkpoint, model_from_checkpoint
 from cli import UserError, parse_options
-from prepare_data import get_tokenizer
-from train import load_checkpoint, model_from_checkpoint, pick_device
+from device import autocast, pick_device
+from tokenizer import get_tokenizer
 
 
 @dataclass
@@ -95,19 +96,17 @@ def main(argv):
     ckpt = load_checkpoint(path, device)
     model = model_from_checkpoint(ckpt, path)
     model.eval().to(device)
-    encode, decode = get_tokenizer(ckpt["tokenizer"])
-    idx = torch.tensor([encode(start)], dtype=torch.long, device=device)
+    tokenizer = get_tokenizer(ckpt["tokenizer"])
+    idx = torch.tensor([tokenizer.encode(start)], dtype=torch.long, device=device)
     if idx.size(1) == 0:
         raise UserError("the prompt is empty; give at least one character with --start")
 
     torch.manual_seed(opts.seed)
-    ptdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-    autocast = torch.autocast(device.type, dtype=ptdtype, enabled=dtype != "float32")
-    with autocast:  # all samples at once: one batch of num_samples rows
+    with autocast(device, dtype):  # all samples at once: one batch of num_samples rows
         out = generate(model, idx.expand(opts.num_samples, -1), opts.max_new_tokens,
                        temperature=opts.temperature, top_k=opts.top_k or None, crop=opts.crop)
     for row in out.tolist():
-        print(decode(row))
+        print(tokenizer.decode(row))
         print("---------------")
 
 

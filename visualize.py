@@ -27,10 +27,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from checkpoint import load_checkpoint, model_from_checkpoint
 from cli import UserError, parse_options
-from prepare_data import get_tokenizer
+from device import pick_device
 from sample import read_text_option
-from train import load_checkpoint, model_from_checkpoint, pick_device
+from tokenizer import get_tokenizer
 
 
 @dataclass
@@ -398,7 +399,8 @@ def main(argv):
     path = f"{opts.out_dir}/ckpt.pt"
     ckpt = load_checkpoint(path, device)
     model = model_from_checkpoint(ckpt, path).eval().to(device)
-    encode, decode = get_tokenizer(ckpt["tokenizer"])
+    tokenizer = get_tokenizer(ckpt["tokenizer"])
+    encode, decode = tokenizer.encode, tokenizer.decode
     ids = encode(text)
     if not ids:
         raise UserError("the text is empty; give at least one token with --text")

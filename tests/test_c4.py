@@ -10,10 +10,11 @@ import sys
 import numpy as np
 import pytest
 
-import prepare_data
+import hub
 from cli import UserError
 from conftest import ROOT, make_text
 from prepare_data import c4_file, prepare, read_tokens
+from tokenizer import GPT2, bpe_encoding
 
 
 def c4_gzip(docs):
@@ -32,7 +33,7 @@ def docs_for(split, i, n=60):
 
 @pytest.fixture
 def c4_server(file_server, tiktoken_cache, monkeypatch):
-    monkeypatch.setattr(prepare_data.time, "sleep", lambda s: None)  # no backoff waits in tests
+    monkeypatch.setattr(hub.time, "sleep", lambda s: None)  # no backoff waits in tests
     for split, count in (("train", 3), ("val", 1)):
         for i in range(count):
             file_server.files["/" + c4_file(split, i)] = c4_gzip(docs_for(split, i))
@@ -40,7 +41,7 @@ def c4_server(file_server, tiktoken_cache, monkeypatch):
 
 
 def expected_tokens(docs):
-    enc = prepare_data.bpe_encoding(prepare_data.BPE_ENCODING)
+    enc = bpe_encoding(GPT2["encoding"])
     return [t for d in docs for t in [enc.eot_token] + enc.encode_ordinary(d)]
 
 

@@ -8,10 +8,10 @@ import sys
 
 import pytest
 
+from checkpoint import available_models
 from compare import loss_at, mean_std, read_log, verdicts
 from conftest import ROOT, assert_one_line_error, make_text
 from prepare_data import prepare
-from train import available_models
 
 
 def test_compare_two_models(tmp_path):

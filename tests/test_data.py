@@ -8,10 +8,13 @@ import sys
 import numpy as np
 import pytest
 
+import hub
 import prepare_data
 from cli import UserError
 from conftest import ROOT, assert_one_line_error, make_text
-from prepare_data import download, get_tokenizer, prepare, read_tokens, write_tokens
+from hub import download
+from prepare_data import prepare, read_tokens, write_tokens
+from tokenizer import GPT2, get_tokenizer
 
 
 def test_token_file_round_trip_and_header_checks(tmp_path):
@@ -44,12 +47,13 @@ def test_prepare_char_from_local_file(tmp_path):
     assert meta == {"vocab_size": len(chars), "tokenizer": {"kind": "char", "chars": chars}}
     train, val = read_tokens(os.path.join(out, "train.bin")), read_tokens(os.path.join(out, "val.bin"))
     assert len(train) == 4500 and len(val) == 500  # nanoGPT's 90/10 split
-    _, decode = get_tokenizer(meta["tokenizer"])
+    decode = get_tokenizer(meta["tokenizer"]).decode
     assert decode(train.tolist()) + decode(val.tolist()) == text
 
 
 def test_char_tokenizer_rejects_unknown_characters():
-    encode, decode = get_tokenizer({"kind": "char", "chars": "ab\n"})
+    tok = get_tokenizer({"kind": "char", "chars": "ab\n"})
+    encode, decode = tok.encode, tok.decode
     assert decode(encode("ab\nba")) == "ab\nba"
     with pytest.raises(UserError, match="not in this model's vocabulary"):
         encode("abc")
@@ -77,7 +81,7 @@ def test_download_from_local_server_with_sha256(tmp_path, file_server):
 
 
 def test_download_resumes_after_dropped_connections(tmp_path, file_server, monkeypatch):
-    monkeypatch.setattr(prepare_data.time, "sleep", lambda s: None)  # no backoff waits in tests
+    monkeypatch.setattr(hub.time, "sleep", lambda s: None)  # no backoff waits in tests
     data = make_text(300_000).encode()
     file_server.files["/big.txt"] = data
     file_server.drop_after, file_server.drops = 70_000, 2  # the first two responses break off
@@ -89,7 +93,7 @@ def test_download_resumes_after_dropped_connections(tmp_path, file_server, monke
 
 
 def test_download_errors_are_actionable(tmp_path, file_server, monkeypatch):
-    monkeypatch.setattr(prepare_data.time, "sleep", lambda s: None)
+    monkeypatch.setattr(hub.time, "sleep", lambda s: None)
     with pytest.raises(UserError, match="HTTP 404"):
         download(file_server.url + "/missing.txt", str(tmp_path / "m.txt"))
     file_server.files["/f.txt"] = b"hello world"
@@ -117,7 +121,8 @@ def test_prepare_shakespeare_char_through_download(tmp_path, file_server, shakes
 
 
 def test_gpt2_bpe_offline(tiktoken_cache):
-    encode, decode = get_tokenizer({"kind": "tiktoken", "encoding": prepare_data.BPE_ENCODING})
+    tok = get_tokenizer(GPT2)
+    encode, decode = tok.encode, tok.decode
     assert encode("First Citizen:") == [5962, 22307, 25]  # GPT-2's ids
     assert decode(encode("Hello, world!")) == "Hello, world!"
 

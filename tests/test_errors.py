@@ -122,6 +122,18 @@ def test_lock_refuses_a_second_training_and_takes_over_a_stale_one(data_dir, tmp
     assert ckpt_of(str(out))["iter_num"] == 2 and not (out / "train.lock").exists()
 
 
+def test_init_from_is_checked_before_any_data_work(tmp_path, monkeypatch):
+    """A mistyped --init_from is one line at once, not after preparing (downloading) the default dataset."""
+    monkeypatch.setattr(train, "prepare", lambda *a, **k: pytest.fail("prepares data"))
+    with pytest.raises(UserError, match="--init_from=scrach: no such file; download dawn_39m_weights.pt"):
+        train.main(["--model=dawn", "--init_from=scrach", f"--data_dir={tmp_path}", f"--out_dir={tmp_path / 'o'}"])
+    with pytest.raises(UserError, match="--init_from=scrach: choose scratch, resume or hf:OWNER/NAME"):
+        train.main(["--model=gpt", "--init_from=scrach", f"--data_dir={tmp_path}", f"--out_dir={tmp_path / 'o'}"])
+    with pytest.raises(UserError, match="hf:Qwen2.5-0.5B is not a Hugging Face repo id"):
+        train.main(["--init_from=hf:Qwen2.5-0.5B", f"--data_dir={tmp_path}", f"--out_dir={tmp_path / 'o'}"])
+    assert os.listdir(tmp_path) == []  # no data, no out_dir
+
+
 def test_full_disk_keeps_the_previous_checkpoint(data_dir, trained, monkeypatch):
     before = ckpt_of(trained)
 

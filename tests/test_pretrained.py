@@ -16,7 +16,8 @@ import model_mod
 import pretrained
 from cli import UserError
 from conftest import ROOT, assert_one_line_error, make_text
-from prepare_data import get_tokenizer
+from hub import fetch_file, read_safetensors
+from tokenizer import bpe_descriptor, get_tokenizer, same_tokenizer, upgrade
 
 FIXTURE = os.path.join(ROOT, "tests", "fixtures", "qwen2_tiny")
 EXPECTED = torch.load(os.path.join(FIXTURE, "expected.pt"), weights_only=True)
@@ -86,27 +87,37 @@ def test_mod_dtf_take_every_layer_and_keep_fresh_routers(hub, name):
 
 
 def test_tokenizer_ids_equal_transformers_and_round_trip(hub):
-    desc = pretrained.tokenizer_descriptor("tiny/qwen2")
-    encode, decode = get_tokenizer(json.loads(json.dumps(desc)))  # as read back from meta.json
+    desc = bpe_descriptor("tiny/qwen2")
+    tok = get_tokenizer(json.loads(json.dumps(desc)))  # as read back from meta.json
+    encode, decode = tok.encode, tok.decode
     for text, ids in EXPECTED["ids"].items():
         assert encode(text) == ids, text
         assert decode(ids) == unicodedata.normalize("NFC", text)
     assert desc["special"]["<|endoftext|>"] == 300
 
 
+def test_descriptors_written_before_the_bpe_kind_still_load(hub):
+    """meta.json files and checkpoints from before "bpe" was a kind of its own called it "tiktoken"."""
+    desc = bpe_descriptor("tiny/qwen2")
+    old = {**desc, "kind": "tiktoken"}
+    assert desc["kind"] == "bpe" and upgrade(old) == desc and same_tokenizer(old, desc)
+    for text, ids in EXPECTED["ids"].items():
+        assert get_tokenizer(old).encode(text) == ids, text
+
+
 def test_download_is_cached_and_verified(hub):
-    path = pretrained.fetch_file("tiny/qwen2", "config.json")
+    path = fetch_file("tiny/qwen2", "config.json")
     n = len(hub.requests)
-    assert pretrained.fetch_file("tiny/qwen2", "config.json") == path and len(hub.requests) == n  # reused
+    assert fetch_file("tiny/qwen2", "config.json") == path and len(hub.requests) == n  # reused
     with open(path, "ab") as f:
         f.write(b" ")  # damaged in the cache: its recorded sha256 no longer matches, so it is fetched again
-    assert pretrained.fetch_file("tiny/qwen2", "config.json") == path and len(hub.requests) > n
+    assert fetch_file("tiny/qwen2", "config.json") == path and len(hub.requests) > n
     assert open(path, "rb").read() == read("config.json")
 
 
 def test_sharded_checkpoint(hub):
     # split the fp32 file into two shards with an index, as the hub stores larger checkpoints
-    tensors = pretrained.read_safetensors(os.path.join(FIXTURE, "model.safetensors"))
+    tensors = read_safetensors(os.path.join(FIXTURE, "model.safetensors"))
     names = sorted(tensors)
     shards = {"model-00001-of-00002.safetensors": names[:5], "model-00002-of-00002.safetensors": names[5:]}
     for shard, keys in shards.items():
@@ -134,12 +145,12 @@ def test_bad_checkpoints_give_one_line_errors(hub, tmp_path):
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"\xff" * 64)
     with pytest.raises(UserError, match="not a readable safetensors file .bad header length"):
-        pretrained.read_safetensors(str(bad))
+        read_safetensors(str(bad))
     good = read("model.safetensors")
     n = int.from_bytes(good[:8], "little")
     bad.write_bytes(good[:8 + n] + good[8 + n:-100])  # truncated data
     with pytest.raises(UserError, match="data_offsets do not match"):
-        pretrained.read_safetensors(str(bad))
+        read_safetensors(str(bad))
     config = json.loads(read("config.json"))
     hub.files["/tiny/wide/resolve/main/config.json"] = json.dumps({**config, "intermediate_size": 96}).encode()
     hub.files["/tiny/wide/resolve/main/model.safetensors"] = read("model.safetensors")
@@ -156,7 +167,7 @@ def test_bad_checkpoints_give_one_line_errors(hub, tmp_path):
     with pytest.raises(UserError, match="fixed by hf:tiny/qwen2's weights"):
         pretrained.model_fields("tiny/qwen2", {"n_layer": 4}, 0)
     with pytest.raises(UserError, match="not a Hugging Face repo id"):
-        pretrained.fetch_file("Qwen2.5-0.5B", "config.json")
+        fetch_file("Qwen2.5-0.5B", "config.json")
 
 
 def run(script, *args, env):

@@ -13,7 +13,7 @@ import pretrained
 from cli import UserError
 from test_pretrained import run
 from conftest import ROOT, assert_one_line_error, make_text
-from prepare_data import get_tokenizer
+from tokenizer import get_tokenizer, wordpiece_descriptor
 
 FIXTURE = os.path.join(ROOT, "tests", "fixtures", "dawn_tiny")
 WEIGHTS = os.path.join(FIXTURE, "dawn_tiny_weights.pt")
@@ -89,9 +89,10 @@ def test_the_39m_config_is_our_preset():
 
 
 def test_wordpiece_ids_equal_bert_tokenizer():
-    desc = pretrained.wordpiece_descriptor(VOCAB)
+    desc = wordpiece_descriptor(VOCAB)
     assert desc["lowercase"] and len(desc["vocab"].split("\n")) == 161
-    encode, decode = get_tokenizer(json.loads(json.dumps(desc)))  # as read back from meta.json
+    tok = get_tokenizer(json.loads(json.dumps(desc)))  # as read back from meta.json
+    encode, decode = tok.encode, tok.decode
     for text, (ids, decoded) in EXPECTED["ids"].items():
         assert encode(text) == ids, text
         assert decode(ids) == decoded, text
@@ -106,10 +107,10 @@ def test_vocab_from_the_hub_is_cached(file_server, tmp_path, monkeypatch):
         file_server.files["/google-bert/bert-base-uncased/resolve/main/vocab.txt"] = f.read()
     monkeypatch.setenv("DYNLM_HF_URL", file_server.url)
     monkeypatch.setenv("DYNLM_CACHE", str(tmp_path / "cache"))
-    desc = pretrained.wordpiece_descriptor("hf:google-bert/bert-base-uncased")
-    assert desc["vocab"] == pretrained.wordpiece_descriptor(VOCAB)["vocab"]
+    desc = wordpiece_descriptor("hf:google-bert/bert-base-uncased")
+    assert desc["vocab"] == wordpiece_descriptor(VOCAB)["vocab"]
     n = len(file_server.requests)
-    pretrained.wordpiece_descriptor("hf:google-bert/bert-base-uncased")
+    wordpiece_descriptor("hf:google-bert/bert-base-uncased")
     assert len(file_server.requests) == n  # the second time from the cache
 
 
@@ -117,17 +118,17 @@ def test_bad_vocab_files(tmp_path):
     bad = tmp_path / "vocab.txt"
     bad.write_text("[PAD]\nthe\n\nking\n[UNK]\n")
     with pytest.raises(UserError, match="line 3 is empty or has spaces"):
-        pretrained.wordpiece_descriptor(str(bad))
+        wordpiece_descriptor(str(bad))
     bad.write_text("[PAD]\nthe\nking\n")
     with pytest.raises(UserError, match="has no .UNK. token"):
-        pretrained.wordpiece_descriptor(str(bad))
+        wordpiece_descriptor(str(bad))
     bad.write_bytes(b"\xff\xfe[UNK]\n")
     with pytest.raises(UserError, match="is not UTF-8 text"):
-        pretrained.wordpiece_descriptor(str(bad))
+        wordpiece_descriptor(str(bad))
     with pytest.raises(UserError, match="cannot read the WordPiece vocabulary"):
-        pretrained.wordpiece_descriptor(str(tmp_path / "missing.txt"))
+        wordpiece_descriptor(str(tmp_path / "missing.txt"))
     bad.write_text("[UNK]\nThe\nking\n")  # a cased vocabulary is not lowercased
-    assert pretrained.wordpiece_descriptor(str(bad))["lowercase"] is False
+    assert wordpiece_descriptor(str(bad))["lowercase"] is False
 
 
 class NotData:  # a pickled object: torch.load(weights_only=True) refuses it

@@ -11,7 +11,8 @@ import model_doge
 import pretrained
 from cli import UserError
 from conftest import ROOT, assert_one_line_error, decode, make_text
-from prepare_data import get_tokenizer
+from hub import read_safetensors
+from tokenizer import bpe_descriptor, get_tokenizer
 from test_pretrained import run, safetensors_bytes
 
 FIXTURE = os.path.join(ROOT, "tests", "fixtures", "doge_tiny")
@@ -61,8 +62,9 @@ def test_logits_equal_transformers_fp32(hub):
 
 
 def test_tokenizer_ids_equal_transformers_and_round_trip(hub):
-    desc = pretrained.tokenizer_descriptor("tiny/doge")
-    encode, dec = get_tokenizer(json.loads(json.dumps(desc)))  # as read back from meta.json
+    desc = bpe_descriptor("tiny/doge")
+    tok = get_tokenizer(json.loads(json.dumps(desc)))  # as read back from meta.json
+    encode, dec = tok.encode, tok.decode
     for text, ids in EXPECTED["ids"].items():
         assert encode(text) == ids, text
         assert dec(ids) == text
@@ -86,7 +88,7 @@ def test_upcycle_dense_into_cdmoe(hub):
 
 
 def test_moe_checkpoint_uses_every_tensor(hub):
-    tensors = {k: v.clone() for k, v in pretrained.read_safetensors(os.path.join(FIXTURE, "model.safetensors")).items()}
+    tensors = {k: v.clone() for k, v in read_safetensors(os.path.join(FIXTURE, "model.safetensors")).items()}
     g = torch.Generator().manual_seed(0)
     for i in range(CONFIG["num_hidden_layers"]):
         tensors[f"model.layers.{i}.mlp.router_gate.weight"] = torch.randn(8, 32, generator=g)
@@ -134,7 +136,7 @@ def test_bad_configs_give_one_line_errors(hub):
     spm["model"]["byte_fallback"] = True
     hub.serve("tiny/spm", tokenizer=json.dumps(spm).encode())
     with pytest.raises(UserError, match="sentencepiece-style BPE"):
-        pretrained.tokenizer_descriptor("tiny/spm")
+        bpe_descriptor("tiny/spm")
 
 
 def test_fine_tune_and_sample_end_to_end(hub, tmp_path):
@@ -161,7 +163,7 @@ def test_fine_tune_and_sample_end_to_end(hub, tmp_path):
             f"--out_dir={converted}", env=env)
     assert r.returncode == 0, r.stderr
     saved = torch.load(os.path.join(converted, "ckpt.pt"), weights_only=True)["model"]
-    original = pretrained.read_safetensors(os.path.join(FIXTURE, "model.safetensors"))
+    original = read_safetensors(os.path.join(FIXTURE, "model.safetensors"))
     assert torch.equal(saved["wte.weight"], original["model.embed_tokens.weight"])
     assert torch.equal(saved["blocks.1.mlp.down_proj.weight"], original["model.layers.1.mlp.down_proj.weight"])
     moe = str(tmp_path / "moe")
