@@ -29,6 +29,7 @@ an unfinished run restarts from scratch, replacing its partial checkpoint and lo
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -56,10 +57,21 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 def run_train(model, out_dir, args):
     """train.py in a subprocess, its output passed through; each model trains in a fresh process, from
-    scratch (replacing what an earlier, unfinished run left in out_dir)."""
+    scratch (replacing what an earlier, unfinished run left in out_dir).
+    train.py runs in a process group of its own, so a Ctrl-C in the terminal reaches only compare.py,
+    which hands it on exactly once and waits: train.py stops as on its own Ctrl-C (no half-written
+    checkpoint, train.lock removed) and is reaped. (Killed and left unreaped, it would stay a zombie
+    whose process id in train.lock refuses the next run.)"""
     cmd = [sys.executable, os.path.join(HERE, "train.py"), f"--model={model}", f"--out_dir={out_dir}",
            "--overwrite=True", *args]
-    if subprocess.run(cmd).returncode:
+    proc = subprocess.Popen(cmd, process_group=0)
+    try:
+        code = proc.wait()
+    except KeyboardInterrupt:
+        proc.send_signal(signal.SIGINT)
+        proc.wait()
+        raise
+    if code:
         raise UserError(f"training {model} failed (see above); command: {' '.join(cmd)}")
 
 

@@ -59,6 +59,18 @@ def setup_processes(cfg):
     return device, dtype
 
 
+def process_alive(pid):
+    """Whether process pid still runs. os.kill(pid, 0) also succeeds for a zombie (a process that has
+    exited but was not reaped: e.g. a killed child whose parent exited, re-parented to a PID 1 that
+    reaps no one), so on Linux its state in /proc decides."""
+    os.kill(pid, 0)  # raises ProcessLookupError when there is no such process
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"  # the state follows "(command name)"
+    except (OSError, IndexError):  # no /proc (macOS): trust os.kill
+        return True
+
+
 def acquire_lock(out_dir):
     """out_dir/train.lock holding this process's id, created atomically: a second training on the same
     out_dir stops with an error. A lock whose process has died (killed, machine rebooted) is taken over."""
@@ -71,8 +83,7 @@ def acquire_lock(out_dir):
             try:
                 with open(path) as f:
                     pid = int(f.read().strip() or 0)
-                if pid > 0:
-                    os.kill(pid, 0)  # raises if no such process
+                if pid > 0 and process_alive(pid):
                     raise UserError(f"another training (process {pid}) is using {out_dir}; wait for it, "
                                     f"stop it, or choose another --out_dir")
             except (ProcessLookupError, ValueError, FileNotFoundError):

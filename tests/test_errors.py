@@ -120,6 +120,15 @@ def test_lock_refuses_a_second_training_and_takes_over_a_stale_one(data_dir, tmp
         other.wait()
     fit(data_dir, str(out))  # the dead process's lock is taken over
     assert ckpt_of(str(out))["iter_num"] == 2 and not (out / "train.lock").exists()
+    zombie = subprocess.Popen([sys.executable, "-c", "pass"])  # exits, and stays a zombie until reaped
+    try:
+        while open(f"/proc/{zombie.pid}/stat").read().rpartition(")")[2].split()[0] != "Z":
+            pass
+        (out / "train.lock").write_text(str(zombie.pid))
+        fit(data_dir, str(out), "--overwrite=True")  # os.kill(pid, 0) succeeds, yet the process is dead
+    finally:
+        zombie.wait()
+    assert not (out / "train.lock").exists()
 
 
 def test_init_from_is_checked_before_any_data_work(tmp_path, monkeypatch):
