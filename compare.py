@@ -143,7 +143,7 @@ def best_lr(out, model, lrs, seed):
     return min(losses, key=losses.get)
 
 
-DIAGNOSTICS = ("frac_routed", "density", "dead", "used_frac", "masked_frac", "experts_used")  # stats() keys for the table
+DIAGNOSTICS = ("frac_routed", "density", "dead", "masked_frac", "experts_used")  # stats() keys for the table
 
 
 def summarise_run(out_dir):
