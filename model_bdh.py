@@ -164,6 +164,8 @@ class BDH(nn.Module):
         m = (self.drop(g) @ self.decoder.view(H, N, D)).sum(0)  # concat_h(g) @ decoder: (B*T, D)
         return layer_norm(x + layer_norm(m.view(B, T, D))), xs, ys, g
 
+    # Adapted from model_gpt.GPT.forward: one shared layer applied n_layer times, RoPE phases over the
+    # neurons, no final norm (layer() ends in one); keeps the activations for stats()
     def forward(self, idx, targets=None):
         B, T = idx.shape
         if T > self.config.block_size:
