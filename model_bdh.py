@@ -86,11 +86,12 @@ def rope_phases(positions, N):
     """e^(i t w_k) for each position t and neuron pair k < N/2, w_k = theta^(-2k/N): complex (T, N/2).
 
     Built once per forward: every layer turns by the same angles. The angle is formed as the
-    reference forms it, in fp32: turns per position w_k / 2pi, times t, fractional part,
-    times 2pi, so cos and sin see an angle in [0, 2pi). The frequencies are recomputed here rather
-    than kept in a buffer, so .to(dtype) on the model can never round them."""
+    reference forms it, in fp32, operation for operation: turns per position 1 / theta^(2k/N) / 2pi
+    (theta^(-2k/N) rounds differently, 1-2 ulp apart on some k), times t, fractional part, times 2pi,
+    so cos and sin see an angle in [0, 2pi). The frequencies are recomputed here rather than kept in
+    a buffer, so .to(dtype) on the model can never round them."""
     k2 = torch.arange(0, N, 2, device=positions.device, dtype=torch.float32)  # 2k
-    turns = ROPE_THETA ** (-k2 / N) / (2 * math.pi)                              # w_k / 2pi per position
+    turns = 1.0 / ROPE_THETA ** (k2 / N) / (2 * math.pi)                         # w_k / 2pi per position
     angles = torch.frac(positions.float()[:, None] * turns) * (2 * math.pi)
     return torch.complex(angles.cos(), angles.sin())
 
@@ -163,6 +164,8 @@ class BDH(nn.Module):
         m = (self.drop(g) @ self.decoder.view(H, N, D)).sum(0)  # concat_h(g) @ decoder: (B*T, D)
         return layer_norm(x + layer_norm(m.view(B, T, D))), xs, ys, g
 
+    # Adapted from model_gpt.GPT.forward: one shared layer applied n_layer times, RoPE phases over the
+    # neurons, no final norm (layer() ends in one); keeps the activations for stats()
     def forward(self, idx, targets=None):
         B, T = idx.shape
         if T > self.config.block_size:

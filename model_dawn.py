@@ -214,6 +214,8 @@ class DAWN(nn.Module):
         z = F.linear(u, self.router.weight[first * s:last * s], self.router.bias[first * s:last * s])
         return self.router_drop(z).unflatten(-1, (last - first, s))
 
+    # Adapted from model_gpt.GPT.forward: learned positions wpe; blocks return (x, routings), which the
+    # auxiliary losses (training) and stats() read
     def forward(self, idx, targets=None):
         c = self.config
         B, T = idx.shape
@@ -249,6 +251,7 @@ class DAWN(nn.Module):
         w = self.wte.weight
         return {"t": 0, "layers": [{"k": w.new_zeros(shape), "v": w.new_zeros(shape)} for _ in self.blocks]}
 
+    # Adapted from model_gpt.GPT.forward_cached: learned positions; the cache is init_cache's dict
     @torch.inference_mode()
     def forward_cached(self, idx, cache):
         """Logits (B, T, V) of the next T tokens idx (B, T) after the cache's t, equal to the eval

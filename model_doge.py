@@ -45,6 +45,9 @@ or softplus can depend on how many positions one call computes, so a cached step
 keys the other way and, where they straddle the kws-th place, keep the other one. Distinct tokens
 never tie, and at A = 0 every delta is exactly 1 in both.
 
+The parts Doge shares with model_gpt.py (RMSNorm, RoPE, the SwiGLU MLP, check_heads) are copied
+unchanged into the last section of this file; what differs from GPT's skeleton is marked "Adapted".
+
 Names. The skeleton's names where Doge has GPT's parts (wte, blocks, attn_norm, mlp_norm, norm_f,
 *_loss_weight); Hugging Face's names kept on purpose for what only Doge has (q_proj, k_proj, v_proj,
 q_norm, k_norm, dt_proj, A, input_residual, post_attention_residual, router_gate, down_embed,
@@ -88,64 +91,6 @@ PRESETS = {  # the published shapes (vocab 32768 is Doge's own tokenizer; train.
     "doge-20m-moe": dict(block_size=2048, n_layer=8, n_head=2, n_kv_head=1, n_embd=256, intermediate_size=512,
                          keep_window_size=2048, is_moe=True, n_experts=1024, n_experts_per_head=16),
 }
-
-
-# Copied from model_gpt.RMSNorm
-class RMSNorm(nn.Module):
-    """y = w * x / sqrt(mean(x^2) + eps), normalised in fp32 and cast back before the gain."""
-
-    def __init__(self, dim, eps):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x):
-        return self.weight * F.rms_norm(x.float(), (x.size(-1),), eps=self.eps).to(x.dtype)
-
-
-# Copied from model_gpt.RotaryEmbedding
-class RotaryEmbedding(nn.Module):
-    """RoPE tables, rotate-half layout: channel i and i + hd/2 form a pair turning at theta^(-2i/hd).
-
-    Called once per forward with the token positions pos (T,), or any shape of positions; returns
-    cos and sin of shape (*pos.shape, hd) in fp32 for apply_rope."""
-
-    def __init__(self, head_dim, theta):
-        super().__init__()
-        self.head_dim = head_dim
-        self.theta = theta
-
-    def forward(self, pos):
-        # the frequencies are recomputed here rather than kept in a buffer, so that .half() or
-        # .to(dtype) on the model can never round them
-        inv_freq = self.theta ** (-torch.arange(0, self.head_dim, 2, device=pos.device,
-                                                dtype=torch.float32) / self.head_dim)
-        angles = pos.float()[..., None] * inv_freq           # (..., hd/2)
-        angles = torch.cat([angles, angles], dim=-1)           # (..., hd): both halves of a pair
-        return angles.cos(), angles.sin()
-
-
-# Copied from model_gpt.apply_rope
-def apply_rope(x, cos, sin):
-    """Rotate x (..., hd) by position: x*cos + rotate_half(x)*sin, rotate_half([a,b]) = [-b,a], with
-    cos and sin shaped to broadcast over x's head axis (x (B, T, heads, hd): cos (T, 1, hd))."""
-    a, b = x.chunk(2, dim=-1)
-    return x * cos.to(x.dtype) + torch.cat([-b, a], dim=-1) * sin.to(x.dtype)
-
-
-# Copied from model_gpt.MLP
-class MLP(nn.Module):
-    """SwiGLU: W_down(silu(W_gate u) * W_up u), no biases."""
-
-    def __init__(self, config):
-        super().__init__()
-        self.gate_proj = nn.Linear(config.n_embd, config.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(config.n_embd, config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.n_embd, bias=False)
-        self.dropout = nn.Dropout(config.dropout)
-
-    def forward(self, u):
-        return self.dropout(self.down_proj(F.silu(self.gate_proj(u)) * self.up_proj(u)))
 
 
 def dynamic_mask(delta, kws):
@@ -249,13 +194,18 @@ class DMAttn(nn.Module):
         return self.attend(q, k, v, keep)
 
 
-class CDMoE(MLP):
-    """Cross-domain MoE: the dense SwiGLU MLP (the shared expert, its weights inherited
-    from MLP) plus k of E = K^2 private experts, each a single SiLU neuron (down vector D_e, up vector
-    U_e), retrieved with product keys."""
+class CDMoE(nn.Module):
+    """Cross-domain MoE: the dense SwiGLU MLP (the shared expert) plus k of E = K^2 private experts,
+    each a single SiLU neuron (down vector D_e, up vector U_e), retrieved with product keys."""
 
     def __init__(self, config):
-        super().__init__(config)
+        super().__init__()
+        # the shared expert: MLP's three projections under MLP's names, so that a dense Doge's MLP
+        # weights load into it as they are
+        self.gate_proj = nn.Linear(config.n_embd, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.n_embd, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.n_embd, bias=False)
+        self.dropout = nn.Dropout(config.dropout)
         self.K = math.isqrt(config.n_experts)
         self.k = config.n_experts_per_head
         self.balance_loss_weight = config.balance_loss_weight
@@ -309,6 +259,7 @@ class CDMoE(MLP):
         return self.K ** 2 * (f * P).sum()
 
 
+# Adapted from model_gpt.Block: DMAttn, MLP or CDMoE, scales alpha on the carried stream, returns (x, aux)
 class DogeBlock(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -332,16 +283,6 @@ class DogeBlock(nn.Module):
         return carried + y, aux
 
 
-# Copied from model_gpt.check_heads
-def check_heads(config):
-    """The attention shapes RoPE and grouped KV heads need, checked before any weight is made."""
-    if config.n_embd % config.n_head or config.n_head % config.n_kv_head:
-        raise ValueError(f"n_embd ({config.n_embd}) must be divisible by n_head ({config.n_head}) "
-                         f"and n_head by n_kv_head ({config.n_kv_head})")
-    if (config.n_embd // config.n_head) % 2:
-        raise ValueError("the head size n_embd/n_head must be even for RoPE")
-
-
 class Doge(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -360,12 +301,15 @@ class Doge(nn.Module):
         self.lm_head.weight = self.wte.weight  # tied
         self.apply(self._init_weights)
 
+    # Adapted from model_gpt.GPT._init_weights: no biases to zero (Doge has none)
     def _init_weights(self, module):
         # HF's init (DogePreTrainedModel._init_weights): Linear weights and all embeddings (tokens,
         # expert tables) ~ N(0, 0.02); norms and residual scales 1, A 0 (set where they are created)
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
 
+    # Adapted from model_gpt.GPT.forward: no embedding dropout; blocks return (x, aux), the CDMoE's
+    # balance loss, which training adds
     def forward(self, idx, targets=None):
         B, T = idx.shape
         if T > self.config.block_size:
@@ -397,6 +341,7 @@ class Doge(nn.Module):
                                     "above": torch.zeros(shape, dtype=torch.long, device=w.device)}
                                    for _ in self.blocks]}
 
+    # Adapted from model_gpt.GPT.forward_cached: the cache is init_cache's dict, blocks return (x, aux)
     @torch.inference_mode()
     def forward_cached(self, idx, cache):
         """Logits (B, T, V) of the next T tokens idx (B, T) after the cache's t, equal to the eval
@@ -443,6 +388,7 @@ class Doge(nn.Module):
                                           for moe in moes) / len(moes)
         return out
 
+    # Adapted from model_gpt.GPT.flops_per_token: unread expert rows and the bias channels
     def flops_per_token(self):
         # nanoGPT's accounting, 6 per parameter a token uses (all but the expert tables, of which it
         # reads k rows of D and U per layer), plus attention's 2 * 2 * T * (head channels) per layer
@@ -455,3 +401,75 @@ class Doge(nn.Module):
 
 
 Model = Doge
+
+
+# ---- Copied from model_gpt: the pieces Doge shares with the baseline, unchanged ----------------
+# (each marked and checked by tests/test_models.py; read model_gpt.py for them)
+
+# Copied from model_gpt.RMSNorm
+class RMSNorm(nn.Module):
+    """y = w * x / sqrt(mean(x^2) + eps), normalised in fp32 and cast back before the gain."""
+
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return self.weight * F.rms_norm(x.float(), (x.size(-1),), eps=self.eps).to(x.dtype)
+
+
+# Copied from model_gpt.RotaryEmbedding
+class RotaryEmbedding(nn.Module):
+    """RoPE tables, rotate-half layout: channel i and i + hd/2 form a pair turning at theta^(-2i/hd).
+
+    Called once per forward with the token positions pos (T,), or any shape of positions; returns
+    cos and sin of shape (*pos.shape, hd) in fp32 for apply_rope."""
+
+    def __init__(self, head_dim, theta):
+        super().__init__()
+        self.head_dim = head_dim
+        self.theta = theta
+
+    def forward(self, pos):
+        # the frequencies are recomputed here rather than kept in a buffer, so that .half() or
+        # .to(dtype) on the model can never round them
+        inv_freq = self.theta ** (-torch.arange(0, self.head_dim, 2, device=pos.device,
+                                                dtype=torch.float32) / self.head_dim)
+        angles = pos.float()[..., None] * inv_freq           # (..., hd/2)
+        angles = torch.cat([angles, angles], dim=-1)           # (..., hd): both halves of a pair
+        return angles.cos(), angles.sin()
+
+
+# Copied from model_gpt.apply_rope
+def apply_rope(x, cos, sin):
+    """Rotate x (..., hd) by position: x*cos + rotate_half(x)*sin, rotate_half([a,b]) = [-b,a], with
+    cos and sin shaped to broadcast over x's head axis (x (B, T, heads, hd): cos (T, 1, hd))."""
+    a, b = x.chunk(2, dim=-1)
+    return x * cos.to(x.dtype) + torch.cat([-b, a], dim=-1) * sin.to(x.dtype)
+
+
+# Copied from model_gpt.MLP
+class MLP(nn.Module):
+    """SwiGLU: W_down(silu(W_gate u) * W_up u), no biases."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.n_embd, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.n_embd, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.n_embd, bias=False)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, u):
+        return self.dropout(self.down_proj(F.silu(self.gate_proj(u)) * self.up_proj(u)))
+
+
+# Copied from model_gpt.check_heads
+def check_heads(config):
+    """The attention shapes RoPE and grouped KV heads need, checked before any weight is made."""
+    if config.n_embd % config.n_head or config.n_head % config.n_kv_head:
+        raise ValueError(f"n_embd ({config.n_embd}) must be divisible by n_head ({config.n_head}) "
+                         f"and n_head by n_kv_head ({config.n_kv_head})")
+    if (config.n_embd // config.n_head) % 2:
+        raise ValueError("the head size n_embd/n_head must be even for RoPE")
+

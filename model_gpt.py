@@ -10,8 +10,9 @@ A modern pre-norm decoder in the Qwen2.5 / Llama style:
     logits = RMSNorm(x) @ embedding^T                   LM head tied to the embedding
 
 RMSNorm, the rotary embedding, the attention and the SwiGLU MLP below are the pieces the other model
-files copy (marked "# Copied from model_gpt.<Name>", kept identical by a test), so a reader who
-understands this file can read the others as "GPT plus one idea".
+files copy (marked "# Copied from model_gpt.<Name>", kept identical by a test, gathered in one section
+at the end of each file; what they change is marked "# Adapted from model_gpt.<Name>: ..."), so a
+reader who understands this file can read the others as "GPT plus one idea".
 
 Incremental decoding. init_cache(B) and forward_cached(idx, cache) give a sampler the same logits as
 the full eval forward without recomputing the prefix: every layer keeps the keys and values of the

@@ -1,24 +1,25 @@
 """
 See where the computation goes: render a model's routing and sparsity over a text as one HTML page.
 
-    python visualize.py --out_dir=out-mod --text="ROMEO: But soft, what light"
-    python visualize.py --out_dir=out-doge --text=FILE:prompt.txt --query=10 --layer=1
+    python visualize.py --out_dir=out-mod --text=$'ROMEO:\\nBut soft, what light'   # bash's $'...' turns \\n into a newline
+    python visualize.py --out_dir=out-doge --text=FILE:prompt.txt --layer=1
     python visualize.py --out_dir=out-dawn --text="To be" --html=/tmp/dawn.html
 
 Per token of the text, from one eval forward (no_grad) of the checkpoint's model:
   mod, dtf   routed or skipped in each routed layer, and the router score (MoD r, DTF gate G) vs tau
   dawn       the neurons each of the eight routings picked, and the most used neurons of each pool
   bdh        the fraction of the H*N neurons that fire (g = xs*ys > 0) per layer, and the most active
-  doge       for one query (--query): which keys the dynamic mask kept, the per-key bias delta and the
-             attention weights; with CDMoE also the experts each token picked
+  doge       for one query (--query, default the last token), which keys the dynamic mask kept, the
+             per-key bias delta and the attention weights; with CDMoE also the experts each token picked
   gpt        the attention weights of one query, for comparison
-Every model also gets its next-token guess per token. The internals are read with forward hooks
-and pre-hooks on submodules and recomputed from their inputs with the model files' own functions
-(model_mod.route, model_doge.dynamic_mask, ...); the hooks only record, so the logits are the
-model's own. The page is self-contained: inline CSS, no scripts, no external assets.
+Every model also gets its next-token guess per token. Every number is the model's own: what its
+forward keeps for stats() (routing decisions and gates, DAWN's selected neurons, BDH's activations,
+Doge's delta and keep mask, the CDMoE's experts), MoD's score() of its routed blocks' inputs, and the
+attention weights of the forward's own calls of F.scaled_dot_product_attention, recorded as they
+happen (AttentionCalls). Nothing is recomputed with a copy of a model's maths, and the logits are the
+plain forward's. The page is self-contained: inline CSS, no scripts, no external assets.
 """
 import html
-import math
 import os
 import sys
 from collections import Counter
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 from checkpoint import load_checkpoint, model_from_checkpoint
 from cli import UserError, parse_options
@@ -45,48 +47,54 @@ class VisualizeConfig:
     device: str = "cpu"          # cpu, cuda, mps, or auto: the first of cuda, mps, cpu there is
 
 
-# --- capturing inputs of submodules --------------------------------------------------------------
+# --- what the forward computed -------------------------------------------------------------------
 
-class Recorder:
-    """Forward pre-hooks (inputs) and forward hooks (outputs) that only store what passes."""
+def forward(model, idx):
+    """One eval forward; returns the logits (1, T, V). The model keeps what its stats() reads."""
+    with torch.no_grad():
+        return model(idx)[0]
+
+
+class AttentionCalls(TorchFunctionMode):
+    """Inside `with AttentionCalls() as calls:`, every call of F.scaled_dot_product_attention is
+    recorded as made, in calls.made = [(args, kwargs, output)]: one per attention layer, in forward
+    order, with the model's own q, k, v and mask (Doge's bias rides in q and k, DMAttn.project).
+    Nothing is changed: each call runs as it would without the recording."""
 
     def __init__(self):
-        self.handles, self.seen = [], {}
+        super().__init__()
+        self.made = []
 
-    def inputs(self, module, key):
-        self.handles.append(module.register_forward_pre_hook(
-            lambda m, args: self.seen.setdefault(key, []).append(args)))
-
-    def outputs(self, module, key):
-        self.handles.append(module.register_forward_hook(
-            lambda m, args, out: self.seen.setdefault(key, []).append(out)))
-
-    def remove(self):
-        for h in self.handles:
-            h.remove()
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func is F.scaled_dot_product_attention:
+            self.made.append((args, kwargs or {}, out))
+        return out
 
 
-def run(model, idx, rec):
-    """The eval forward with the hooks in place; returns the logits (1, T, V)."""
-    try:
-        with torch.no_grad():
-            return model(idx)[0]
-    finally:
-        rec.remove()
+def sdpa_weights(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    """The weights (B, H, T, S) that F.scaled_dot_product_attention(same arguments) applies to the
+    values, as PyTorch documents the function: softmax(q k^T * scale + mask), where a boolean mask
+    keeps True, is_causal keeps the lower triangle and enable_gqa lets key head g serve query heads
+    g*H/G .. (g+1)*H/G - 1. Without dropout: visualize runs the model in eval mode."""
+    T, S = query.size(-2), key.size(-2)
+    if enable_gqa:
+        key = key.repeat_interleave(query.size(-3) // key.size(-3), dim=-3)
+    scores = (query.float() @ key.float().mT) * (query.size(-1) ** -0.5 if scale is None else scale)
+    if is_causal:
+        attn_mask = torch.ones(T, S, dtype=torch.bool, device=query.device).tril()
+    if attn_mask is not None and attn_mask.dtype == torch.bool:
+        scores = scores.masked_fill(~attn_mask, float("-inf"))
+    elif attn_mask is not None:
+        scores = scores + attn_mask.float()
+    return torch.softmax(scores, dim=-1)
 
 
-def attention_probs(q, k, scale, bias=None, keep=None):
-    """Softmax attention weights (B, H, T, T) from q (B, H, T, hd), k (B, G, T, hd): GQA repeat,
-    causal, plus an optional per-key bias (B, G, T) and boolean keep mask (B, G, T, T)."""
-    H, G, T = q.size(1), k.size(1), q.size(2)
-    rep = lambda t: t.repeat_interleave(H // G, dim=1)
-    s = (q.float() @ rep(k).float().transpose(-1, -2)) * scale
-    if bias is not None:
-        s = s + rep(bias)[..., None, :]
-    allowed = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
-    if keep is not None:
-        allowed = allowed & rep(keep)
-    return torch.softmax(s.masked_fill(~allowed, float("-inf")), dim=-1)
+def forward_with_attention(model, idx):
+    """The eval forward's logits and the weights of each of its attention calls, [(1, H, T, T)]."""
+    with AttentionCalls() as calls:
+        logits = forward(model, idx)
+    return logits, [sdpa_weights(*args, **kwargs) for args, kwargs, _ in calls.made]
 
 
 # --- one extractor per model family: plain dicts of per-token data --------------------------------
@@ -112,59 +120,45 @@ def routing_sections(name, layers, score_name):
             for s, r, a in zip(scores, routed, alpha)]})
     for t in range(len(layers[0][1]) if layers else 0):
         table.append([f"{l[1][t]:.4f} {'routed' if l[2][t] else 'skip'}" for l in layers])
-    note = (f"A token goes through a routed block when its {score_name} >= tau (the running threshold "
-            f"from training) and fewer than K earlier tokens were routed (the per-row cap). Shade: {score_name}.")
+    note = (f"A token goes through a routed block when its {score_name} >= tau (the routing threshold) "
+            f"and fewer than K earlier tokens were routed (the per-row cap). Shade: {score_name}.")
     return [{"kind": "strips", "title": f"{name}: which tokens get the routed block", "note": note, "rows": rows},
             {"kind": "table", "title": f"{score_name} per token and routed layer",
              "header": [l[0] for l in layers], "rows": table, "note": "", "per_token": True}]
 
 
 def extract_mod(model, idx, opts):
-    import model_mod
-    rec = Recorder()
-    routed_layers = [(l, b) for l, b in enumerate(model.blocks) if isinstance(b, model_mod.MoDBlock)]
-    for l, b in routed_layers:
-        rec.inputs(b, l)
-    logits = run(model, idx, rec)
-    layers = []
-    for l, b in routed_layers:
-        x = rec.seen[l][0][0]
-        T = x.size(1)
-        C = b.config.mod_capacity
-        K = min(T, math.ceil(b.config.capacity_factor * C * b.config.block_size))  # as MoDBlock.forward
-        r = (x.float() * b.router.float()).sum(-1)
-        sel, _, _ = model_mod.route(r, b.tau, K)
-        layers.append((f"layer {l}", r[0].tolist(), sel[0].tolist(), b.tau.item()))
+    # the routed blocks' own decisions (last["sel"]) and their router scores, score() of the input
+    # each received (a pre-hook only stores it)
+    routed = [(l, block) for l, block in enumerate(model.blocks) if hasattr(block, "score")]
+    inputs = {}
+
+    def store_input(module, args):  # returns None: the block runs on its arguments unchanged
+        inputs[module] = args[0]
+
+    hooks = [block.register_forward_pre_hook(store_input) for _, block in routed]
+    try:
+        logits = forward(model, idx)
+    finally:
+        for h in hooks:
+            h.remove()
+    with torch.no_grad():
+        layers = [(f"layer {l}", block.score(inputs[block])[0].tolist(), block.last["sel"][0].tolist(), float(block.tau))
+                  for l, block in routed]
     return {"logits": logits, "sections": routing_sections("MoD", layers, "router score r")}
 
 
 def extract_dtf(model, idx, opts):
-    import model_dtf
-    rec = Recorder()
-    for p, pair in enumerate(model.blocks):
-        rec.inputs(pair, ("h", p))
-        rec.outputs(pair.decision, ("post", p))
-        rec.outputs(pair.prior, ("prior", p))
-    logits = run(model, idx, rec)
-    layers = []
-    with torch.no_grad():
-        for p, pair in enumerate(model.blocks):
-            h, post, prior = rec.seen[("h", p)][0][0], rec.seen[("post", p)][0], rec.seen[("prior", p)][0]
-            saved = dict(pair.last)
-            G = pair.gate(h, post, prior)  # the pair's own gate on the captured tensors
-            pair.last = saved              # gate() records its S_CE, S_CU in last; keep the forward's
-            T = h.size(1)
-            c = pair.config
-            K = min(T, math.ceil(c.capacity_factor * c.dtf_capacity * c.block_size))  # as DTFPair.forward
-            sel, _, _ = model_dtf.route(G, pair.tau, K)
-            layers.append((f"pair {p} (dynamic block {2 * p + 1})", G[0].tolist(), sel[0].tolist(), pair.tau.item()))
+    logits = forward(model, idx)  # each pair keeps its gate G and its decisions
+    layers = [(f"pair {p} (dynamic block {2 * p + 1})", pair.last["G"][0].tolist(), pair.last["sel"][0].tolist(),
+               float(pair.tau)) for p, pair in enumerate(model.blocks)]
     return {"logits": logits, "sections": routing_sections("DTF", layers, "surprise gate G")}
 
 
 def extract_dawn(model, idx, opts):
     import model_dawn
-    logits = run(model, idx, Recorder())  # DAWN keeps the selected neurons of its last forward itself
-    selected = model.last["selected"]     # per layer {pool: (1, T, m, k)}
+    logits = forward(model, idx)
+    selected = model.last["selected"]     # per layer {pool: (1, T, m, k)}, kept by the forward
     names = [(pool, i, n) for pool, ns in model_dawn.ROUTINGS.items() for i, n in enumerate(ns)]
     sections = []
     counts = {pool: Counter() for pool in model_dawn.ROUTINGS}
@@ -187,13 +181,11 @@ def extract_dawn(model, idx, opts):
 
 
 def extract_bdh(model, idx, opts):
-    rec = Recorder()
-    rec.inputs(model.drop, "g")  # BDH's dropout acts only on g = xs * ys, once per layer
-    logits = run(model, idx, rec)
+    logits = forward(model, idx)
     H, _, N = model.encoder.shape
     T = idx.size(1)
     rows, table = [], [[] for _ in range(T)]
-    for l, (g,) in enumerate(rec.seen["g"]):
+    for l, (_, _, g) in enumerate(model.last["activations"]):  # per layer xs, ys, g = xs * ys: (H, B*T, N)
         g = g.view(H, T, N).transpose(0, 1).reshape(T, H * N)  # neuron h*N + i, as the decoder's rows
         density = (g > 0).float().mean(-1).tolist()
         alpha = scaled(density)
@@ -236,45 +228,41 @@ def attention_strip(label, probs, keep, bias, q, T):
 
 
 def extract_doge(model, idx, opts):
-    import model_doge
-    rec = Recorder()
-    for l, block in enumerate(model.blocks):
-        rec.inputs(block.attn, l)
-    logits = run(model, idx, rec)
     T = idx.size(1)
     q_pos = query_position(opts, T)
+    logits, weights = forward_with_attention(model, idx)  # one call per layer, the bias delta inside
+    kws = model.config.keep_window_size
     rows, table, sections = [], [[] for _ in range(T)], []
     header = []
-    with torch.no_grad():
-        for l, block in enumerate(model.blocks):
-            a = block.attn
-            x, cos, sin = rec.seen[l][0]
-            B, H, G, hd = 1, a.n_head, a.n_kv_head, a.head_dim
-            q = a.q_norm(a.q_proj(x).view(B, T, H, hd)).transpose(1, 2)
-            k = a.k_norm(a.k_proj(x).view(B, T, G, hd)).transpose(1, 2)
-            q, k = model_doge.apply_rope(q, cos, sin), model_doge.apply_rope(k, cos, sin)
-            delta = torch.exp(a.A.float() * F.softplus(a.dt_proj(a.v_proj(x)).float())).transpose(1, 2)
-            keep = model_doge.dynamic_mask(delta, a.kws)
-            probs = attention_probs(q, k, hd ** -0.5, bias=delta, keep=keep)  # (1, H, T, T)
-            keep_rows = torch.ones(G, T, T, dtype=torch.bool).tril() if keep is None else keep[0]
-            for g in range(G):
-                p = probs[0, g * H // G:(g + 1) * H // G, q_pos].mean(0).tolist()
-                kept = keep_rows[g, q_pos].tolist()
-                n_kept = sum(kept[: q_pos + 1])
-                rows.append(attention_strip(f"layer {l} kv head {g} ({n_kept}/{q_pos + 1} kept)",
-                                            p, kept, delta[0, g].tolist(), q_pos, T))
-            if opts.layer in (-1, l):
-                header += [f"l{l} delta h{g}" for g in range(G)]
-                for t in range(T):
-                    table[t] += [f"{delta[0, g, t].item():.4f}" for g in range(G)]
-            if model.config.is_moe and opts.layer in (-1, l):
-                experts = block.mlp.last["experts"][0]  # the CDMoE keeps its last routing itself
-                sections.append({"kind": "table", "title": f"Doge CDMoE layer {l}: experts each token picked",
-                                 "header": ["experts (id = a*K + b)"], "note": "", "per_token": True,
-                                 "rows": [[" ".join(str(e) for e in experts[t].tolist())] for t in range(T)]})
-    note = (f"Query: token {q_pos}. Each query keeps the keep_window_size = {model.config.keep_window_size} "
-            "keys with the largest per-key bias delta among keys 0..query (all of them while there are "
-            "fewer); masked keys get no attention. Shade: attention weight (mean over the group's query heads).")
+    for l, (block, probs) in enumerate(zip(model.blocks, weights)):
+        a = block.attn
+        delta, keep = a.last["delta"], a.last["keep"]  # the forward's own: (1, G, T), (1, G, T, T) or None
+        H, G = a.n_head, a.n_kv_head
+        keep_rows = torch.ones(G, T, T, dtype=torch.bool).tril() if keep is None else keep[0].cpu()
+        for g in range(G):
+            p = probs[0, g * H // G:(g + 1) * H // G, q_pos].mean(0).tolist()
+            kept = keep_rows[g, q_pos].tolist()
+            n_kept = sum(kept[: q_pos + 1])
+            rows.append(attention_strip(f"layer {l} kv head {g} ({n_kept}/{q_pos + 1} kept)",
+                                        p, kept, delta[0, g].tolist(), q_pos, T))
+        if opts.layer in (-1, l):
+            header += [f"l{l} delta h{g}" for g in range(G)]
+            for t in range(T):
+                table[t] += [f"{delta[0, g, t].item():.4f}" for g in range(G)]
+        if model.config.is_moe and opts.layer in (-1, l):
+            experts = block.mlp.last["experts"][0]  # the CDMoE keeps its last routing itself
+            sections.append({"kind": "table", "title": f"Doge CDMoE layer {l}: experts each token picked",
+                             "header": ["experts (id = a*K + b)"], "note": "", "per_token": True,
+                             "rows": [[" ".join(str(e) for e in experts[t].tolist())] for t in range(T)]})
+    note = (f"Query: token {q_pos}. Each query keeps the keep_window_size = {kws} keys with the largest "
+            "per-key bias delta among keys 0..query (all of them while there are fewer); masked keys get "
+            "no attention. Shade: attention weight (mean over the group's query heads).")
+    if q_pos < kws:  # nothing to mask yet: say so, and where masking starts
+        note += (f" This query sees {q_pos + 1} keys, not more than {kws}, so none is masked; "
+                 + (f"a query at position {kws} or later (--query={kws}..{T - 1}) shows the mask." if T > kws
+                    else f"the mask acts from position {kws} on: give a text of more than {kws} tokens."))
+        print(f"visualize.py: note: query {q_pos} sees {q_pos + 1} <= keep_window_size = {kws} keys: "
+              "nothing is masked", file=sys.stderr)
     return {"logits": logits, "sections": [
         {"kind": "strips", "title": f"Doge: keys kept and masked for query {q_pos}", "note": note, "rows": rows},
         {"kind": "table", "title": "Doge: per-key bias delta = exp(A * softplus(dt(v)))", "header": header,
@@ -282,24 +270,11 @@ def extract_doge(model, idx, opts):
 
 
 def extract_gpt(model, idx, opts):
-    import model_gpt
-    rec = Recorder()
-    for l, block in enumerate(model.blocks):
-        rec.inputs(block.attn, l)
-    logits = run(model, idx, rec)
     T = idx.size(1)
     q_pos = query_position(opts, T)
-    rows = []
-    with torch.no_grad():
-        for l, block in enumerate(model.blocks):
-            a = block.attn
-            x, cos, sin = rec.seen[l][0][:3]
-            H, G, hd = a.n_head, a.n_kv_head, a.head_dim
-            q, k, _ = a.qkv_proj(x).split([H * hd, G * hd, G * hd], dim=-1)
-            q = model_gpt.apply_rope(q.view(1, T, H, hd).transpose(1, 2), cos, sin)
-            k = model_gpt.apply_rope(k.view(1, T, G, hd).transpose(1, 2), cos, sin)
-            p = attention_probs(q, k, hd ** -0.5)[0, :, q_pos].mean(0).tolist()
-            rows.append(attention_strip(f"layer {l}", p, [True] * T, None, q_pos, T))
+    logits, weights = forward_with_attention(model, idx)  # one call per layer
+    rows = [attention_strip(f"layer {l}", probs[0, :, q_pos].mean(0).tolist(), [True] * T, None, q_pos, T)
+            for l, probs in enumerate(weights)]
     return {"logits": logits, "sections": [
         {"kind": "strips", "title": f"GPT: attention of query {q_pos} (dense, every earlier key)", "rows": rows,
          "note": "Shade: attention weight, mean over heads. Every key up to the query is used."}]}
@@ -307,7 +282,7 @@ def extract_gpt(model, idx, opts):
 
 def extract_other(model, idx, opts):
     """A model file this script does not know: its stats() after the forward, nothing per layer."""
-    logits = run(model, idx, Recorder())
+    logits = forward(model, idx)
     stats = model.stats() if hasattr(model, "stats") else {}
     return {"logits": logits, "sections": [{"kind": "table", "title": "stats() of this forward",
                                             "header": ["key", "value"], "note": "",

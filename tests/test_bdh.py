@@ -1,9 +1,11 @@
 """BDH (model_bdh.py): checks of the BDH-GPU computation beyond the generic contract tests of test_models.py.
 
-Every comparison is against an independent oracle: the parameter formula, a hand-built rotation
+Every comparison is against an independent oracle: the original's own outputs (a fixture written by
+tests/make_bdh_fixtures.py with pathwaycom/bdh's bdh.py), the parameter formula, a hand-built rotation
 matrix, LN(embed) @ lm_head, the recurrent form against the parallel form, PyTorch's FLOP counter.
 """
 import math
+import os
 
 import pytest
 import torch
@@ -11,6 +13,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 import model_bdh
+from conftest import ROOT
 from model_bdh import BDH, Config, rope_phases, rotate
 
 SMALL = dict(n_layer=3, n_embd=32, n_head=2, mlp_internal_dim_multiplier=8, block_size=32)  # N = 128 per head
@@ -51,6 +54,45 @@ def embedding_alone(model, idx):
 def n_params(**fields):
     with torch.device("meta"):
         return sum(p.numel() for p in BDH(Config(**fields)).parameters())
+
+
+# --- against the original -------------------------------------------------------------------
+
+REFERENCE = torch.load(os.path.join(ROOT, "tests", "fixtures", "bdh_tiny", "expected.pt"), weights_only=True)
+
+
+def reference_model():
+    """Our BDH with the weights of the original's fixture model (its embed is our wte)."""
+    state = REFERENCE["state_dict"]
+    model = BDH(Config(block_size=REFERENCE["idx"].size(1), **REFERENCE["config"]))
+    model.load_state_dict({"wte.weight": state["embed.weight"],
+                           **{k: state[k] for k in ("encoder", "encoder_v", "decoder", "lm_head")}})
+    return model.eval()
+
+
+def test_rope_phases_are_the_originals_bit_for_bit():
+    """The original's angles, from its own fp32 frequency buffer (each pair's twice): t * freq, mod 1,
+    times 2pi. Elementwise and exactly rounded, so the same on every column layout; cos and sin are
+    taken on tensors of the shape rope_phases uses, so only the angles can differ."""
+    freqs = REFERENCE["freqs"][::2]
+    T, N = REFERENCE["idx"].size(1), REFERENCE["freqs"].numel()
+    angles = (torch.arange(T, dtype=torch.float32)[:, None] * freqs) % 1 * (2 * math.pi)
+    phase = rope_phases(torch.arange(T), N)
+    assert torch.equal(phase.real, angles.cos()) and torch.equal(phase.imag, angles.sin())
+
+
+def test_logits_equal_the_originals():
+    """At N = 512 neurons per head, theta^(-2k/N) in place of the original's 1 / theta^(2k/N) moved
+    these logits by 2.3e-6; formed as the original forms them, the parallel form gave them bit for bit
+    (2-core CPU, torch 2.13). The tolerance leaves 1-2 ulp (|logits| ~2) for other kernels."""
+    model = reference_model()
+    expected = REFERENCE["logits"]
+    with torch.no_grad():
+        logits = model(REFERENCE["idx"])[0]
+        stepped = model.forward_cached(REFERENCE["idx"], model.init_cache(2))  # the recurrent form
+    assert expected.abs().max() > 1  # trained logits, so the tolerance is a few ulp, not a few percent
+    assert (logits - expected).abs().max() <= 5e-7
+    torch.testing.assert_close(stepped, expected, atol=1e-5, rtol=0)
 
 
 # --- parameters and FLOPs ---------------------------------------------------------------------

@@ -2,8 +2,9 @@
 
 Each model is built tiny, saved in train.py's checkpoint format, rendered with visualize.main, and
 the HTML is parsed: every token is there, escaped; nothing is loaded from outside; the tags nest;
-and the routed / masked cells agree with counts taken independently of visualize.py's own
-recomputation (the model's stats() after a plain forward, keep_window_size arithmetic).
+the routed / skipped cells are the decisions a plain forward of the model makes, token by token;
+the attention weights shown, applied to the model's own values, give what its attention returned;
+and the masked cells agree with keep_window_size arithmetic.
 """
 import dataclasses
 import glob
@@ -35,7 +36,7 @@ def tiny_model(name):
     torch.manual_seed(0)
     model = module.Model(module.Config(**cfg))
     # routing thresholds as training would leave them, so that some tokens are routed, some not
-    for block in list(getattr(model, "blocks", [])) + list(getattr(model, "pairs", [])):
+    for block in getattr(model, "blocks", []):
         if hasattr(block, "tau"):
             block.tau.fill_(0.0 if name == "mod" else 0.5)
             if name == "dtf":  # make the gates vary around tau
@@ -51,8 +52,12 @@ def save(model, name, cfg, out_dir):
                 "train_config": {}, "train_time": 0.0, "tokens_seen": 0}, os.path.join(out_dir, "ckpt.pt"))
 
 
+def tokens_of(text):
+    return torch.tensor([[CHARS.index(c) for c in text]])
+
+
 class Page(HTMLParser):
-    """Collects token spans (class, text), external references and tag-nesting errors."""
+    """Collects token spans (class, text, title), external references and tag-nesting errors."""
     VOID = {"meta", "br", "img", "link", "input", "hr"}
 
     def __init__(self, text):
@@ -73,7 +78,7 @@ class Page(HTMLParser):
         if tag not in self.VOID:
             self.stack.append(tag)
         if tag == "span" and "tok" in attrs.get("class", "").split():
-            self.cur = [attrs["class"].split()[1], ""]
+            self.cur = [attrs["class"].split()[1], "", attrs.get("title", "")]
 
     def handle_endtag(self, tag):
         if not self.stack or self.stack[-1] != tag:
@@ -121,9 +126,9 @@ def test_page_is_complete_self_contained_and_escaped(name, tmp_path):
 
 
 @pytest.mark.parametrize("name", MODEL_NAMES)
-def test_hooks_do_not_change_the_logits(name):
+def test_visualize_does_not_change_the_logits(name):
     model, _ = tiny_model(name)
-    idx = torch.tensor([[CHARS.index(c) for c in TEXT]])
+    idx = tokens_of(TEXT)
     with torch.no_grad():
         plain = model(idx)[0]
     opts = visualize.VisualizeConfig()
@@ -133,21 +138,51 @@ def test_hooks_do_not_change_the_logits(name):
         assert not m._forward_hooks and not m._forward_pre_hooks
 
 
-@pytest.mark.parametrize("name,prefix", [("mod", "frac_routed_l"), ("dtf", "frac_routed_p")])
-def test_routed_cells_match_the_models_own_stats(name, prefix, tmp_path):
+def shown_number(title, name):
+    """The number after 'name ' or 'name = ' in a cell's hover title."""
+    return float(title.split(f"{name} ")[1].lstrip("= ").split(",")[0])
+
+
+@pytest.mark.parametrize("name,score", [("mod", "router score r"), ("dtf", "surprise gate G")])
+def test_routed_cells_are_the_models_own_decisions(name, score, tmp_path):
+    """Token by token, layer by layer: routed where a plain forward of the model routed (its last["sel"],
+    which stats() counts), and a routed token's score shown at or above the tau shown."""
     if name not in MODEL_NAMES:
         pytest.skip(f"no model_{name}.py")
     model, text = render(name, tmp_path)
-    idx = torch.tensor([[CHARS.index(c) for c in TEXT]])
     with torch.no_grad():
-        model(idx)
-    stats = model.stats()
-    routed = round(sum(v for k, v in stats.items() if k.startswith(prefix)) * len(TEXT))
-    n_layers = sum(k.startswith(prefix) for k in stats)
+        model(tokens_of(TEXT))
+    expected = [("routed" if s else "skipped") for block in model.blocks if hasattr(block, "tau")
+                for s in block.last["sel"][0].tolist()]
     page = Page(text)
-    assert 0 < routed < n_layers * len(TEXT)  # the test means something: some routed, some not
-    assert len(strips(page, "routed")) == routed
-    assert len(strips(page, "skipped")) == n_layers * len(TEXT) - routed
+    cells = [s for s in page.spans if s[0] in ("routed", "skipped")]
+    assert [c[0] for c in cells] == expected
+    assert 0 < expected.count("routed") < len(expected)  # the test means something: some routed, some not
+    for cls, _, title in cells:  # a skipped token may clear tau too: its row had reached the cap K
+        if cls == "routed":
+            assert shown_number(title, score) >= shown_number(title, "tau")
+
+
+@pytest.mark.parametrize("name", ["gpt", "doge"])
+def test_attention_weights_shown_are_the_models_own(name, tmp_path):
+    """The weights visualize computes from each attention call the model made, applied to that
+    call's values, give the call's output, the attention the model used; and the page shows their
+    mean over each KV group's query heads for the query."""
+    model, text = render(name, tmp_path, "--query=30")
+    with torch.no_grad(), visualize.AttentionCalls() as calls:
+        model(tokens_of(TEXT))
+    assert len(calls.made) == TINY["n_layer"]
+    shown = [c[2] for c in Page(text).spans if "attention weight" in c[2]]  # per layer and group, keys 0..30
+    G = TINY["n_kv_head"] if name == "doge" else 1
+    for l, (args, kwargs, out) in enumerate(calls.made):
+        weights = visualize.sdpa_weights(*args, **kwargs)  # (1, H, T, T)
+        v = args[2].repeat_interleave(weights.size(1) // args[2].size(1), dim=1)
+        torch.testing.assert_close(weights @ v.float(), out.float(), atol=1e-6, rtol=1e-5)
+        H = weights.size(1)
+        for g in range(G):
+            row = weights[0, g * H // G:(g + 1) * H // G, 30, :31].mean(0)  # query 30, keys 0..30
+            cells = shown[(l * G + g) * 31:(l * G + g + 1) * 31]
+            assert [shown_number(c, "attention weight") for c in cells] == [float(f"{w:.4f}") for w in row.tolist()]
 
 
 def test_doge_masks_all_but_keep_window_size_keys(tmp_path):
@@ -159,10 +194,16 @@ def test_doge_masks_all_but_keep_window_size_keys(tmp_path):
     assert len(strips(page, "future")) == rows * (len(TEXT) - 31)
 
 
+def test_doge_query_before_keep_window_size_says_nothing_is_masked(tmp_path, capsys):
+    _, text = render("doge", tmp_path, "--query=5")  # sees 6 keys, keep_window_size 8
+    assert len(strips(Page(text), "masked")) == 0
+    assert "so none is masked; a query at position 8 or later (--query=8..50) shows the mask" in text
+    assert "nothing is masked" in capsys.readouterr().err
+
+
 def test_dawn_lists_the_neurons_of_its_routing_path(tmp_path):
     model, text = render("dawn", tmp_path, "--layer=1")
-    idx = torch.tensor([[CHARS.index(c) for c in TEXT]])
-    path = model.routing_path(idx)[1]
+    path = model.routing_path(tokens_of(TEXT))[1]
     last = " ".join(str(n) for n in sorted(path["fKn"][-1].tolist()))
     row = text.split(f"<tr><td>{len(TEXT) - 1}</td>")[1].split("</tr>")[0]
     assert row.split("</td>")[1 + 6] == f"<td>{last}"  # after t and the token: fQ fK fV rQ rK rV fKn
