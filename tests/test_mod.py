@@ -8,6 +8,8 @@ import model_gpt
 import model_mod
 from model_mod import MoD, MoDBlock, route, routed_update
 from conftest import decode
+from routing import (FixedMask, check_prefix_forward_equals_full_forward, routed_inputs, routing_calls,
+                     set_tau_to_median, set_tau_to_quantile, stored_values)
 
 
 def build(**kw):
@@ -24,20 +26,8 @@ def routed_blocks(model):
 
 
 def router_scores(model, x):
-    """r of each routed block on x (eval forward), captured at the blocks' inputs."""
-    scores = []
-    hooks = [b.register_forward_pre_hook(lambda m, args: scores.append((args[0].float() * m.router).sum(-1)))
-             for b in routed_blocks(model)]
-    with torch.no_grad():
-        model.eval()(x)
-    for h in hooks:
-        h.remove()
-    return scores
-
-
-def set_tau_to_median(model, x):
-    for block, r in zip(routed_blocks(model), router_scores(model, x)):
-        block.tau.fill_(r.median().item())
+    """r of each routed block on x (eval forward)."""
+    return [r for r, _, _ in routing_calls(model, x)]
 
 
 def test_parameter_count():
@@ -97,28 +87,7 @@ def test_causal_and_row_independent_with_half_the_tokens_wanting(train):
 
 
 def test_prefix_forward_equals_full_forward_while_the_cap_binds():
-    """What a sampler computes equals the full-window eval logits, also when a row hits the cap K
-    (a cap computed from the current length T instead of block_size fails this)."""
-    model = build()
-    x = tokens()
-    set_tau_to_median(model, x)
-    model.eval()
-    with torch.no_grad():
-        full = model(x)[0]
-        assert all(b.last["sel"].float().mean().item() == 16 / 64 for b in routed_blocks(model))  # every row capped
-        for t in (0, 9, 20, 41, 63):
-            torch.testing.assert_close(model(x[:, :t + 1])[0][:, -1], full[:, t], atol=1e-5, rtol=0)
-
-
-class FixedMask:
-    """Hands model_gpt's attention a given mask over its own keys, where a KV cache would hand it
-    the cache's: the dense oracle of a routed block."""
-
-    def __init__(self, mask):
-        self.mask = mask
-
-    def append(self, k, v):
-        return k, v, self.mask
+    check_prefix_forward_equals_full_forward(build(), tokens(), (0, 9, 20, 41, 63))
 
 
 def test_packed_path_equals_masked_dense_oracle():
@@ -224,24 +193,6 @@ def test_flops_count_only_routed_rows():
 
 # --- incremental decoding: a routed layer's cache holds its routed tokens only ------------------
 
-def routed_inputs(model, x):
-    """The input of every routed block in an eval forward of x, and the tokens it routed there."""
-    inputs = []
-    hooks = [b.register_forward_pre_hook(lambda m, args: inputs.append(args[0])) for b in routed_blocks(model)]
-    with torch.no_grad():
-        model.eval()(x)
-    for h in hooks:
-        h.remove()
-    return [(xin, route(b.score(xin), b.tau, b.cap())[0]) for b, xin in zip(routed_blocks(model), inputs)]
-
-
-def stored_values(block, xin, sel, b):
-    """The values a cache must hold for row b: V of the routed tokens, in position order."""
-    attn, hd = block.block.attn, block.block.attn.head_dim
-    v = attn.qkv_proj(block.block.attn_norm(xin[b, sel[b]]))[:, -attn.n_kv_head * hd:]
-    return v.view(-1, attn.n_kv_head, hd).transpose(0, 1)  # (G, n, hd)
-
-
 def routed_caches(model, cache):
     return [c for blk, c in zip(model.blocks, cache.layers) if isinstance(blk, MoDBlock)]
 
@@ -251,8 +202,7 @@ def test_routed_cache_holds_exactly_the_routed_tokens():
     (skipped tokens add nothing), and at the end holds the routed tokens' values, row by row."""
     model = build()
     x = tokens(B=3)
-    for block, r in zip(routed_blocks(model), router_scores(model, x)):
-        block.tau.fill_(r.quantile(0.8).item())  # about 13 of 64 want: under the cap, rows differ
+    set_tau_to_quantile(model, x, 0.8)  # about 13 of 64 want: under the cap, rows differ
     routed = routed_inputs(model, x)
     counts = torch.stack([sel.sum(1) for _, sel in routed])
     assert (counts < 16).any() and len(set(counts.flatten().tolist())) > 1  # ragged, not all capped
@@ -267,7 +217,7 @@ def test_routed_cache_holds_exactly_the_routed_tokens():
         for block, c, (xin, sel) in zip(routed_blocks(model), routed_caches(model, cache), routed):
             assert c.k.shape[2] == 16  # compact: K slots a row, not block_size
             for b in range(3):
-                torch.testing.assert_close(c.v[b, :, :c.n[b]], stored_values(block, xin, sel, b), atol=1e-5, rtol=0)
+                torch.testing.assert_close(c.v[b, :, :c.n[b]], stored_values(block.block, xin, sel, b), atol=1e-5, rtol=0)
 
 
 def test_skipped_tokens_do_no_block_work():
@@ -275,8 +225,7 @@ def test_skipped_tokens_do_no_block_work():
     a skipped one."""
     model = build()
     x = tokens(B=1)
-    for block, r in zip(routed_blocks(model), router_scores(model, x)):
-        block.tau.fill_(r.quantile(0.8).item())
+    set_tau_to_quantile(model, x, 0.8)
     routed = routed_inputs(model, x)
     calls = [0] * len(routed)
     hooks = [b.block.register_forward_pre_hook(lambda m, args, i=i: calls.__setitem__(i, calls[i] + args[0].size(1)))
@@ -306,7 +255,7 @@ def test_routed_cache_respects_the_cap():
     for block, c, (xin, sel) in zip(routed_blocks(model), routed_caches(model, cache), routed):
         assert c.n.tolist() == [16, 16, 16]
         for b in range(3):
-            torch.testing.assert_close(c.v[b], stored_values(block, xin, sel, b), atol=1e-5, rtol=0)
+            torch.testing.assert_close(c.v[b], stored_values(block.block, xin, sel, b), atol=1e-5, rtol=0)
 
 
 def test_cached_decoding_is_the_eval_computation_in_training_mode():
