@@ -20,10 +20,18 @@ its update scaled by G; the rest skip it. Surprising tokens get a second block o
                     routed_t = G_t >= tau, under a per-row cap; x = H_post + G * (DynamicBlock - H_post) at routed t
     logits = RMSNorm(x) @ embedding^T;   training loss = CE + 0.05 * mean over pairs of the prior's MSE
 
-Causality. Which tokens are "the most surprising" is decided token by token against tau, a running
-average of the per-row top-k cut-off of G (a buffer moved only by training forwards), never by
-ranking a sequence, whose later tokens a sampler does not have. MA is the mean of the previous
-tokens' D_st in the same row. Routed tokens attend only to earlier routed tokens of their own row.
+Causality. Which tokens are "the most surprising" is decided token by token against tau, set before
+the forward from earlier training batches (buffers moved only by training forwards), never by
+ranking a sequence, whose later tokens a sampler does not have. After training forward n, routed
+with tau_n (update_threshold, copied from model_mod.py, whose docstring explains it):
+
+    tau_{n+1} = c_n + b_{n+1},   b_{n+1} = b_n + kappa * max(sigma_n, |c_n - tau_n|) * (f_n - gamma) / gamma
+
+c_n = the batch's top-k cut-off of G (mean over rows of the row's k-th largest G), f_n = the fraction
+it routed, sigma_n = the std of its G. b integrates the routed fraction's error, so f averages gamma
+even while G, nearly constant early in training, drifts by more than its own spread per step.
+MA is the mean of the previous tokens' D_st in the same row. Routed tokens attend only to earlier
+routed tokens of their own row.
 So logits at t depend on tokens <= t of their own sequence only, in training and in evaluation.
 
 What the reference leaked: it picks the top-k of each row in training and
@@ -54,6 +62,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -74,7 +83,7 @@ class Config:
     init_std: float = 0.02            # N(0, init_std) for every Linear and the embedding
     dtf_capacity: float = 0.125       # gamma: target fraction of tokens a dynamic block processes
     capacity_factor: float = 2.0      # hard cap per row: K = ceil(capacity_factor * gamma * block_size)
-    tau_momentum: float = 0.99        # rho: EMA momentum of the routing threshold tau
+    tau_gain: float = 1.0             # kappa: gain of the routed-fraction feedback on tau (update_threshold)
     beta_ce_init: float = -0.5        # beta_ce: raw inverse temperature of S_CE, used as softplus(beta)
     beta_cu_init: float = -0.8        # beta_cu: the same for S_CU
     o_ce_init: float = 1.025          # CE offset o_ce (stored as log o_ce)
@@ -137,6 +146,7 @@ class DTFPair(nn.Module):
         for p in (self.beta_ce, self.beta_cu, self.log_o_ce, self.m_cu):
             p.lr_mult = 10.0
         self.register_buffer("tau", torch.tensor(float("inf")))  # route nothing before training
+        self.register_buffer("tau_bias", torch.tensor(0.0))      # b: the feedback's running correction
         self.last = {}  # detached tensors of the last forward, for stats()
 
     def cap(self):
@@ -182,7 +192,8 @@ class DTFPair(nn.Module):
             # not pull the decision block towards being predictable
             prior_loss = (h_prior.float() - h_post.detach().float()).pow(2).mean()
             self.last.update(prior_loss=prior_loss.detach())
-            update_threshold(self.tau, G.detach(), k, self.config.tau_momentum)  # after deciding with the old tau
+            update_threshold(self.tau, self.tau_bias, G.detach(), sel, k, self.config.dtf_capacity,
+                             self.config.tau_gain)  # after deciding with the old tau
         return out, prior_loss
 
     def init_cache(self, batch_size, device):
@@ -353,12 +364,30 @@ def route(score, tau, K, n_routed=0):
 
 
 # Copied from model_mod.update_threshold
-def update_threshold(tau, score, k, momentum):
-    """tau <- EMA of the mean over rows of each row's k-th largest score (the top-k cut-off); the
-    first update (tau = +inf: nothing routed yet) takes the value itself. Tensor ops only."""
+def update_threshold(tau, tau_bias, score, sel, k, capacity, gain):
+    """The threshold for the next forward, from this training batch, which was routed with tau:
+
+        c        = mean over rows of the row's k-th largest score     this batch's top-k cut-off
+        f        = mean(sel)                                          the fraction it routed
+        s        = max(standard deviation of the batch's scores, |c - tau|)
+        tau_bias <- tau_bias + gain * s * (f - capacity) / capacity
+        tau      <- c + tau_bias
+
+    The first update (tau not finite: nothing, or everything, was routed by design) sets tau = c and
+    leaves tau_bias as it is. Under DDP, c, f and the deviation are averaged over the processes first (as
+    SyncBatchNorm does its batch statistics), so every process holds the same tau. Tensor ops only:
+    no device sync."""
     with torch.no_grad():
-        cutoff = score.topk(k, dim=1).values[:, -1].mean()
-        tau.copy_(torch.where(torch.isposinf(tau), cutoff, momentum * tau + (1 - momentum) * cutoff))
+        stats = torch.stack([score.topk(k, dim=1).values[:, -1].mean(), sel.float().mean(),
+                             score.std(correction=0)])
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(stats)
+            stats /= dist.get_world_size()
+        cutoff, routed, sigma = stats
+        known = torch.isfinite(tau)
+        step = torch.maximum(sigma, (cutoff - torch.where(known, tau, cutoff)).abs())
+        tau_bias.add_(torch.where(known, gain * step * (routed - capacity) / capacity, 0.0))
+        tau.copy_(cutoff + tau_bias)
 
 
 # Copied from model_mod.routed_update

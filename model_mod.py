@@ -12,7 +12,7 @@ teaches the router which tokens deserve the compute. Every other block is routed
     logits = RMSNorm(x) @ embedding^T
 
     MoDBlock(x):  r_t = <x_t, w_r>                  one score per token (fp32)
-                  routed_t = r_t >= tau             tau: running average of the per-row top-k cut-off
+                  routed_t = r_t >= tau             tau: set before the forward from earlier batches
                             and fewer than K earlier tokens of the row are routed (hard cap)
                   routed tokens, gathered in position order, attend only to earlier routed tokens
                   of their own row; x_t += sigma(r_t) * (Block(x)_t - x_t) for routed t only
@@ -21,11 +21,30 @@ Why not the paper's top-k. The paper routes the k tokens of a sequence with the 
 token t is among them depends on the scores of the tokens after t, so in training the model sees
 the future, and a sampler (which does not have those tokens) cannot reproduce the computation. Here
 one per-token rule serves training and evaluation: compare r_t with a threshold tau that tracks
-where the top-k cut usually lies ("expert threshold" routing, arXiv 2603.11535). tau is running
-state like BatchNorm's running mean: a buffer updated only by training forwards. The top-k is still
-computed in training, but only as a target: for the auxiliary loss (a BCE teaching r to predict
-top-k membership, as in the paper) and for the tau update. mod_routing="topk" restores the paper's
+where the top-k cut lies ("expert threshold" routing, arXiv 2603.11535). tau is running state like
+BatchNorm's running mean: buffers updated only by training forwards. The top-k is still computed in
+training, but only as a target: for the auxiliary loss (a BCE teaching r to predict top-k
+membership, as in the paper) and for the tau update. mod_routing="topk" restores the paper's
 training rule for comparison (not causal in training; evaluation still uses the threshold).
+
+How tau is set (update_threshold). Training forward n routes with tau_n, fixed before it; then
+
+    c_n       = mean over the batch's rows of the row's k-th largest r      this batch's top-k cut-off
+    f_n       = fraction of the batch's tokens routed with tau_n             (target C)
+    s_n       = max(std of the batch's r, |c_n - tau_n|)
+    b_{n+1}   = b_n + kappa * s_n * (f_n - C) / C                          b_0 = 0 (buffer tau_bias)
+    tau_{n+1} = c_n + b_{n+1}                                              tau_0 = +inf: route nothing
+
+c_n follows the scores one step behind. b integrates what still keeps the realised fraction off C
+(the scores' drift over that step, the per-row cap, a mean of row cut-offs not being a batch
+quantile) and rests only where f averages C: the load feedback of DeepSeek-V3's auxiliary-loss-free
+balancing (arXiv 2412.19437: an expert's routing bias is moved against its observed load). Its step
+is in the scores' own units, so one kappa (1) serves any score scale: their spread, or how far this
+batch's cut-off landed from tau when that is more. The second matters where the whole batch moves
+by more than its spread in one step, as DTF's gate does early in training (spread 1e-5..1e-4): a
+step of one spread would fall behind, a step of the miss keeps up. An exponential moving average of
+c_n (momentum 0.99, the earlier rule here) trailed the drifting scores and routed 4-11% of MoD's
+tokens and 0-4% of DTF's through the first 400 laptop iterations.
 
 What the reference implementation (fredericowieser/Dynamic-Transformers) got wrong: it ranks with top-k over the
 whole row in training *and* in evaluation, and packs the selected tokens of all rows into one
@@ -54,6 +73,7 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -74,7 +94,7 @@ class Config:
     init_std: float = 0.02            # N(0, init_std) for every Linear, embedding and router
     mod_capacity: float = 0.125       # C: target fraction of tokens a routed block processes
     capacity_factor: float = 2.0      # hard cap per row: K = ceil(capacity_factor * C * block_size) tokens
-    tau_momentum: float = 0.99        # rho: EMA momentum of the routing threshold tau
+    tau_gain: float = 1.0             # kappa: gain of the routed-fraction feedback on tau (update_threshold)
     router_loss_weight: float = 0.01  # lambda: weight of the router's top-k membership BCE
     mod_routing: str = "threshold"    # "threshold" (causal, both modes) or "topk" (paper, training only)
 
@@ -104,12 +124,30 @@ def route(score, tau, K, n_routed=0):
     return sel, pos, valid
 
 
-def update_threshold(tau, score, k, momentum):
-    """tau <- EMA of the mean over rows of each row's k-th largest score (the top-k cut-off); the
-    first update (tau = +inf: nothing routed yet) takes the value itself. Tensor ops only."""
+def update_threshold(tau, tau_bias, score, sel, k, capacity, gain):
+    """The threshold for the next forward, from this training batch, which was routed with tau:
+
+        c        = mean over rows of the row's k-th largest score     this batch's top-k cut-off
+        f        = mean(sel)                                          the fraction it routed
+        s        = max(standard deviation of the batch's scores, |c - tau|)
+        tau_bias <- tau_bias + gain * s * (f - capacity) / capacity
+        tau      <- c + tau_bias
+
+    The first update (tau not finite: nothing, or everything, was routed by design) sets tau = c and
+    leaves tau_bias as it is. Under DDP, c, f and the deviation are averaged over the processes first (as
+    SyncBatchNorm does its batch statistics), so every process holds the same tau. Tensor ops only:
+    no device sync."""
     with torch.no_grad():
-        cutoff = score.topk(k, dim=1).values[:, -1].mean()
-        tau.copy_(torch.where(torch.isposinf(tau), cutoff, momentum * tau + (1 - momentum) * cutoff))
+        stats = torch.stack([score.topk(k, dim=1).values[:, -1].mean(), sel.float().mean(),
+                             score.std(correction=0)])
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(stats)
+            stats /= dist.get_world_size()
+        cutoff, routed, sigma = stats
+        known = torch.isfinite(tau)
+        step = torch.maximum(sigma, (cutoff - torch.where(known, tau, cutoff)).abs())
+        tau_bias.add_(torch.where(known, gain * step * (routed - capacity) / capacity, 0.0))
+        tau.copy_(cutoff + tau_bias)
 
 
 def routed_update(block, x, gate, pos, valid, rope, cache=None, start=0):
@@ -194,6 +232,7 @@ class MoDBlock(nn.Module):
         self.block = Block(config)
         self.router = nn.Parameter(torch.zeros(config.n_embd))         # w_r, one score per token
         self.register_buffer("tau", torch.tensor(float("inf")))          # route nothing before training
+        self.register_buffer("tau_bias", torch.tensor(0.0))              # b: the feedback's running correction
         self.last = {}  # detached tensors of the last forward, for stats()
 
     def gate(self, r):
@@ -231,7 +270,10 @@ class MoDBlock(nn.Module):
         self.last = {"sel": sel}  # for stats(), which reduces them only when asked
         if self.training:
             self.last.update(r=r.detach(), top_k=top_k, tau=self.tau.clone(), aux=aux.detach())
-            update_threshold(self.tau, r.detach(), k, self.config.tau_momentum)  # after deciding with the old tau
+            # the feedback measures what the threshold routes (under "topk", what it would have routed)
+            routed = sel if self.config.mod_routing == "threshold" else route(r, self.tau, K)[0]
+            update_threshold(self.tau, self.tau_bias, r.detach(), routed, k, self.config.mod_capacity,
+                             self.config.tau_gain)  # after deciding with the old tau
         return out, aux
 
     def init_cache(self, batch_size, device):
@@ -261,7 +303,8 @@ class MoD(nn.Module):
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         self.drop = nn.Dropout(config.dropout)
         self.rope = RotaryEmbedding(config.n_embd // config.n_head, config.rope_theta)
-        self.blocks = nn.ModuleList(MoDBlock(config) if l % 2 == 1 else DenseBlock(config) for l in range(config.n_layer))
+        self.blocks = nn.ModuleList(MoDBlock(config) if l % 2 == 1 else DenseBlock(config)
+                                    for l in range(config.n_layer))
         self.norm_f = RMSNorm(config.n_embd, config.norm_eps)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # tied

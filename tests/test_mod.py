@@ -8,8 +8,10 @@ import model_gpt
 import model_mod
 from model_mod import MoD, MoDBlock, route, routed_update
 from conftest import decode
-from routing import (FixedMask, check_prefix_forward_equals_full_forward, routed_inputs, routing_calls,
-                     set_tau_to_median, set_tau_to_quantile, stored_values)
+from routing import (FixedMask, check_capacity_from_iteration_50, check_prefix_forward_equals_full_forward,
+                     check_threshold_lifecycle, check_threshold_rule_tracks_drifting_scores, routed_fractions_of_run,
+                     routed_inputs, routing_calls, set_tau_to_median, set_tau_to_quantile, stored_values,
+                     tiny_qwen2_env)
 
 
 def build(**kw):
@@ -119,37 +121,29 @@ def test_packed_path_equals_masked_dense_oracle():
 
 
 def test_threshold_lifecycle():
-    model = build()
-    x = tokens()
-    assert all(torch.isposinf(b.tau) for b in routed_blocks(model))
-    model.eval()
-    with torch.no_grad():
-        model(x)
-    assert all(b.last["sel"].float().mean().item() == 0.0 for b in routed_blocks(model))  # nothing before training
-    scores = router_scores(model, x)
-    model.train()
-    with torch.no_grad():
-        model(x)
-    taus = []
-    for block, r in zip(routed_blocks(model), scores):
-        assert block.last["sel"].float().mean().item() == 0.0  # this forward still decided with tau = +inf
-        first = r.topk(8, dim=1).values[:, -1].mean()     # k = 0.125 * 64
-        torch.testing.assert_close(block.tau, first)
-        taus.append(block.tau.clone())
-    scores = router_scores(model, x)
-    model.train()
-    with torch.no_grad():
-        model(x)
-    for block, r, old in zip(routed_blocks(model), scores, taus):
-        torch.testing.assert_close(block.tau, 0.99 * old + 0.01 * r.topk(8, dim=1).values[:, -1].mean())
-    before = [b.tau.clone() for b in routed_blocks(model)]
-    model.eval()
-    with torch.no_grad():
-        model(x)
-    assert all(torch.equal(b.tau, t) for b, t in zip(routed_blocks(model), before))
-    clone = build()
-    clone.load_state_dict(model.state_dict())
-    assert all(torch.equal(a.tau, b.tau) for a, b in zip(routed_blocks(clone), routed_blocks(model)))
+    check_threshold_lifecycle(build(), tokens(), tokens(seed=7))
+
+
+@pytest.mark.parametrize("kind", ["gate", "router"])
+def test_threshold_rule_keeps_the_capacity_on_drifting_scores(kind):
+    check_threshold_rule_tracks_drifting_scores(model_mod, kind)
+
+
+def test_routed_fraction_holds_the_capacity_in_a_short_run(tmp_path):
+    """Every 20-iteration mean of the routed fraction from iteration 50 to 100 of a train.py run
+    (a 0.2M-parameter model, the default schedule's warmup) is within 25% of the capacity."""
+    check_capacity_from_iteration_50(routed_fractions_of_run(
+        tmp_path, "--model=mod", "--max_iters=100", "--eval_interval=100", "--batch_size=8", "--n_embd=64",
+        "--n_layer=2", "--intermediate_size=192"))
+
+
+def test_routed_fraction_holds_the_capacity_after_loading_pretrained_weights(tmp_path, file_server):
+    """The same from Qwen2 weights (the tiny fixture of test_pretrained.py), whose hidden states, and
+    so the fresh router's scores, are not those of a model trained from scratch."""
+    env = tiny_qwen2_env(file_server, tmp_path)
+    check_capacity_from_iteration_50(routed_fractions_of_run(
+        tmp_path, "--model=mod", "--init_from=hf:tiny/qwen2", "--max_iters=100", "--eval_interval=100",
+        "--block_size=64", env=env, tokenizer=("--tokenizer=hf:tiny/qwen2",)))
 
 
 def router_grads(aux_weight, detach_gate=False, monkeypatch=None):
@@ -217,7 +211,8 @@ def test_routed_cache_holds_exactly_the_routed_tokens():
         for block, c, (xin, sel) in zip(routed_blocks(model), routed_caches(model, cache), routed):
             assert c.k.shape[2] == 16  # compact: K slots a row, not block_size
             for b in range(3):
-                torch.testing.assert_close(c.v[b, :, :c.n[b]], stored_values(block.block, xin, sel, b), atol=1e-5, rtol=0)
+                torch.testing.assert_close(c.v[b, :, :c.n[b]], stored_values(block.block, xin, sel, b),
+                                           atol=1e-5, rtol=0)
 
 
 def test_skipped_tokens_do_no_block_work():
