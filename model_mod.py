@@ -134,9 +134,9 @@ def update_threshold(tau, tau_bias, score, sel, k, capacity, gain):
         tau      <- c + tau_bias
 
     The first update (tau not finite: nothing, or everything, was routed by design) sets tau = c and
-    leaves tau_bias as it is. Under DDP, c, f and the deviation are averaged over the processes first (as
-    SyncBatchNorm does its batch statistics), so every process holds the same tau. Tensor ops only:
-    no device sync."""
+    leaves tau_bias as it is. Under DDP, c, f and the deviation are averaged over the processes
+    first (as SyncBatchNorm does its batch statistics), so every process holds the same tau. Tensor
+    ops only: no device sync."""
     with torch.no_grad():
         stats = torch.stack([score.topk(k, dim=1).values[:, -1].mean(), sel.float().mean(),
                              score.std(correction=0)])
