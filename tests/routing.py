@@ -225,3 +225,33 @@ def tiny_qwen2_env(file_server, tmp_path):
         with open(os.path.join(fixture, name), "rb") as f:
             file_server.files[f"/tiny/qwen2/resolve/main/{name}"] = f.read()
     return {**ENV, "DYNLM_HF_URL": file_server.url, "DYNLM_CACHE": str(tmp_path / "cache")}
+
+
+def _train_one_rank(rank, name, port, queue):
+    import torch.distributed as dist
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    module = __import__(f"model_{name}")
+    torch.manual_seed(0)
+    model = module.Model(module.Config()).train()
+    g = torch.Generator().manual_seed(100 + rank)  # each process its own data, as under DDP
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.randint(0, 65, (4, 64), generator=g))
+    queue.put((rank, {key: value.tolist() for key, value in model.state_dict().items() if "tau" in key}))
+    dist.destroy_process_group()
+
+
+def check_processes_agree_on_tau(name):
+    """Two processes in a gloo group, each training forwards on its own batches: their tau and
+    tau_bias stay identical (update_threshold averages its statistics over the processes)."""
+    import socket
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    queue = mp.get_context("spawn").SimpleQueue()
+    mp.spawn(_train_one_rank, args=(name, port, queue), nprocs=2)
+    states = dict([queue.get(), queue.get()])
+    assert states[0] == states[1] and len(states[0]) >= 4, states
+    assert all(torch.isfinite(torch.tensor(v)) for v in states[0].values())

@@ -11,8 +11,9 @@ import model_gpt
 from model_dtf import DTF, DTFPair, causal_moving_average, route
 from conftest import decode
 from routing import (FixedMask, check_capacity_from_iteration_50, check_prefix_forward_equals_full_forward,
-                     check_threshold_lifecycle, check_threshold_rule_tracks_drifting_scores, routed_fractions_of_run,
-                     routed_inputs, set_tau_to_median, set_tau_to_quantile, stored_values, tiny_qwen2_env)
+                     check_processes_agree_on_tau, check_threshold_lifecycle,
+                     check_threshold_rule_tracks_drifting_scores, routed_fractions_of_run, routed_inputs,
+                     set_tau_to_median, set_tau_to_quantile, stored_values, tiny_qwen2_env)
 
 
 def build(**kw):
@@ -203,6 +204,11 @@ def test_surprise_maths_on_hand_made_tensors():
 
 def test_threshold_lifecycle():
     check_threshold_lifecycle(build(), tokens(), tokens(seed=7))
+
+
+
+def test_processes_agree_on_tau():
+    check_processes_agree_on_tau("dtf")
 
 
 @pytest.mark.parametrize("kind", ["gate", "router"])

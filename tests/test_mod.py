@@ -9,9 +9,9 @@ import model_mod
 from model_mod import MoD, MoDBlock, route, routed_update
 from conftest import decode
 from routing import (FixedMask, check_capacity_from_iteration_50, check_prefix_forward_equals_full_forward,
-                     check_threshold_lifecycle, check_threshold_rule_tracks_drifting_scores, routed_fractions_of_run,
-                     routed_inputs, routing_calls, set_tau_to_median, set_tau_to_quantile, stored_values,
-                     tiny_qwen2_env)
+                     check_processes_agree_on_tau, check_threshold_lifecycle,
+                     check_threshold_rule_tracks_drifting_scores, routed_fractions_of_run, routed_inputs,
+                     routing_calls, set_tau_to_median, set_tau_to_quantile, stored_values, tiny_qwen2_env)
 
 
 def build(**kw):
@@ -122,6 +122,11 @@ def test_packed_path_equals_masked_dense_oracle():
 
 def test_threshold_lifecycle():
     check_threshold_lifecycle(build(), tokens(), tokens(seed=7))
+
+
+
+def test_processes_agree_on_tau():
+    check_processes_agree_on_tau("mod")
 
 
 @pytest.mark.parametrize("kind", ["gate", "router"])
