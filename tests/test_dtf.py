@@ -10,6 +10,10 @@ import model_dtf
 import model_gpt
 from model_dtf import DTF, DTFPair, causal_moving_average, route
 from conftest import decode
+from routing import (FixedMask, check_capacity_from_iteration_50, check_prefix_forward_equals_full_forward,
+                     check_processes_agree_on_tau, check_threshold_lifecycle,
+                     check_threshold_rule_tracks_drifting_scores, routed_fractions_of_run, routed_inputs,
+                     set_tau_to_median, set_tau_to_quantile, stored_values, tiny_qwen2_env)
 
 
 def build(**kw):
@@ -111,11 +115,6 @@ def test_full_capacity_with_gate_one_is_the_dense_model(train, monkeypatch):
     torch.testing.assert_close(dtf(x)[0], gpt(x)[0], atol=1e-5, rtol=0)
 
 
-def set_tau_to_median(model, x):
-    for pair, G in zip(model.blocks, gates(model, x)):
-        pair.tau.fill_(G.median().item())
-
-
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
 @pytest.mark.parametrize("capacity_factor, routed", [(2.0, (0.25, 0.25)), (4.0, (0.3, 0.55))],
                          ids=["cap-binds", "threshold-decides"])  # K = 16 or 32 of 64
@@ -143,27 +142,7 @@ def test_causal_and_row_independent_with_half_the_tokens_wanting(train, capacity
 
 
 def test_prefix_forward_equals_full_forward_while_the_cap_binds():
-    """What a sampler computes (the prefix up to t) equals the full-window eval logits at t."""
-    model = build()
-    x = tokens()
-    set_tau_to_median(model, x)
-    model.eval()
-    with torch.no_grad():
-        full = model(x)[0]
-        assert all(pair.last["sel"].float().mean().item() == 16 / 64 for pair in model.blocks)  # every row capped
-        for t in (0, 7, 30, 63):
-            torch.testing.assert_close(model(x[:, :t + 1])[0][:, -1], full[:, t], atol=1e-5, rtol=0)
-
-
-class FixedMask:
-    """Hands model_gpt's attention a given mask over its own keys, where a KV cache would hand it
-    the cache's: the dense oracle of a dynamic block."""
-
-    def __init__(self, mask):
-        self.mask = mask
-
-    def append(self, k, v):
-        return k, v, self.mask
+    check_prefix_forward_equals_full_forward(build(), tokens(), (0, 7, 30, 63))
 
 
 def test_pair_equals_masked_dense_oracle():
@@ -224,28 +203,34 @@ def test_surprise_maths_on_hand_made_tensors():
 
 
 def test_threshold_lifecycle():
-    model = build()
-    x = tokens()
-    assert all(torch.isposinf(pair.tau) for pair in model.blocks)
-    G_before = gates(model, x)
-    assert all(pair.last["sel"].float().mean().item() == 0.0 for pair in model.blocks)
-    model.train()
-    with torch.no_grad():
-        model(x)
-    for pair, G in zip(model.blocks, G_before):
-        assert pair.last["sel"].float().mean().item() == 0.0  # decided with the old tau (+inf)
-        torch.testing.assert_close(pair.tau, G.topk(8, dim=1).values[:, -1].mean())
-    first = [pair.tau.clone() for pair in model.blocks]
-    G_now = gates(model, x)  # evaluation never moves tau
-    assert all(torch.equal(pair.tau, t) for pair, t in zip(model.blocks, first))
-    model.train()
-    with torch.no_grad():
-        model(x)
-    for pair, G, old in zip(model.blocks, G_now, first):  # later updates: the EMA of the cut-off
-        torch.testing.assert_close(pair.tau, 0.99 * old + 0.01 * G.topk(8, dim=1).values[:, -1].mean())
-    clone = build()
-    clone.load_state_dict(model.state_dict())
-    assert all(torch.equal(a.tau, b.tau) for a, b in zip(clone.blocks, model.blocks))
+    check_threshold_lifecycle(build(), tokens(), tokens(seed=7))
+
+
+
+def test_processes_agree_on_tau():
+    check_processes_agree_on_tau("dtf")
+
+
+@pytest.mark.parametrize("kind", ["gate", "router"])
+def test_threshold_rule_keeps_the_capacity_on_drifting_scores(kind):
+    check_threshold_rule_tracks_drifting_scores(model_dtf, kind)
+
+
+def test_routed_fraction_holds_the_capacity_in_a_short_run(tmp_path):
+    """Every 20-iteration mean of the routed fraction from iteration 50 to 100 of a train.py run
+    (a 0.2M-parameter model, the default schedule's warmup) is within 25% of the capacity."""
+    check_capacity_from_iteration_50(routed_fractions_of_run(
+        tmp_path, "--model=dtf", "--max_iters=100", "--eval_interval=100", "--batch_size=8", "--n_embd=64",
+        "--n_layer=2", "--intermediate_size=192"))
+
+
+def test_routed_fraction_holds_the_capacity_after_loading_pretrained_weights(tmp_path, file_server):
+    """The same from Qwen2 weights (the tiny fixture of test_pretrained.py), whose hidden states, and
+    so the fresh gate, are not those of a model trained from scratch."""
+    env = tiny_qwen2_env(file_server, tmp_path)
+    check_capacity_from_iteration_50(routed_fractions_of_run(
+        tmp_path, "--model=dtf", "--init_from=hf:tiny/qwen2", "--max_iters=100", "--eval_interval=100",
+        "--block_size=64", env=env, tokenizer=("--tokenizer=hf:tiny/qwen2",)))
 
 
 def test_gradients_reach_the_router_scalars_priors_and_both_blocks():
@@ -282,23 +267,6 @@ def test_flops_count_only_routed_rows():
 
 # --- incremental decoding: a dynamic block's cache holds its routed tokens only -----------------
 
-def routed_inputs(model, x):
-    """Per pair, in an eval forward of x: H_post (the dynamic block's input) and the routed tokens."""
-    posts = []
-    hooks = [pair.decision.register_forward_hook(lambda m, args, out: posts.append(out)) for pair in model.blocks]
-    G = gates(model, x)
-    for h in hooks:
-        h.remove()
-    return [(post, route(g, pair.tau, pair.cap())[0]) for pair, post, g in zip(model.blocks, posts, G)]
-
-
-def stored_values(block, h_post, sel, b):
-    """The values a dynamic block's cache must hold for row b: V of the routed tokens, in order."""
-    attn, hd = block.attn, block.attn.head_dim
-    v = attn.qkv_proj(block.attn_norm(h_post[b, sel[b]]))[:, -attn.n_kv_head * hd:]
-    return v.view(-1, attn.n_kv_head, hd).transpose(0, 1)  # (G, n, hd)
-
-
 @pytest.mark.parametrize("ma_window", [100, 5], ids=["window-covers-block", "window-5"])
 def test_dynamic_cache_holds_exactly_the_routed_tokens(ma_window):
     """Token by token, a dynamic block's cache grows by one exactly when the forward routes the
@@ -307,8 +275,7 @@ def test_dynamic_cache_holds_exactly_the_routed_tokens(ma_window):
     cache carries the moving average's state exactly."""
     model = build(ma_window=ma_window)
     x = tokens(B=3)
-    for pair, G in zip(model.blocks, gates(model, x)):
-        pair.tau.fill_(G.quantile(0.8).item())  # about 13 of 64 want: under the cap, rows differ
+    set_tau_to_quantile(model, x, 0.8)  # about 13 of 64 want: under the cap, rows differ
     routed = routed_inputs(model, x)
     counts = torch.stack([sel.sum(1) for _, sel in routed])
     assert (counts < 16).any() and len(set(counts.flatten().tolist())) > 1  # ragged, not all capped

@@ -8,6 +8,10 @@ import model_gpt
 import model_mod
 from model_mod import MoD, MoDBlock, route, routed_update
 from conftest import decode
+from routing import (FixedMask, check_capacity_from_iteration_50, check_prefix_forward_equals_full_forward,
+                     check_processes_agree_on_tau, check_threshold_lifecycle,
+                     check_threshold_rule_tracks_drifting_scores, routed_fractions_of_run, routed_inputs,
+                     routing_calls, set_tau_to_median, set_tau_to_quantile, stored_values, tiny_qwen2_env)
 
 
 def build(**kw):
@@ -24,20 +28,8 @@ def routed_blocks(model):
 
 
 def router_scores(model, x):
-    """r of each routed block on x (eval forward), captured at the blocks' inputs."""
-    scores = []
-    hooks = [b.register_forward_pre_hook(lambda m, args: scores.append((args[0].float() * m.router).sum(-1)))
-             for b in routed_blocks(model)]
-    with torch.no_grad():
-        model.eval()(x)
-    for h in hooks:
-        h.remove()
-    return scores
-
-
-def set_tau_to_median(model, x):
-    for block, r in zip(routed_blocks(model), router_scores(model, x)):
-        block.tau.fill_(r.median().item())
+    """r of each routed block on x (eval forward)."""
+    return [r for r, _, _ in routing_calls(model, x)]
 
 
 def test_parameter_count():
@@ -97,28 +89,7 @@ def test_causal_and_row_independent_with_half_the_tokens_wanting(train):
 
 
 def test_prefix_forward_equals_full_forward_while_the_cap_binds():
-    """What a sampler computes equals the full-window eval logits, also when a row hits the cap K
-    (a cap computed from the current length T instead of block_size fails this)."""
-    model = build()
-    x = tokens()
-    set_tau_to_median(model, x)
-    model.eval()
-    with torch.no_grad():
-        full = model(x)[0]
-        assert all(b.last["sel"].float().mean().item() == 16 / 64 for b in routed_blocks(model))  # every row capped
-        for t in (0, 9, 20, 41, 63):
-            torch.testing.assert_close(model(x[:, :t + 1])[0][:, -1], full[:, t], atol=1e-5, rtol=0)
-
-
-class FixedMask:
-    """Hands model_gpt's attention a given mask over its own keys, where a KV cache would hand it
-    the cache's: the dense oracle of a routed block."""
-
-    def __init__(self, mask):
-        self.mask = mask
-
-    def append(self, k, v):
-        return k, v, self.mask
+    check_prefix_forward_equals_full_forward(build(), tokens(), (0, 9, 20, 41, 63))
 
 
 def test_packed_path_equals_masked_dense_oracle():
@@ -150,37 +121,34 @@ def test_packed_path_equals_masked_dense_oracle():
 
 
 def test_threshold_lifecycle():
-    model = build()
-    x = tokens()
-    assert all(torch.isposinf(b.tau) for b in routed_blocks(model))
-    model.eval()
-    with torch.no_grad():
-        model(x)
-    assert all(b.last["sel"].float().mean().item() == 0.0 for b in routed_blocks(model))  # nothing before training
-    scores = router_scores(model, x)
-    model.train()
-    with torch.no_grad():
-        model(x)
-    taus = []
-    for block, r in zip(routed_blocks(model), scores):
-        assert block.last["sel"].float().mean().item() == 0.0  # this forward still decided with tau = +inf
-        first = r.topk(8, dim=1).values[:, -1].mean()     # k = 0.125 * 64
-        torch.testing.assert_close(block.tau, first)
-        taus.append(block.tau.clone())
-    scores = router_scores(model, x)
-    model.train()
-    with torch.no_grad():
-        model(x)
-    for block, r, old in zip(routed_blocks(model), scores, taus):
-        torch.testing.assert_close(block.tau, 0.99 * old + 0.01 * r.topk(8, dim=1).values[:, -1].mean())
-    before = [b.tau.clone() for b in routed_blocks(model)]
-    model.eval()
-    with torch.no_grad():
-        model(x)
-    assert all(torch.equal(b.tau, t) for b, t in zip(routed_blocks(model), before))
-    clone = build()
-    clone.load_state_dict(model.state_dict())
-    assert all(torch.equal(a.tau, b.tau) for a, b in zip(routed_blocks(clone), routed_blocks(model)))
+    check_threshold_lifecycle(build(), tokens(), tokens(seed=7))
+
+
+
+def test_processes_agree_on_tau():
+    check_processes_agree_on_tau("mod")
+
+
+@pytest.mark.parametrize("kind", ["gate", "router"])
+def test_threshold_rule_keeps_the_capacity_on_drifting_scores(kind):
+    check_threshold_rule_tracks_drifting_scores(model_mod, kind)
+
+
+def test_routed_fraction_holds_the_capacity_in_a_short_run(tmp_path):
+    """Every 20-iteration mean of the routed fraction from iteration 50 to 100 of a train.py run
+    (a 0.2M-parameter model, the default schedule's warmup) is within 25% of the capacity."""
+    check_capacity_from_iteration_50(routed_fractions_of_run(
+        tmp_path, "--model=mod", "--max_iters=100", "--eval_interval=100", "--batch_size=8", "--n_embd=64",
+        "--n_layer=2", "--intermediate_size=192"))
+
+
+def test_routed_fraction_holds_the_capacity_after_loading_pretrained_weights(tmp_path, file_server):
+    """The same from Qwen2 weights (the tiny fixture of test_pretrained.py), whose hidden states, and
+    so the fresh router's scores, are not those of a model trained from scratch."""
+    env = tiny_qwen2_env(file_server, tmp_path)
+    check_capacity_from_iteration_50(routed_fractions_of_run(
+        tmp_path, "--model=mod", "--init_from=hf:tiny/qwen2", "--max_iters=100", "--eval_interval=100",
+        "--block_size=64", env=env, tokenizer=("--tokenizer=hf:tiny/qwen2",)))
 
 
 def router_grads(aux_weight, detach_gate=False, monkeypatch=None):
@@ -224,24 +192,6 @@ def test_flops_count_only_routed_rows():
 
 # --- incremental decoding: a routed layer's cache holds its routed tokens only ------------------
 
-def routed_inputs(model, x):
-    """The input of every routed block in an eval forward of x, and the tokens it routed there."""
-    inputs = []
-    hooks = [b.register_forward_pre_hook(lambda m, args: inputs.append(args[0])) for b in routed_blocks(model)]
-    with torch.no_grad():
-        model.eval()(x)
-    for h in hooks:
-        h.remove()
-    return [(xin, route(b.score(xin), b.tau, b.cap())[0]) for b, xin in zip(routed_blocks(model), inputs)]
-
-
-def stored_values(block, xin, sel, b):
-    """The values a cache must hold for row b: V of the routed tokens, in position order."""
-    attn, hd = block.block.attn, block.block.attn.head_dim
-    v = attn.qkv_proj(block.block.attn_norm(xin[b, sel[b]]))[:, -attn.n_kv_head * hd:]
-    return v.view(-1, attn.n_kv_head, hd).transpose(0, 1)  # (G, n, hd)
-
-
 def routed_caches(model, cache):
     return [c for blk, c in zip(model.blocks, cache.layers) if isinstance(blk, MoDBlock)]
 
@@ -251,8 +201,7 @@ def test_routed_cache_holds_exactly_the_routed_tokens():
     (skipped tokens add nothing), and at the end holds the routed tokens' values, row by row."""
     model = build()
     x = tokens(B=3)
-    for block, r in zip(routed_blocks(model), router_scores(model, x)):
-        block.tau.fill_(r.quantile(0.8).item())  # about 13 of 64 want: under the cap, rows differ
+    set_tau_to_quantile(model, x, 0.8)  # about 13 of 64 want: under the cap, rows differ
     routed = routed_inputs(model, x)
     counts = torch.stack([sel.sum(1) for _, sel in routed])
     assert (counts < 16).any() and len(set(counts.flatten().tolist())) > 1  # ragged, not all capped
@@ -267,7 +216,8 @@ def test_routed_cache_holds_exactly_the_routed_tokens():
         for block, c, (xin, sel) in zip(routed_blocks(model), routed_caches(model, cache), routed):
             assert c.k.shape[2] == 16  # compact: K slots a row, not block_size
             for b in range(3):
-                torch.testing.assert_close(c.v[b, :, :c.n[b]], stored_values(block, xin, sel, b), atol=1e-5, rtol=0)
+                torch.testing.assert_close(c.v[b, :, :c.n[b]], stored_values(block.block, xin, sel, b),
+                                           atol=1e-5, rtol=0)
 
 
 def test_skipped_tokens_do_no_block_work():
@@ -275,8 +225,7 @@ def test_skipped_tokens_do_no_block_work():
     a skipped one."""
     model = build()
     x = tokens(B=1)
-    for block, r in zip(routed_blocks(model), router_scores(model, x)):
-        block.tau.fill_(r.quantile(0.8).item())
+    set_tau_to_quantile(model, x, 0.8)
     routed = routed_inputs(model, x)
     calls = [0] * len(routed)
     hooks = [b.block.register_forward_pre_hook(lambda m, args, i=i: calls.__setitem__(i, calls[i] + args[0].size(1)))
@@ -306,7 +255,7 @@ def test_routed_cache_respects_the_cap():
     for block, c, (xin, sel) in zip(routed_blocks(model), routed_caches(model, cache), routed):
         assert c.n.tolist() == [16, 16, 16]
         for b in range(3):
-            torch.testing.assert_close(c.v[b], stored_values(block, xin, sel, b), atol=1e-5, rtol=0)
+            torch.testing.assert_close(c.v[b], stored_values(block.block, xin, sel, b), atol=1e-5, rtol=0)
 
 
 def test_cached_decoding_is_the_eval_computation_in_training_mode():

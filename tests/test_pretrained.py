@@ -71,10 +71,11 @@ def test_mod_dtf_take_every_layer_and_keep_fresh_routers(hub, name):
     gpt, _ = load("gpt")
     model, fresh = load(name)
     if name == "mod":
-        assert fresh == ["blocks.N.router", "blocks.N.tau"]
+        assert fresh == ["blocks.N.router", "blocks.N.tau", "blocks.N.tau_bias"]
         blocks = [model.blocks[0], model.blocks[1].block]
     else:
-        assert {f.split(".")[2] for f in fresh} == {"beta_ce", "beta_cu", "log_o_ce", "m_cu", "tau", "prior"}
+        assert {f.split(".")[2] for f in fresh} == {"beta_ce", "beta_cu", "log_o_ce", "m_cu", "tau", "tau_bias",
+                                                    "prior"}
         blocks = [model.blocks[0].decision, model.blocks[0].dynamic]
     for ours, theirs in zip(blocks, gpt.blocks):  # layer i of the checkpoint is block i
         for (k, a), b in zip(ours.state_dict().items(), theirs.state_dict().values()):
@@ -188,7 +189,7 @@ def test_fine_tune_and_sample_end_to_end(hub, tmp_path):
               "--eval_iters=1", "--batch_size=2", "--block_size=32", "--device=cpu", "--compile=False"]
     r = run("train.py", "--init_from=hf:tiny/qwen2", "--dataset=tiny", *common, env=env)
     assert r.returncode == 0, r.stderr
-    assert "loaded hf:tiny/qwen2; fresh: blocks.N.router, blocks.N.tau" in r.stdout
+    assert "loaded hf:tiny/qwen2; fresh: blocks.N.router, blocks.N.tau, blocks.N.tau_bias" in r.stdout
     r = run("sample.py", f"--out_dir={out}", "--num_samples=1", "--max_new_tokens=8", "--start=ROMEO:",
             "--crop=True", "--device=cpu", env=env)  # the plain forward: not every model has a cache yet
     assert r.returncode == 0 and r.stdout.startswith("ROMEO:"), r.stderr
