@@ -16,6 +16,7 @@ Writes out_dir/ckpt.pt (everything needed to resume exactly or to sample) and ou
 (one JSON object per logged iteration and per evaluation, for plots).
 """
 import glob
+import hashlib
 import json
 import math
 import os
@@ -201,6 +202,14 @@ def build_or_resume(cfg, model_overrides, given, init, device):
 # -----------------------------------------------------------------------------
 # helpers of the loop
 
+def derived_seed(*parts):
+    """A seed that is a pure function of `parts` (the run's seed, a purpose, a process, a step).
+    torch's CPU generator (mt19937) keeps only the low 32 bits of its seed, so packing the parts into
+    higher bits would give every seed and process the same stream: hash them instead. Any integer
+    --seed works, a date or a Unix time included."""
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") >> 1
+
+
 def get_batch(shards, batch_size, block_size, generator, device):
     """batch_size random windows of block_size + 1 tokens, drawn uniformly over all shards' valid
     start positions: (inputs, targets shifted by one)."""
@@ -318,7 +327,7 @@ def train_loop(cfg, model, optimizer, progress, tokenizer, device, dtype):
         """Micro-batch `step` of a process. Every random draw is a pure function of (seed, process,
         step): a resumed run sees exactly the batches the uninterrupted run would have seen, and
         there is no generator state to save. Evaluation uses process -1: the same tokens each time."""
-        rng = torch.Generator().manual_seed((cfg.seed * 1000 + process + 1) * 2**32 + step)
+        rng = torch.Generator().manual_seed(derived_seed(cfg.seed, "batch", process, step))
         return get_batch(split_data, cfg.batch_size, block_size, rng, device)
 
     flops_per_token = raw_model.flops_per_token()  # a function of the config: computed once
@@ -368,7 +377,7 @@ def train_loop(cfg, model, optimizer, progress, tokenizer, device, dtype):
         lr = get_lr(cfg, iter_num)
         for group in optimizer.param_groups:
             group["lr"] = lr * group["lr_mult"]
-        torch.manual_seed((cfg.seed * 1000 + 500 + rank) * 2**32 + iter_num)  # dropout: a function of the step too
+        torch.manual_seed(derived_seed(cfg.seed, "dropout", rank, iter_num))  # dropout: a function of the step too
         for micro_step in range(accum_steps):
             if ddp:  # all-reduce the gradients only after the last micro-batch
                 train_model.require_backward_grad_sync = micro_step == accum_steps - 1

@@ -183,3 +183,21 @@ def test_ddp_two_processes_agree(data_dir, tmp_path, model):
     for key in rank0:
         assert torch.equal(rank0[key], rank1[key]), key
     assert load(out)["iter_num"] == 4
+
+
+def test_batches_differ_by_seed_and_process_and_any_seed_works():
+    """torch's CPU generator keeps only its seed's low 32 bits: seeds, processes and steps must still
+    draw different batches (they once all drew the same ones), and a date or 64-bit seed must work."""
+    tokens = [torch.arange(10000, dtype=torch.int32).numpy()]
+
+    def offsets(*parts):
+        rng = torch.Generator().manual_seed(train.derived_seed(*parts))
+        x, _ = train.get_batch(tokens, 8, 16, rng, torch.device("cpu"))
+        return x[:, 0].tolist()
+
+    base = offsets(1337, "batch", 0, 5)
+    assert base == offsets(1337, "batch", 0, 5)  # a pure function of its parts: exact resume
+    for other in [(1338, "batch", 0, 5), (1337, "batch", 1, 5), (1337, "batch", 0, 6), (1337, "dropout", 0, 5)]:
+        assert offsets(*other) != base, other
+    for seed in (20241205, 1764633600, 2**64 - 1, -1):
+        assert 0 <= train.derived_seed(seed, "batch", 0, 10**9) < 2**63
