@@ -1,6 +1,6 @@
 """
-DTF: the surprise-routed Dynamic Transformer (fredericowieser/Dynamic-Transformers and its report,
-docs/DTF-Report.md), causal in training and evaluation.
+DTF: the surprise-routed Dynamic Transformer (the DTF report in the fredericowieser/Dynamic-Transformers
+repository), causal in training and evaluation.
 
 The idea, in predictive-coding words. Blocks come in pairs. The *decision* block runs on every
 token and gives three views of it: its input h (the *original*: "nothing changes"), the block's
