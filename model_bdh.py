@@ -82,17 +82,21 @@ def layer_norm(x):
     return F.layer_norm(x, (x.size(-1),))
 
 
-def rope_phases(positions, N):
-    """e^(i t w_k) for each position t and neuron pair k < N/2, w_k = theta^(-2k/N): complex (T, N/2).
+def rope_angles(positions, N):
+    """t * w_k for each position t and neuron pair k < N/2, w_k = theta^(-2k/N), reduced to [0, 2pi): (T, N/2).
 
-    Built once per forward: every layer turns by the same angles. The angle is formed as the
-    reference forms it, in fp32, operation for operation: turns per position 1 / theta^(2k/N) / 2pi
-    (theta^(-2k/N) rounds differently, 1-2 ulp apart on some k), times t, fractional part, times 2pi,
-    so cos and sin see an angle in [0, 2pi). The frequencies are recomputed here rather than kept in
-    a buffer, so .to(dtype) on the model can never round them."""
+    Formed as the reference forms it, in fp32, operation for operation: turns per position
+    1 / theta^(2k/N) / 2pi (theta^(-2k/N) rounds differently, 1-2 ulp apart on some k), times t,
+    fractional part, times 2pi. The frequencies are recomputed here rather than kept in a buffer, so
+    .to(dtype) on the model can never round them."""
     k2 = torch.arange(0, N, 2, device=positions.device, dtype=torch.float32)  # 2k
     turns = 1.0 / ROPE_THETA ** (k2 / N) / (2 * math.pi)                         # w_k / 2pi per position
-    angles = torch.frac(positions.float()[:, None] * turns) * (2 * math.pi)
+    return torch.frac(positions.float()[:, None] * turns) * (2 * math.pi)
+
+
+def rope_phases(positions, N):
+    """e^(i t w_k): complex (T, N/2). Built once per forward: every layer turns by the same angles."""
+    angles = rope_angles(positions, N)
     return torch.complex(angles.cos(), angles.sin())
 
 
