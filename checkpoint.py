@@ -49,12 +49,24 @@ def save_checkpoint(path, cfg, model, optimizer, tokenizer, iter_num, best_val_l
     try:
         torch.save(ckpt, tmp)
         os.replace(tmp, path)
-    except OSError as e:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    except (OSError, RuntimeError) as e:
+        # torch.save reports a write that stopped short (disk full, quota, file-size limit) as a
+        # RuntimeError ("unexpected pos ..."), without the errno
+        why = e.strerror or e if isinstance(e, OSError) else f"the write stopped short: {str(e).splitlines()[0][:80]}"
+        remove_tmp(tmp)
         kept = f"the previous {path} is intact" if os.path.exists(path) else "no checkpoint was written"
-        raise UserError(f"could not write {path}: {e.strerror or e} (disk full? read-only?); {kept}; "
-                        f"free some space or choose another --out_dir") from None
+        raise UserError(f"could not write {path}: {why} (disk full, quota or file-size limit? read-only?); "
+                        f"{kept}; free some space or choose another --out_dir") from None
+    except BaseException:  # Ctrl-C while saving: no half-written file is left to be mistaken for one
+        remove_tmp(tmp)
+        raise
+
+
+def remove_tmp(tmp):
+    try:
+        os.remove(tmp)
+    except OSError:  # never written, or the folder refuses even that
+        pass
 
 
 def load_checkpoint(path, device="cpu"):

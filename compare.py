@@ -62,6 +62,9 @@ def run_train(model, out_dir, args):
     which hands it on exactly once and waits: train.py stops as on its own Ctrl-C (no half-written
     checkpoint, train.lock removed) and is reaped. (Killed and left unreaped, it would stay a zombie
     whose process id in train.lock refuses the next run.)"""
+    cfg = parse_args([f"--model={model}", *args])[0]
+    if cfg.max_iters < cfg.log_interval:  # the summary needs at least one logged iteration
+        args = [*args, f"--log_interval={max(cfg.max_iters, 1)}"]
     cmd = [sys.executable, os.path.join(HERE, "train.py"), f"--model={model}", f"--out_dir={out_dir}",
            "--overwrite=True", *args]
     proc = subprocess.Popen(cmd, process_group=0)
@@ -338,7 +341,9 @@ def main(argv):
 
     for model in models:
         for lr in lrs:
-            parse_args([f"--model={model}", *args_for(lr, opts.seed)])  # a one-line error before any run
+            cfg = parse_args([f"--model={model}", *args_for(lr, opts.seed)])[0]  # a one-line error before any run
+            if cfg.max_iters == 0 and not opts.time_budget:
+                raise UserError("--max_iters=0 trains nothing to compare; give --max_iters=1 or more")
     if not opts.plot_only:
         budget_iters = {}
         for seed in seeds:  # seed by seed, so an early stop still leaves whole comparisons

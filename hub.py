@@ -8,7 +8,13 @@ Hub files come from $DYNLM_HF_URL (default https://huggingface.co)/<repo>/resolv
 $DYNLM_CACHE (default ~/.cache/dynamic-lm)/hf/<repo>/. Each file's sha256 is checked against the
 hub's X-Linked-Etag when it sends one (its LFS files), and is recorded next to the file so that a
 reused file is checked too. No safetensors package: the format is simple enough to read here.
+
+Everything downloaded is untrusted: a file name taken from a download (a sharded index's shards)
+must stay inside the repo's cache folder, a JSON file that does not parse is deleted so that the next
+run fetches it again, and a malformed safetensors header is one line. A checkpoint whose files are
+all cached loads without the network: the hub's "no such file" for the optional index is remembered.
 """
+import errno
 import hashlib
 import json
 import math
@@ -28,9 +34,17 @@ HF_URL = "https://huggingface.co"
 # -----------------------------------------------------------------------------
 # download
 
+def check_url(url, name=""):
+    """An http:// or https:// address (requests would fail on any other with a traceback)."""
+    if not re.match(r"https?://[^/\s]", url):
+        raise UserError(f"{name + '=' if name else ''}{url} is not an http:// or https:// address; write it "
+                        f"as http://HOST[:PORT]/... or https://...")
+
+
 def download(url, path, sha256=None, retries=5, local_hint="use a local copy with --input=FILE"):
     """Stream url to path: progress on stderr, resume of a partial file with an HTTP Range request,
     retries with exponential backoff, sha256 check, then rename into place."""
+    check_url(url)
     part = path + ".part"
     for attempt in range(retries):
         have = os.path.getsize(part) if os.path.exists(part) else 0
@@ -45,9 +59,15 @@ def download(url, path, sha256=None, retries=5, local_hint="use a local copy wit
                     raise UserError(f"HTTP {r.status_code} for {url}; check the address, or {local_hint}")
                 r.raise_for_status()
                 total = have + int(r.headers.get("Content-Length", 0))
-                with open(part, "ab" if have else "wb") as f:
+                try:
+                    f = open(part, "ab" if have else "wb")
+                except OSError as e:  # a read-only or missing folder
+                    raise UserError(f"cannot write {part}: {e.strerror}; {local_hint}") from None
+                with f:
                     _stream(r, f, have, total, os.path.basename(path))
             break
+        except requests.exceptions.InvalidURL as e:  # e.g. a port that is not a number
+            raise UserError(f"{url} is not a valid address ({e}); {local_hint}") from None
         except (requests.ConnectionError, requests.Timeout, requests.HTTPError,
                 requests.exceptions.ChunkedEncodingError) as e:
             if attempt == retries - 1:
@@ -102,34 +122,84 @@ def cache_dir(repo):
 
 
 def check_repo(repo):
-    if not re.fullmatch(r"[\w.-]+/[\w.-]+", repo):
+    """OWNER/NAME as the hub allows them (letters, digits, -, _ and ., no ".."): a repo id never names a
+    folder outside the cache."""
+    if not re.fullmatch(r"\w[\w.-]*/\w[\w.-]*", repo) or ".." in repo:
         raise UserError(f"hf:{repo} is not a Hugging Face repo id; write it as hf:OWNER/NAME, e.g. hf:Qwen/Qwen2.5-0.5B")
+
+
+def is_file_name(name):
+    """A relative path inside a repo: parts of letters, digits, -, _ and ., none of them "." or ".."
+    (file names also come from downloaded files, a sharded index's, and must not leave the cache)."""
+    return all(re.fullmatch(r"[\w.-]+", part) and part.strip(".") for part in name.split("/"))
+
+
+def cached(path):
+    """Whether path holds a download whose recorded sha256 still matches (a damaged file is deleted)."""
+    record = path + ".sha256"
+    if not (os.path.exists(path) and os.path.exists(record)):
+        return False
+    with open(record) as f:
+        expected = f.read().strip()
+    if file_sha256(path) == expected:
+        return True
+    os.remove(path)  # damaged since it was downloaded: fetch it again
+    return False
+
+
+def forget(path):
+    """Delete a cached file and its record, so that the next run downloads it again."""
+    for p in (path, path + ".sha256"):
+        if os.path.exists(p):
+            os.remove(p)
+
+
+def make_cache_folder(folder):
+    try:
+        os.makedirs(folder, exist_ok=True)
+        if not os.access(folder, os.W_OK):  # (also true for root on a read-only file system)
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+    except OSError as e:
+        raise UserError(f"cannot write to the cache folder {folder}: {e.strerror}; set DYNLM_CACHE to a "
+                        f"writable folder") from None
 
 
 def fetch_file(repo, name, required=True):
     """Local path of <repo>/<name>, downloaded on first use; None if the hub has no such file and
-    required is False."""
+    required is False. That answer is remembered in the cache (<name>.absent), so a fully cached
+    checkpoint needs no network."""
     check_repo(repo)
-    path = os.path.join(cache_dir(repo), name)
-    record = path + ".sha256"
-    if os.path.exists(path) and os.path.exists(record):
-        with open(record) as f:
-            expected = f.read().strip()
-        if file_sha256(path) == expected:
-            return path
-        os.remove(path)  # damaged since it was downloaded: fetch it again
-    url = f"{os.environ.get('DYNLM_HF_URL', HF_URL).rstrip('/')}/{repo}/resolve/main/{name}"
+    if not is_file_name(name):
+        raise UserError(f"{name!r} is not a file name inside hf:{repo}")
+    path = os.path.join(cache_dir(repo), *name.split("/"))
+    record, absent = path + ".sha256", path + ".absent"
+    if cached(path):
+        return path
+    if not required and os.path.exists(absent):
+        return None
+    url = f"{hub_url()}/{repo}/resolve/main/{name}"
     status, sha256 = probe(url)
     if status == 404 and not required:
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            open(absent, "w").close()
+        except OSError:
+            pass  # a read-only cache: the hub is asked again next time
         return None
     if status in (401, 403, 404):
         raise UserError(f"{url}: HTTP {status}; check the repo id (only public repos can be downloaded)")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+    make_cache_folder(os.path.dirname(path))
     download(url, path, sha256=sha256, local_hint=f"put the file at {path} and its sha256 in {record}")
     with open(record + ".tmp", "w") as f:
         f.write(file_sha256(path) + "\n")
     os.replace(record + ".tmp", record)
     return path
+
+
+def hub_url():
+    url = os.environ.get("DYNLM_HF_URL") or HF_URL
+    check_url(url, "DYNLM_HF_URL")
+    return url.rstrip("/")
 
 
 def probe(url):
@@ -143,13 +213,50 @@ def probe(url):
         return None, None  # download() retries and reports the network problem
 
 
+def fetch_json(repo, name, required=True):
+    """The JSON object in <repo>/<name> (None as fetch_file). A file that is not a JSON object (a
+    truncated download: JSON files have no sha256 from the hub) is deleted from the cache, so that the
+    next run downloads it again instead of failing on the same copy forever."""
+    path = fetch_file(repo, name, required)
+    if path is None:
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            obj = json.load(f)
+        why = None if isinstance(obj, dict) else f"a JSON {type(obj).__name__}, not an object"
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        why = f"not JSON ({e.__class__.__name__})"
+    if why is None:
+        return obj
+    forget(path)
+    raise UserError(f"hf:{repo}'s {name} is {why}; it was deleted from the cache ({path}): rerun to download "
+                    f"it again")
+
+
+INDEX = "model.safetensors.index.json"
+
+
 def fetch_weights(repo):
-    """Paths of the checkpoint's safetensors files: model.safetensors, or the shards its index names."""
-    index = fetch_file(repo, "model.safetensors.index.json", required=False)
+    """Paths of the checkpoint's safetensors files: model.safetensors, or the shards its index names.
+    A cached model.safetensors is used without asking the hub for an index."""
+    check_repo(repo)
+    single = os.path.join(cache_dir(repo), "model.safetensors")
+    if cached(single):
+        return [single]
+    index = fetch_json(repo, INDEX, required=False)
     if index is None:
         return [fetch_file(repo, "model.safetensors")]
-    with open(index) as f:
-        shards = sorted(set(json.load(f)["weight_map"].values()))
+    weight_map = index.get("weight_map")
+    where = f"hf:{repo}'s {INDEX} ({os.path.join(cache_dir(repo), INDEX)})"
+    if not isinstance(weight_map, dict) or not weight_map or \
+            not all(isinstance(shard, str) for shard in weight_map.values()):
+        raise UserError(f"{where} has no weight_map of tensor names to shard files; delete it to download it "
+                        f"again, or choose another checkpoint")
+    shards = sorted(set(weight_map.values()))
+    for shard in shards:  # all checked before any is downloaded
+        if not (is_file_name(shard) and shard.endswith(".safetensors")):
+            raise UserError(f"{where} names the shard {shard!r}, which is not a .safetensors file inside the "
+                            f"repo; the index is broken or hostile, nothing was downloaded")
     return [fetch_file(repo, shard) for shard in shards]
 
 
@@ -169,6 +276,9 @@ def read_safetensors(path):
     def bad(why):
         return UserError(f"{path} is not a readable safetensors file ({why}); delete it and rerun to download it again")
 
+    def counts(value):  # a list of whole numbers >= 0 (a shape, or data offsets)
+        return isinstance(value, list) and all(type(v) is int and v >= 0 for v in value)
+
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         head = f.read(8)
@@ -177,16 +287,18 @@ def read_safetensors(path):
             raise bad("bad header length")
         try:
             header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError):
+        except (ValueError, RecursionError):  # (UnicodeDecodeError and JSONDecodeError are ValueErrors)
             raise bad("the header is not JSON") from None
+    if not isinstance(header, dict):
+        raise bad(f"the header is a JSON {type(header).__name__}, not an object")
     header.pop("__metadata__", None)
     data = np.memmap(path, dtype=np.uint8, mode="c", offset=8 + n) if size > 8 + n else np.zeros(0, np.uint8)
     tensors = {}
     for name, info in header.items():
-        try:
-            dtype, shape, (begin, end) = info["dtype"], list(info["shape"]), info["data_offsets"]
-        except (TypeError, KeyError, ValueError):
-            raise bad(f"malformed entry for {name}") from None
+        if not (isinstance(info, dict) and isinstance(info.get("dtype"), str) and
+                counts(info.get("shape")) and counts(info.get("data_offsets")) and len(info["data_offsets"]) == 2):
+            raise bad(f"malformed entry for {name}: {str(info)[:80]}")
+        dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
         if dtype not in SAFETENSORS_DTYPES:
             raise bad(f"{name} has unsupported dtype {dtype}")
         np_dtype = SAFETENSORS_DTYPES[dtype]

@@ -20,6 +20,7 @@ import gzip
 import json
 import multiprocessing
 import os
+import re
 import sys
 import time
 import zlib
@@ -29,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from cli import UserError, options_help, parse_options
-from hub import download
+from hub import check_url, download, file_sha256
 from tokenizer import GPT2, bpe_encoding, check_option, describe, get_tokenizer
 
 MAGIC, VERSION, HEADER_INTS = 20261122, 1, 256  # header: 256 int32 = 1024 bytes
@@ -121,6 +122,10 @@ def prepare_shakespeare(out_dir, tokenizer, input="", url=SHAKESPEARE_URL):
             print(f"downloading tiny Shakespeare from {url}")
             download(url, src, sha256=sha256, local_hint="prepare a local copy with: python prepare_data.py "
                      f"{'shakespeare_char' if tokenizer == 'char' else 'shakespeare'} --input=FILE")
+        elif sha256 and file_sha256(src) != sha256:  # e.g. another text, prepared under this name with --input
+            raise UserError(f"{src} is not tiny Shakespeare (its sha256 is not the download's): another text "
+                            f"prepared under this --name, or a damaged copy; delete it to download tiny "
+                            f"Shakespeare again, or prepare that text with --input={src}")
     try:
         with open(src, encoding="utf-8") as f:
             text = f.read()
@@ -271,6 +276,12 @@ def prepare(dataset, data_dir="data", name="", **options):
     """Prepare `dataset` into data_dir/(name or dataset)/; returns that directory."""
     if dataset not in DATASETS:
         raise UserError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
+    if name and not (re.fullmatch(r"[\w.-]+", name) and name.strip(".")):  # one folder inside data_dir
+        raise UserError(f"--name={name} is not a folder name (letters, digits, -, _ and ., no / or ..); "
+                        f"choose e.g. --name=mytext, and --data_dir=DIR for where it goes")
+    for key in ("url", "base_url"):
+        if key in options:
+            check_url(options[key], f"--{key}")  # before any folder is made
     out_dir = os.path.join(data_dir, name or dataset)
     os.makedirs(out_dir, exist_ok=True)
     if dataset == "c4":

@@ -18,8 +18,12 @@ thresholds, DTF's priors and gate scalars) keeps its fresh init. Doge's layer i 
 under the same leaf names; with --is_moe=True a dense Doge is upcycled as the Doge authors continue
 their MoE models from dense ones: each dense MLP becomes the shared (dense) part of a CDMoE, whose
 router and private experts start fresh.
+
+config.json and the weights come from the network: every config field the loader uses is checked
+(present, of its type, positive, consistent with the others and with the safetensors headers), and
+the mapped tensors against our model built on the meta device, before a model is built for real;
+a bad file is one line, and an absurd size never reaches the allocator.
 """
-import json
 import math
 import os
 import re
@@ -28,7 +32,7 @@ import torch
 
 from checkpoint import load_model_module
 from cli import UserError
-from hub import fetch_file, fetch_weights, read_safetensors
+from hub import fetch_json, fetch_weights, read_safetensors
 from tokenizer import describe, get_tokenizer, same_tokenizer
 
 
@@ -44,10 +48,15 @@ def from_pretrained(cfg, overrides, meta, weights=True):
         if not same_tokenizer(meta["tokenizer"], describe(cfg.init_from)):
             raise UserError(f"dataset {cfg.dataset} was not tokenized with hf:{repo}'s tokenizer; prepare it "
                             f"with: python prepare_data.py shakespeare --tokenizer=hf:{repo} --name=NAME")
-        model = module.Model(module.Config(**fields))
-        if weights:
-            fresh = load_weights(model, cfg.model, repo)
-            print(f"loaded hf:{repo}" + (f"; fresh: {', '.join(fresh)}" if fresh else ""))
+        config = module.Config(**fields)
+        if not weights:
+            return module.Model(config)
+        mapped = hf_tensors(repo, cfg.model, config)
+        with torch.device("meta"):  # names and shapes checked against the model's before any memory is spent
+            check_fit(module.Model(config), mapped, f"hf:{repo}")
+        model = module.Model(config)
+        fresh = kinds(copy_weights(model, mapped, f"hf:{repo}"))
+        print(f"loaded hf:{repo}" + (f"; fresh: {', '.join(fresh)}" if fresh else ""))
         return model
     path = cfg.init_from
     config, state = read_dawn_checkpoint(path)
@@ -79,42 +88,97 @@ def checked_fields(source, fields, overrides, dataset_vocab_size, max_positions,
     return {**overrides, **fields, "block_size": block_size}
 
 
+def check_fit(model, mapped, source):
+    """Every tensor of {our name: tensor} has a place of its shape in model (which may be on the meta device)."""
+    state, model_file = model.state_dict(), f"{type(model).__module__}.py"
+    for name, t in mapped.items():
+        if name not in state:
+            raise UserError(f"{model_file} has no {name} for {source}'s weights")
+        if tuple(t.shape) != tuple(state[name].shape):
+            raise UserError(f"{source}: {name} has shape {tuple(t.shape)}, {model_file} expects "
+                            f"{tuple(state[name].shape)}")
+
+
 def copy_weights(model, mapped, source):
     """Copy {our name: tensor} into model (in its parameters' dtype) after checking names, shapes and
     finiteness; returns the names of our parameters and buffers that mapped does not provide."""
-    state, model_file = model.state_dict(), f"{type(model).__module__}.py"
+    check_fit(model, mapped, source)
+    state = model.state_dict()
     with torch.no_grad():
         for name, t in mapped.items():
-            if name not in state:
-                raise UserError(f"{model_file} has no {name} for {source}'s weights")
-            if tuple(t.shape) != tuple(state[name].shape):
-                raise UserError(f"{source}: {name} has shape {tuple(t.shape)}, {model_file} expects "
-                                f"{tuple(state[name].shape)}")
             if not torch.isfinite(t).all():
                 raise UserError(f"{source}: {name} holds inf or nan; download the file again")
             state[name].copy_(t)  # state_dict tensors share storage with the parameters
     return set(state) - set(mapped) - {"lm_head.weight"}  # lm_head is tied to wte
 
 
+def kinds(names):
+    """One entry per kind of parameter, not per layer: blocks.N.router for blocks.0.router, blocks.1.router."""
+    return sorted({re.sub(r"\.\d+\.", ".N.", name) for name in names})
+
+
+def number(source, key, value, kind=int, default=None):
+    """A config value the loader uses: present (or a default), a whole number (kind int) or any number,
+    above 0 and finite; config files come from the network, so anything else is one line."""
+    value = default if value is None else value
+    if value is None:
+        raise UserError(f"{source} has no {key}; it is incomplete, so the checkpoint cannot be loaded")
+    if type(value) not in ((int,) if kind is int else (int, float)) or not 0 < value < math.inf:
+        raise UserError(f"{source}: {key} = {value!r:.40}, expected {'a whole' if kind is int else 'a'} "
+                        f"number > 0; the checkpoint cannot be loaded as it is")
+    return kind(value)
+
+
+def check_heads(source, n_embd, n_head, n_kv_head):
+    """config.json's attention shapes fit our attention (model_gpt.check_heads, in config.json's names)."""
+    if n_embd % n_head or n_head % n_kv_head or (n_embd // n_head) % 2:
+        raise UserError(f"{source}: hidden_size {n_embd}, num_attention_heads {n_head} and num_key_value_heads "
+                        f"{n_kv_head} do not fit together (hidden_size must be num_attention_heads times an even "
+                        f"head size, num_attention_heads a multiple of num_key_value_heads)")
+
+
+def check_header(repo, tensors, config):
+    """The weights' embedding and layers are the ones config.json describes (read from the safetensors
+    headers only, before any model is built from config.json's sizes)."""
+    embed = tensors.get("model.embed_tokens.weight")
+    want = (config.vocab_size, config.n_embd)
+    if embed is not None and tuple(embed.shape) != want:
+        raise UserError(f"hf:{repo}'s config.json says vocab_size {want[0]} and hidden_size {want[1]}, but its "
+                        f"model.embed_tokens.weight has shape {tuple(embed.shape)}; the checkpoint is inconsistent")
+    layers = {int(m.group(1)) for name in tensors if (m := re.match(r"model\.layers\.(\d+)\.", name))}
+    if layers != set(range(config.n_layer)):
+        held = f"layers 0..{max(layers)}" if layers == set(range(max(layers) + 1)) else \
+            f"{len(layers)} layers numbered {sorted(layers)[:4]}..." if layers else "no layers"
+        raise UserError(f"hf:{repo}'s config.json says num_hidden_layers {config.n_layer}, but its weights hold "
+                        f"{held}; the checkpoint is inconsistent")
+
+
+def joined(source, parts, shapes):
+    """torch.cat of the tensors {name: tensor} along dim 0, each checked against its expected shape first:
+    a part of the wrong size would fail in torch.cat, or worse be hidden in a join of the right total size."""
+    for (name, t), shape in zip(parts.items(), shapes):
+        if tuple(t.shape) != tuple(shape):
+            raise UserError(f"{source}: {name} has shape {tuple(t.shape)}, its config implies {tuple(shape)}; "
+                            f"the checkpoint is inconsistent")
+    return torch.cat(list(parts.values()))
+
+
 # -----------------------------------------------------------------------------
 # config.json -> our Config, and Qwen2's tensor names -> our state_dict
 
 def read_config(repo):
-    path = fetch_file(repo, "config.json")
-    try:
-        with open(path) as f:
-            hf = json.load(f)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise UserError(f"{path} is not JSON; delete it and rerun to download it again") from None
+    hf = fetch_json(repo, "config.json")
     architectures = hf.get("architectures") or []
     known = {"qwen2": "Qwen2ForCausalLM", "doge": "DogeForCausalLM"}
-    if hf.get("model_type") not in known or architectures not in ([], [known[hf.get("model_type")]]):
-        raise UserError(f"hf:{repo} is a {hf.get('model_type')} model ({', '.join(architectures) or 'no architecture'}); "
+    if not isinstance(hf.get("model_type"), str) or not isinstance(architectures, list) or \
+            hf["model_type"] not in known or architectures not in ([], [known[hf["model_type"]]]):
+        names = ", ".join(map(str, architectures)) if isinstance(architectures, list) else repr(architectures)
+        raise UserError(f"hf:{repo} is a {hf.get('model_type')} model ({names or 'no architecture'}); "
                         f"only Qwen2/Qwen2.5 checkpoints (model_type qwen2, Qwen2ForCausalLM: --model=gpt, mod or dtf) "
                         f"and Doge ones (model_type doge, DogeForCausalLM: --model=doge) can be loaded")
     if hf["model_type"] == "doge":
         return hf
-    rope = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
+    rope = rope_config(repo, hf)
     if rope.get("rope_type", rope.get("type", "default")) != "default" or hf.get("use_sliding_window"):
         raise UserError(f"hf:{repo} uses {rope.get('rope_type') or 'sliding-window attention'}; only plain RoPE "
                         f"with full attention (as Qwen2.5's base models) is supported")
@@ -122,6 +186,15 @@ def read_config(repo):
         raise UserError(f"hf:{repo} has a separate lm_head; our models tie it to the embedding, so only tied "
                         f"checkpoints load (Qwen2.5-0.5B, 1.5B and 3B are tied)")
     return hf
+
+
+def rope_config(repo, hf):
+    """RoPE's settings: transformers 4 writes them as rope_scaling, 5 as rope_parameters."""
+    rope = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
+    if not isinstance(rope, dict):
+        raise UserError(f"hf:{repo}'s config.json: rope_scaling / rope_parameters is {rope!r:.40}, "
+                        f"not an object; the checkpoint cannot be loaded as it is")
+    return rope
 
 
 def check_model(repo, hf, model_name):
@@ -142,13 +215,29 @@ def model_fields(repo, overrides, dataset_vocab_size, model_name=None):
     check_model(repo, hf, model_name)
     if hf["model_type"] == "doge":
         return doge_fields(repo, hf, overrides, dataset_vocab_size)
-    rope = hf.get("rope_parameters") or {}  # where transformers 5 writes rope_theta
-    fields = dict(vocab_size=hf["vocab_size"], n_layer=hf["num_hidden_layers"], n_head=hf["num_attention_heads"],
-                  n_kv_head=hf.get("num_key_value_heads", hf["num_attention_heads"]), n_embd=hf["hidden_size"],
-                  intermediate_size=hf["intermediate_size"], rope_theta=float(hf.get("rope_theta") or rope.get("rope_theta", 1e4)),
-                  norm_eps=float(hf["rms_norm_eps"]), qkv_bias=True)
-    return checked_fields(f"hf:{repo}", fields, overrides, dataset_vocab_size,
-                          hf.get("max_position_embeddings", math.inf), "positions it was trained for")
+    max_pos = hf.get("max_position_embeddings")
+    max_pos = math.inf if max_pos is None else number(f"hf:{repo}'s config.json", "max_position_embeddings", max_pos)
+    return checked_fields(f"hf:{repo}", {**common_fields(repo, hf), "qkv_bias": True}, overrides, dataset_vocab_size,
+                          max_pos, "positions it was trained for")
+
+
+def common_fields(repo, hf):
+    """Our Config's shapes from the config.json fields Qwen2 and Doge share, each checked."""
+    source = f"hf:{repo}'s config.json"
+    n_embd = number(source, "hidden_size", hf.get("hidden_size"))
+    n_head = number(source, "num_attention_heads", hf.get("num_attention_heads"))
+    n_kv_head = number(source, "num_key_value_heads", hf.get("num_key_value_heads"), default=n_head)
+    check_heads(source, n_embd, n_head, n_kv_head)
+    if hf.get("head_dim") not in (None, n_embd // n_head):
+        raise UserError(f"{source}: head_dim {hf['head_dim']} is not hidden_size / num_attention_heads = "
+                        f"{n_embd // n_head}, which our attention assumes; the checkpoint cannot be loaded")
+    theta = hf.get("rope_theta") or rope_config(repo, hf).get("rope_theta")  # (5 writes it in rope_parameters)
+    return dict(vocab_size=number(source, "vocab_size", hf.get("vocab_size")),
+                n_layer=number(source, "num_hidden_layers", hf.get("num_hidden_layers")),
+                n_head=n_head, n_kv_head=n_kv_head, n_embd=n_embd,
+                intermediate_size=number(source, "intermediate_size", hf.get("intermediate_size")),
+                rope_theta=number(source, "rope_theta", theta, float, default=1e4),
+                norm_eps=number(source, "rms_norm_eps", hf.get("rms_norm_eps"), float, default=1e-6))
 
 
 def layer_prefixes(model_name, n_layer):
@@ -162,15 +251,19 @@ def layer_prefixes(model_name, n_layer):
     raise UserError(f"pretrained Qwen2 weights load into gpt, mod or dtf, not {model_name}")
 
 
-def map_tensors(tensors, prefixes):
+def map_tensors(tensors, prefixes, config, source):
     """{our name: tensor} from Qwen2's names. q, k, v are stacked in that order, as
-    model_gpt.Attention splits qkv_proj's output."""
+    model_gpt.Attention splits qkv_proj's output (each checked against config's head counts first)."""
     out = {"wte.weight": tensors.pop("model.embed_tokens.weight"), "norm_f.weight": tensors.pop("model.norm.weight")}
     tensors.pop("lm_head.weight", None)  # some tied checkpoints store the head too; it is wte
+    head_size = config.n_embd // config.n_head
+    rows = [config.n_head * head_size] + [config.n_kv_head * head_size] * 2
     for i, p in enumerate(prefixes):
         hf = f"model.layers.{i}."
         for part in ("weight", "bias"):
-            out[f"{p}attn.qkv_proj.{part}"] = torch.cat([tensors.pop(f"{hf}self_attn.{x}_proj.{part}") for x in "qkv"])
+            names = [f"{hf}self_attn.{x}_proj.{part}" for x in "qkv"]
+            out[f"{p}attn.qkv_proj.{part}"] = joined(source, {name: tensors.pop(name) for name in names},
+                                                    [(n, config.n_embd) if part == "weight" else (n,) for n in rows])
         out[f"{p}attn.o_proj.weight"] = tensors.pop(f"{hf}self_attn.o_proj.weight")
         out[f"{p}attn_norm.weight"] = tensors.pop(f"{hf}input_layernorm.weight")
         out[f"{p}mlp_norm.weight"] = tensors.pop(f"{hf}post_attention_layernorm.weight")
@@ -182,24 +275,28 @@ def map_tensors(tensors, prefixes):
     return out
 
 
-def load_weights(model, model_name, repo):
-    """Copy every tensor of hf:<repo> into model (fp32 or whatever its parameters are); returns the
-    names of our parameters and buffers the checkpoint does not provide (they keep their init)."""
+def hf_tensors(repo, model_name, config):
+    """{our name: tensor} of hf:<repo>'s weights for our model `config` (memory-mapped: nothing is read
+    until used), after checking them against config.json."""
     hf = read_config(repo)
     check_model(repo, hf, model_name)
     tensors = {}
     for path in fetch_weights(repo):
         tensors.update(read_safetensors(path))
+    check_header(repo, tensors, config)
     try:
         if hf["model_type"] == "doge":
-            mapped = map_doge_tensors(tensors, model.config.n_layer, bool(hf.get("is_moe")))
-        else:
-            mapped = map_tensors(tensors, layer_prefixes(model_name, model.config.n_layer))
+            return map_doge_tensors(tensors, config.n_layer, bool(hf.get("is_moe")))
+        return map_tensors(tensors, layer_prefixes(model_name, config.n_layer), config, f"hf:{repo}")
     except KeyError as e:
         kind = "Doge" if hf["model_type"] == "doge" else "Qwen2"
         raise UserError(f"hf:{repo} lacks the tensor {e.args[0]}; the checkpoint is incomplete or not {kind}") from None
-    fresh = copy_weights(model, mapped, f"hf:{repo}")
-    return sorted({re.sub(r"\.\d+\.", ".N.", name) for name in fresh})  # one entry per kind, not per layer
+
+
+def load_weights(model, model_name, repo):
+    """Copy every tensor of hf:<repo> into model (fp32 or whatever its parameters are); returns the
+    kinds of our parameters and buffers the checkpoint does not provide (they keep their init)."""
+    return kinds(copy_weights(model, hf_tensors(repo, model_name, model.config), f"hf:{repo}"))
 
 
 # -----------------------------------------------------------------------------
@@ -213,41 +310,40 @@ def doge_fields(repo, hf, overrides, dataset_vocab_size):
         raise UserError(f"hf:{repo} {what}, which model_doge.py does not implement; only transformers' "
                         f"DogeForCausalLM layout as SmallDoge's Doge-20M/60M/160M/320M use it can be loaded")
 
-    n_head = hf["num_attention_heads"]
+    source = f"hf:{repo}'s config.json"
+    fields = common_fields(repo, hf)
     if hf.get("hidden_act", "silu") != "silu":
         refuse(f"uses the activation {hf['hidden_act']} (Doge's is silu)")
     if hf.get("attention_bias") or hf.get("mlp_bias"):
         refuse("has linear biases (attention_bias or mlp_bias)")
     if hf.get("sliding_window") is not None:
         refuse("uses sliding-window attention")
-    if hf.get("head_dim") not in (None, hf["hidden_size"] // n_head):
-        refuse(f"has head_dim {hf['head_dim']} != hidden_size / num_attention_heads")
     if hf.get("dynamic_mask_ratio") or hf.get("num_cdmoe_experts"):
         refuse("is in the older small-doge layout (dynamic_mask_ratio or num_cdmoe_experts)")
     if not hf.get("tie_word_embeddings", False):
         refuse("has a separate lm_head (our Doge ties it to the embedding)")
-    rope = hf.get("rope_scaling") or hf.get("rope_parameters") or {}  # transformers 4 writes the first, 5 the second
+    rope = rope_config(repo, hf)
     if rope.get("rope_type", rope.get("type", "default")) not in ("default", "dynamic") or \
             rope.get("partial_rotary_factor", 1.0) != 1.0:
         refuse(f"uses {rope.get('rope_type') or rope.get('type')} RoPE scaling")
     # dynamic NTK scaling only rescales RoPE's base once a sequence is longer than max_position_embeddings;
     # up to that length it is plain RoPE, so a block_size within it is exact
-    max_pos = hf.get("max_position_embeddings", 2048)
+    max_pos = number(source, "max_position_embeddings", hf.get("max_position_embeddings"), default=2048)
     if rope.get("original_max_position_embeddings"):
-        max_pos = min(max_pos, rope["original_max_position_embeddings"])
-    fields = dict(vocab_size=hf["vocab_size"], n_layer=hf["num_hidden_layers"], n_head=n_head,
-                  n_kv_head=hf.get("num_key_value_heads") or n_head, n_embd=hf["hidden_size"],
-                  intermediate_size=hf["intermediate_size"], norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-                  rope_theta=float(hf.get("rope_theta") or rope.get("rope_theta", 1e4)))
+        max_pos = min(max_pos, number(source, "original_max_position_embeddings",
+                                      rope["original_max_position_embeddings"]))
+    if hf.get("is_moe") not in (None, False, True):
+        raise UserError(f"{source}: is_moe = {hf['is_moe']!r:.40}, expected true or false")
     if hf.get("is_moe"):
-        fields.update(is_moe=True, n_experts=hf["num_experts"], n_experts_per_head=hf["num_experts_per_tok"])
+        fields.update(is_moe=True, n_experts=number(source, "num_experts", hf.get("num_experts")),
+                      n_experts_per_head=number(source, "num_experts_per_tok", hf.get("num_experts_per_tok")))
         if overrides.get("is_moe") is False:
             raise UserError(f"hf:{repo} is a CDMoE checkpoint; its experts need is_moe, so drop --is_moe=False")
         overrides = {k: v for k, v in overrides.items() if k != "is_moe"}
     checked = checked_fields(f"hf:{repo}", fields, overrides, dataset_vocab_size, max_pos,
                              "positions; beyond them its dynamic NTK RoPE scaling would apply, which model_doge.py "
                              "does not implement")
-    return {"keep_window_size": hf.get("keep_window_size", 2048), **checked}
+    return {"keep_window_size": number(source, "keep_window_size", hf.get("keep_window_size"), default=2048), **checked}
 
 
 # HF Doge's names inside layer i -> ours inside blocks.i (model_doge keeps HF's leaf names where it can)
@@ -368,9 +464,10 @@ def dawn_model_fields(path, config, state, overrides, dataset_vocab_size):
             return preset[field]
         raise UserError(f"{path} has no config[{key!r}]; without it the checkpoint's shape is ambiguous")
 
-    fields = {field: reference(key, field) for field, key in DAWN_RENAMED.items()}
+    fields = {field: number(f"{path}: config", key, reference(key, field)) for field, key in DAWN_RENAMED.items()}
     for field, (feature_key, restore_key) in DAWN_POOL_FIELDS.items():
-        fields[field], restore = reference(feature_key, field), reference(restore_key, field)
+        fields[field] = number(f"{path}: config", feature_key, reference(feature_key, field))
+        restore = number(f"{path}: config", restore_key, reference(restore_key, field))
         if restore != fields[field]:
             raise UserError(f"{path}: {feature_key} = {fields[field]} but {restore_key} = {restore}; "
                             f"model_dawn.py gives a feature pool and its restore pool the same size and top-k")
@@ -382,13 +479,17 @@ def dawn_model_fields(path, config, state, overrides, dataset_vocab_size):
     del fields["n_qk+n_v"]
     max_positions = fields.pop("block_size")  # wpe's rows: our block_size may be shorter
     checked = checked_fields(path, fields, overrides, dataset_vocab_size, max_positions, "learned positions")
-    defaults = {"dropout": float(config.get("dropout", preset["dropout"])),
-                "router_dropout": float(config.get("router_dropout", preset["router_dropout"]))}
+    defaults = {key: config.get(key, preset[key]) for key in ("dropout", "router_dropout")}
+    for key, p in defaults.items():
+        if type(p) not in (int, float) or not 0 <= p < 1:
+            raise UserError(f"{path}: config {key} = {p!r:.40}, expected a number in [0, 1)")
+        defaults[key] = float(p)
     return {**defaults, **checked}
 
 
-def map_dawn_tensors(state, n_qk, n_v, n_layer):
+def map_dawn_tensors(state, config, source):
     """{our name: tensor} from the reference's names (see the section comment)."""
+    n_qk, n_layer, s, d = config.n_qk, config.n_layer, config.d_space, config.n_embd
     state = dict(state)
     neurons, router = "shared_neurons.", "router.neuron_router."
     f_neurons, r_neurons = state.pop(neurons + "f_neurons"), state.pop(neurons + "r_neurons")
@@ -398,8 +499,9 @@ def map_dawn_tensors(state, n_qk, n_v, n_layer):
            "neuron_emb": state.pop(router + "neuron_emb"),
            "norm_f.weight": state.pop("norm.weight"), "norm_f.bias": state.pop("norm.bias")}
     for part in ("weight", "bias"):  # proj_all's six attention queries, then the two knowledge queries
-        out[f"router.{part}"] = torch.cat([state.pop(f"{router}{p}.{part}")
-                                           for p in ("proj_all", "proj_feature_know", "proj_restore_know")])
+        names = [f"{router}{p}.{part}" for p in ("proj_all", "proj_feature_know", "proj_restore_know")]
+        out[f"router.{part}"] = joined(source, {name: state.pop(name) for name in names},
+                                       [(n, d) if part == "weight" else (n,) for n in (6 * s, s, s)])
     for i in range(n_layer):
         for theirs, ours in DAWN_LAYER_PARTS.items():
             out[f"blocks.{i}.{ours}"] = state.pop(f"layers.{i}.{theirs}")
@@ -423,7 +525,7 @@ def load_dawn_weights(model, path, state):
     """Copy every tensor of the reference state_dict into our model (wpe: its first block_size rows)."""
     c = model.config
     try:
-        mapped = map_dawn_tensors(state, c.n_qk, c.n_v, c.n_layer)
+        mapped = map_dawn_tensors(state, c, path)
     except KeyError as e:
         raise UserError(f"{path} lacks the tensor {e.args[0]}; the checkpoint is incomplete or not DAWN v17.1") from None
     mapped["wpe.weight"] = mapped["wpe.weight"][:c.block_size]

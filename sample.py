@@ -115,3 +115,5 @@ if __name__ == "__main__":
         main(sys.argv[1:])
     except UserError as e:
         sys.exit(f"sample.py: error: {e}")
+    except KeyboardInterrupt:  # nothing is written, so nothing is lost: one line, not a traceback
+        sys.exit("\nsample.py: interrupted")

@@ -23,7 +23,7 @@ from typing import Callable
 import requests
 
 from cli import UserError
-from hub import fetch_file
+from hub import fetch_file, fetch_json, forget
 
 # GPT-2's BPE. tiktoken's "r50k_base" has the same ranks, pattern and <|endoftext|> (50256) as its
 # "gpt2" encoding, and is one file (so an offline TIKTOKEN_CACHE_DIR can hold it).
@@ -132,10 +132,17 @@ def bytes_to_unicode():
 
 def bpe_descriptor(repo):
     """A compact, self-contained description of hf:<repo>'s tokenizer.json:
-    {"kind": "bpe", "name", "pattern", "ranks": base64 tokens in id order, "special", "normalize"}."""
-    path = fetch_file(repo, "tokenizer.json")
-    with open(path, encoding="utf-8") as f:
-        tok = json.load(f)
+    {"kind": "bpe", "name", "pattern", "ranks": base64 tokens in id order, "special", "normalize"}.
+    The file is downloaded, so any part of it may be of the wrong kind: that is one line too."""
+    tok = fetch_json(repo, "tokenizer.json")
+    try:
+        return bpe_from_json(repo, tok)
+    except (KeyError, TypeError, AttributeError, ValueError) as e:
+        raise UserError(f"hf:{repo}'s tokenizer.json is malformed ({e.__class__.__name__}: {str(e)[:80]}); it is "
+                        f"not a tokenizer this repo can read") from None
+
+
+def bpe_from_json(repo, tok):
     model = tok.get("model") or {}
     pipeline = json.dumps([tok.get("normalizer"), tok.get("pre_tokenizer"), tok.get("decoder")], ensure_ascii=False)
     if model.get("byte_fallback") or "Metaspace" in pipeline or "▁" in pipeline:
@@ -171,9 +178,11 @@ def bpe_descriptor(repo):
     if ids != list(range(len(ids))) or len(vocab) != len(model["vocab"]):
         raise UserError(f"hf:{repo}'s vocabulary ids are not 0..{len(model['vocab']) - 1}, each once")
     by_id = sorted(vocab, key=vocab.get)
-    return {"kind": "bpe", "name": f"hf:{repo}", "pattern": splits[0]["pattern"]["Regex"],
+    desc = {"kind": "bpe", "name": f"hf:{repo}", "pattern": splits[0]["pattern"]["Regex"],
             "ranks": " ".join(base64.b64encode(t).decode() for t in by_id),
             "special": special, "normalize": normalizer}
+    bpe_tokenizer(desc)  # tiktoken accepts its regex and ids (a ValueError or TypeError otherwise)
+    return desc
 
 
 def bpe_tokenizer(desc):
@@ -215,14 +224,18 @@ MAX_WORD_CHARS = 100
 def wordpiece_descriptor(source):
     """{"kind": "wordpiece", "name", "vocab": the tokens in id order, one a line, "lowercase"} of a
     vocab.txt: source is its path, or hf:OWNER/NAME for that repo's vocab.txt on the Hugging Face Hub."""
-    path = fetch_file(source[3:], "vocab.txt") if source.startswith("hf:") else source
+    downloaded = source.startswith("hf:")
+    path = fetch_file(source[3:], "vocab.txt") if downloaded else source
     try:
         with open(path, encoding="utf-8") as f:
             tokens = f.read().split("\n")
     except OSError as e:
         raise UserError(f"cannot read the WordPiece vocabulary {path}: {e.strerror}") from None
     except UnicodeDecodeError:
-        raise UserError(f"{path} is not UTF-8 text; a WordPiece vocab.txt holds one token a line") from None
+        if downloaded:  # a damaged download: the next run fetches it again
+            forget(path)
+        raise UserError(f"{path} is not UTF-8 text; a WordPiece vocab.txt holds one token a line"
+                        + ("; it was deleted from the cache: rerun to download it again" if downloaded else "")) from None
     if tokens and tokens[-1] == "":
         tokens.pop()  # the final newline
     tokens = [t.rstrip("\r") for t in tokens]

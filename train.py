@@ -37,7 +37,7 @@ from cli import UserError, parse_value
 from device import autocast, peak_flops, pick_device
 from prepare_data import DATASETS, prepare, read_tokens
 from tokenizer import get_tokenizer, upgrade
-from train_config import TrainConfig, configure_optimizer, parse_args
+from train_config import TrainConfig, check_schedule, configure_optimizer, parse_args
 
 # The file reads top to bottom: the settings (TrainConfig and parse_args, in train_config.py because
 # compare.py and bench.py read them too), the setup, the helpers of the loop, the loop, and at the
@@ -75,8 +75,12 @@ def process_alive(pid):
 def acquire_lock(out_dir):
     """out_dir/train.lock holding this process's id, created atomically: a second training on the same
     out_dir stops with an error. A lock whose process has died (killed, machine rebooted) is taken over."""
-    os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, "train.lock")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as e:  # e.g. inside a read-only folder
+        raise UserError(f"cannot create --out_dir={out_dir}: {e.strerror}; choose an --out_dir in a folder you "
+                        f"can write to") from None
     for _ in range(3):
         try:
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
@@ -97,6 +101,9 @@ def acquire_lock(out_dir):
             except FileNotFoundError:
                 pass
             continue
+        except OSError as e:  # a read-only out_dir
+            raise UserError(f"cannot write in --out_dir={out_dir}: {e.strerror}; choose an --out_dir you can write "
+                            f"to") from None
         with os.fdopen(fd, "w") as f:
             f.write(str(os.getpid()))
         return path
@@ -114,14 +121,22 @@ def prepare_hint(cfg):
             f"(prepare_data.py knows: {', '.join(DATASETS)})")
 
 
-def load_split(cfg, split):
-    """All token files of a split: data/<dataset>/<split>.bin, or <split>_000.bin, ... for sharded sets."""
+def load_split(cfg, split, block_size):
+    """All token files of a split: data/<dataset>/<split>.bin, or <split>_000.bin, ... for sharded sets.
+    Each must hold a window of block_size + 1 tokens with at least two places to start (get_batch):
+    checked here, at start-up, rather than at the first batch after a long evaluation."""
     folder = os.path.join(cfg.data_dir, cfg.dataset)
     paths = sorted(glob.glob(os.path.join(folder, f"{split}_*.bin"))) or \
         glob.glob(os.path.join(folder, f"{split}.bin"))
     if not paths:
         raise UserError(f"no {split} data in {folder}; prepare it with: {prepare_hint(cfg)}")
-    return [read_tokens(p) for p in paths]
+    shards = [read_tokens(p) for p in paths]
+    n, path = min((len(s), p) for s, p in zip(shards, paths))
+    if n < block_size + 2:
+        fix = f"use --block_size={n - 2} or less, or prepare more text" if n > 2 else "prepare more text"
+        raise UserError(f"block_size={block_size} is too long for the {split} split: {path} holds {n:,} tokens, and "
+                        f"training needs block_size + 2; {fix}")
+    return shards
 
 
 def load_meta(cfg):
@@ -167,6 +182,7 @@ def build_or_resume(cfg, model_overrides, given, init, device):
         types = typing.get_type_hints(TrainConfig)
         cfg = TrainConfig(**{**{k: parse_value(k, str(v), types[k]) for k, v in saved.items() if k in types},
                              **{k: getattr(cfg, k) for k in given if hasattr(cfg, k)}})
+        check_schedule(cfg)
     meta = load_meta(cfg)
 
     if init == "resume":
@@ -300,6 +316,28 @@ def log_jsonl(path, record):
         f.write(json.dumps(record) + "\n")
 
 
+def trim_log(path, iter_num):
+    """A resumed run continues its checkpoint's log: the records of iterations after iter_num (which an
+    interrupted run logged after its last checkpoint, and the resumed run logs again) are dropped, so
+    the log equals the uninterrupted run's. Returns whether the log holds the evaluation at iter_num."""
+    if not os.path.exists(path):
+        return False
+    with open(path) as f:
+        lines = f.readlines()
+    kept = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:  # a line cut short when the run was killed
+            continue
+        if isinstance(record, dict) and record.get("iter", 0) <= iter_num:
+            kept.append(record)
+    with open(path + ".tmp", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in kept)
+    os.replace(path + ".tmp", path)
+    return any("val_loss" in r and r.get("iter") == iter_num for r in kept)
+
+
 # -----------------------------------------------------------------------------
 # the loop
 
@@ -312,7 +350,7 @@ def train_loop(cfg, model, optimizer, progress, tokenizer, device, dtype):
     accum_steps = cfg.gradient_accumulation_steps // world_size  # micro-steps of this process
     block_size = model.config.block_size
     tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * block_size
-    train_data, val_data = load_split(cfg, "train"), load_split(cfg, "val")
+    train_data, val_data = load_split(cfg, "train", block_size), load_split(cfg, "val", block_size)
     iter_num, best_val_loss, train_time, tokens_seen = (progress[k] for k in PROGRESS)
 
     amp, scaler = setup_precision(device, dtype)
@@ -340,8 +378,11 @@ def train_loop(cfg, model, optimizer, progress, tokenizer, device, dtype):
     start_iter, start_time = iter_num, train_time
     x, y = batch(train_data, iter_num * accum_steps)
     ckpt_path, log_path = os.path.join(cfg.out_dir, "ckpt.pt"), os.path.join(cfg.out_dir, "log.jsonl")
-    if master and cfg.init_from != "resume" and os.path.exists(log_path):
-        os.remove(log_path)  # training really starts: a new run starts a new log; a resumed run appends
+    evaluated = False  # whether the log holds the evaluation at start_iter (a resumed run's checkpoint's)
+    if master and cfg.init_from == "resume":
+        evaluated = trim_log(log_path, start_iter)
+    elif master and os.path.exists(log_path):
+        os.remove(log_path)  # training really starts: a new run starts a new log
     nonfinite = torch.zeros((), dtype=torch.bool, device=device)  # any non-finite loss since the last check
 
     def check_finite(losses=()):
@@ -362,8 +403,9 @@ def train_loop(cfg, model, optimizer, progress, tokenizer, device, dtype):
             check_finite(losses.values())
             print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
             best_val_loss = min(best_val_loss, losses["val"])
-            log_jsonl(log_path, {"iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"],
-                                 "time": train_time, "tokens": tokens_seen})
+            if not (iter_num == start_iter and evaluated):  # (a finished run resumed: not logged twice)
+                log_jsonl(log_path, {"iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"],
+                                     "time": train_time, "tokens": tokens_seen})
             # a resumed run's first evaluation is its checkpoint's; --max_iters=0 saves the model as
             # built or loaded (e.g. pretrained weights converted for sample.py)
             if iter_num > start_iter or (cfg.max_iters == 0 and cfg.init_from != "resume"):

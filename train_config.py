@@ -95,8 +95,20 @@ def parse_args(argv, doc=""):
     if init in ("hf", "file") and "preset" in given:
         raise UserError(f"--init_from={'hf:...' if init == 'hf' else 'FILE'} takes the model's shape from the "
                         f"checkpoint; drop --preset")
+    if init != "resume":  # a resumed run's rates are the checkpoint's, merged in train.py
+        check_schedule(cfg)
     cfg.out_dir = cfg.out_dir or f"out-{cfg.model}"
     return cfg, model_overrides, set(given), init
+
+
+def check_schedule(cfg):
+    """The cosine decays from learning_rate down to min_lr: a min_lr above learning_rate would instead
+    raise the rate while "decaying" (to twice the rate asked for, with the default min_lr and 5e-5).
+    An error rather than clamping min_lr with a warning: a clamp trains a schedule nobody asked for
+    (and a warning scrolls away in a long run), while the fix is one option on the same line."""
+    if cfg.min_lr > cfg.learning_rate:
+        raise UserError(f"--learning_rate={cfg.learning_rate:g} is below --min_lr={cfg.min_lr:g}, where the cosine "
+                        f"decay ends; give --min_lr={cfg.learning_rate / 10:g} (a tenth of it, the defaults' ratio) or less")
 
 
 def configure_optimizer(model, cfg, device):
