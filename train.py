@@ -266,17 +266,24 @@ def compile_or_eager(model, train_data, batch_size, block_size, device, amp):
     return compiled
 
 
-def evaluate(model, splits, batch, eval_iters, amp):
-    """Mean eval-mode loss over eval_iters fixed batches (process -1) of each split (the same for every model)."""
+def evaluate(model, splits, batch, eval_iters, amp, token_bytes):
+    """Mean eval-mode loss over eval_iters fixed batches (process -1) of each split (the same for every
+    model), in nats per token, and in bits per byte: the summed token losses over ln 2 times the UTF-8
+    bytes the target tokens stand for (token_bytes[id]), which compares models across tokenizers. For
+    one-byte tokens (ASCII characters) it is loss / ln 2 exactly."""
     model.eval()
     out = {}
     for split, data in splits.items():
-        losses = torch.zeros(eval_iters)
+        losses, n_bytes = torch.zeros(eval_iters), 0
         for k in range(eval_iters):
             x, y = batch(data, k, process=-1)
             with torch.no_grad(), amp:
                 losses[k] = model(x, y)[1].item()
+            n_bytes += token_bytes[y].sum().item()
         out[split] = losses.mean().item()
+        # summed nats = mean x tokens (every batch has y.numel() targets), written so the ratio is 1.0
+        # exactly when every token is one byte
+        out[f"{split}_bpb"] = out[split] / math.log(2) * (eval_iters * y.numel() / n_bytes)
     model.train()
     return out
 
@@ -331,6 +338,10 @@ def train_loop(cfg, model, optimizer, progress, tokenizer, device, dtype):
         return get_batch(split_data, cfg.batch_size, block_size, rng, device)
 
     flops_per_token = raw_model.flops_per_token()  # a function of the config: computed once
+    token_bytes = torch.zeros(raw_model.config.vocab_size, dtype=torch.long)  # rows past the tokenizer's: 0
+    lengths = get_tokenizer(tokenizer).token_bytes()
+    token_bytes[:len(lengths)] = torch.tensor(lengths)
+    token_bytes = token_bytes.to(device)
     if master:
         n_params = sum(p.numel() for p in raw_model.parameters())
         print(f"{cfg.model}: {n_params:,} parameters, {flops_per_token / 1e6:.2f} MFLOP/token; "
@@ -358,11 +369,13 @@ def train_loop(cfg, model, optimizer, progress, tokenizer, device, dtype):
         # evaluate, log and save (every eval_interval iterations and at the end)
         if master and (iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters):
             train_time += time.time() - t0
-            losses = evaluate(model, {"train": train_data, "val": val_data}, batch, cfg.eval_iters, amp)
+            losses = evaluate(model, {"train": train_data, "val": val_data}, batch, cfg.eval_iters, amp, token_bytes)
             check_finite(losses.values())
-            print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+            print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}, "
+                  f"val {losses['val_bpb']:.4f} bits/byte")
             best_val_loss = min(best_val_loss, losses["val"])
             log_jsonl(log_path, {"iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"],
+                                 "train_bpb": losses["train_bpb"], "val_bpb": losses["val_bpb"],
                                  "time": train_time, "tokens": tokens_seen})
             # a resumed run's first evaluation is its checkpoint's; --max_iters=0 saves the model as
             # built or loaded (e.g. pretrained weights converted for sample.py)
