@@ -20,7 +20,7 @@ wall time and training FLOPs to <out>/loss.svg (a small SVG written here, so no 
 needed): a line per model for its mean over the seeds, and a band from its lowest to highest seed.
 The table's verdicts say which differences in mean val loss exceed the seed-to-seed spread.
 With --time_budget each model first trains 35 iterations to measure its speed, and then gets the
-number of iterations that fits the budget, with its full warmup and decay schedule.
+number of iterations that fits the budget, its warmup and decay fitted to them as with --flops_budget.
 
 Rerunning an interrupted command continues it: a run that finished is not trained again (its folder
 holds compare.json with the training options it finished with; other options train it again), and
@@ -39,7 +39,7 @@ import torch
 from checkpoint import load_checkpoint, model_from_checkpoint
 from cli import UserError, parse_options, parse_value
 from prepare_data import write_json
-from train_config import TrainConfig, parse_args
+from train_config import TrainConfig, fit_schedule, parse_args
 
 
 @dataclass
@@ -352,10 +352,12 @@ def main(argv):
                         print(f"{run_name(model, lr, seed)}: finished earlier in {out_dir}, not trained again")
                         continue
                     args = request["train_args"]
-                    if opts.time_budget:
+                    if opts.time_budget:  # as train.py's --flops_budget: the schedule fitted to the run
                         if model not in budget_iters:
                             budget_iters[model] = iterations_for_budget(model, out, args, opts.time_budget)
-                        args = [*args, f"--max_iters={budget_iters[model]}"]
+                        fitted = fit_schedule(parse_args([f"--model={model}", *args])[0], budget_iters[model])
+                        args = [*args, f"--max_iters={fitted.max_iters}", f"--warmup_iters={fitted.warmup_iters}",
+                                f"--lr_decay_iters={fitted.lr_decay_iters}"]
                     if os.path.exists(os.path.join(out_dir, "compare.json")):
                         os.remove(os.path.join(out_dir, "compare.json"))  # other options: this run is replaced
                     try:

@@ -3,6 +3,7 @@ Train any model_<name>.py of this repo. nanoGPT's training loop, for every archi
 
     python train.py --model=gpt                                   # the laptop recipe, CPU friendly
     python train.py --model=mod --max_iters=500 --learning_rate=2e-3
+    python train.py --model=mod --flops_budget=3e12                # the iterations 3e12 FLOPs buy, schedule fitted
     python train.py --model=gpt --preset=gpt2-124m --dataset=shakespeare --batch_size=8
     python train.py --model=gpt --init_from=resume                # continue out-gpt/ckpt.pt
     python train.py --model=mod --init_from=hf:Qwen/Qwen2.5-0.5B --dataset=shakespeare_qwen  # fine-tune (pretrained.py)
@@ -37,7 +38,7 @@ from cli import UserError, parse_value
 from device import autocast, peak_flops, pick_device
 from prepare_data import DATASETS, prepare, read_tokens
 from tokenizer import get_tokenizer, upgrade
-from train_config import TrainConfig, configure_optimizer, parse_args
+from train_config import TrainConfig, configure_optimizer, eval_interval, fit_schedule, parse_args
 
 # The file reads top to bottom: the settings (TrainConfig and parse_args, in train_config.py because
 # compare.py and bench.py read them too), the setup, the helpers of the loop, the loop, and at the
@@ -338,6 +339,8 @@ def train_loop(cfg, model, optimizer, progress, tokenizer, device, dtype):
         return get_batch(split_data, cfg.batch_size, block_size, rng, device)
 
     flops_per_token = raw_model.flops_per_token()  # a function of the config: computed once
+    if cfg.flops_budget:  # the nearest whole number of iterations, its schedule ending there
+        cfg = fit_schedule(cfg, max(1, round(cfg.flops_budget / (flops_per_token * tokens_per_iter))))
     token_bytes = torch.zeros(raw_model.config.vocab_size, dtype=torch.long)  # rows past the tokenizer's: 0
     lengths = get_tokenizer(tokenizer).token_bytes()
     token_bytes[:len(lengths)] = torch.tensor(lengths)
@@ -347,6 +350,10 @@ def train_loop(cfg, model, optimizer, progress, tokenizer, device, dtype):
         print(f"{cfg.model}: {n_params:,} parameters, {flops_per_token / 1e6:.2f} MFLOP/token; "
               f"{tokens_per_iter:,} tokens/iter; {device} {dtype}{', compiled' if use_compile else ''}"
               f"{f', {world_size} processes' if ddp else ''}")
+        if cfg.flops_budget:
+            print(f"--flops_budget={cfg.flops_budget:g}: {cfg.max_iters:,} iterations, "
+                  f"{cfg.max_iters * tokens_per_iter * flops_per_token:.4g} FLOPs; warmup {cfg.warmup_iters}, "
+                  f"cosine decay to --min_lr={cfg.min_lr:g} at iteration {cfg.lr_decay_iters}")
     peak = peak_flops(device)
     start_iter, start_time = iter_num, train_time
     x, y = batch(train_data, iter_num * accum_steps)
@@ -365,9 +372,10 @@ def train_loop(cfg, model, optimizer, progress, tokenizer, device, dtype):
                             f"--learning_rate (now {cfg.learning_rate:g}) or set --grad_clip")
 
     t0, logged_time, logged_iter = time.time(), train_time, iter_num
+    every = eval_interval(cfg)
     while True:
         # evaluate, log and save (every eval_interval iterations and at the end)
-        if master and (iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters):
+        if master and (iter_num % every == 0 or iter_num == cfg.max_iters):
             train_time += time.time() - t0
             losses = evaluate(model, {"train": train_data, "val": val_data}, batch, cfg.eval_iters, amp, token_bytes)
             check_finite(losses.values())
