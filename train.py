@@ -313,7 +313,8 @@ def log_jsonl(path, record):
 
 def train_loop(cfg, model, optimizer, progress, tokenizer, device, dtype):
     """Train from progress to cfg.max_iters: every iteration forward, backward, clip and step;
-    every log_interval a log line; every eval_interval (and at the end) an evaluation and a checkpoint."""
+    every log_interval (and at the end) a log line; every eval_interval (and at the end) an evaluation
+    and a checkpoint."""
     ddp = dist.is_initialized()
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
     master = rank == 0
@@ -417,7 +418,7 @@ def train_loop(cfg, model, optimizer, progress, tokenizer, device, dtype):
         iter_num += 1
         tokens_seen += tokens_per_iter
 
-        if master and iter_num % cfg.log_interval == 0:
+        if master and (iter_num % cfg.log_interval == 0 or iter_num == cfg.max_iters):
             check_finite()
             loss_value = loss.item() * accum_steps  # .item() waits for the GPU: only on log steps
             train_time += time.time() - t0
