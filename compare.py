@@ -6,7 +6,7 @@ At equal training compute (the question these architectures exist for: at my bud
 lowest loss, and what does it cost in wall-clock time?):
 
     python compare.py --flops_budget=3e11,1e12,3e12 --seeds=2   # every model x size x budget
-    python compare.py --quick=True                              # the same, smaller: about 15 minutes on 2 cores
+    python compare.py --quick=True                              # smaller (QUICK), into compare-quick/
 
 Each model trains every size of the ladder (SIZES below, --sizes) at every budget, with train.py's
 --flops_budget: as many iterations as the budget buys, warmup and cosine decay fitted to end there,
