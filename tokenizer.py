@@ -10,8 +10,9 @@ decodes with exactly the tokenizer the data was made with:
     {"kind": "wordpiece", "name", "vocab", "lowercase"}     BERT's WordPiece (a vocab.txt), for DAWN-39M
 
 describe(option, text) makes the descriptor for prepare_data.py's --tokenizer option, and
-get_tokenizer(descriptor) the Tokenizer: encode, decode and vocab_size (the rows of the embedding the
-data needs). A new tokenizer is a new kind here: its descriptor in describe, its Tokenizer in KINDS.
+get_tokenizer(descriptor) the Tokenizer: encode, decode, vocab_size (the rows of the embedding the
+data needs) and token_bytes (what train.py's bits per byte divide by). A new tokenizer is a new kind
+here: its descriptor in describe, its Tokenizer in KINDS.
 """
 import base64
 import json
@@ -35,6 +36,8 @@ class Tokenizer:
     encode: Callable[[str], list]   # text -> token ids
     decode: Callable[[list], str]   # token ids -> text (ids past the vocabulary are skipped)
     vocab_size: int                 # every id is below it: the embedding rows a model needs
+    token_bytes: Callable[[], list]  # () -> vocab_size ints: the UTF-8 bytes of text each id stands for
+                                     # (0 for special tokens and unused ids: they stand for no text)
 
 
 def check_option(option):
@@ -92,7 +95,8 @@ def char_tokenizer(desc):
             raise UserError(f"characters {''.join(missing)!r} are not in this model's vocabulary")
         return [stoi[c] for c in text]
 
-    return Tokenizer(encode, lambda ids: "".join(chars[i] for i in ids), len(chars))
+    return Tokenizer(encode, lambda ids: "".join(chars[i] for i in ids), len(chars),
+                     lambda: [len(c.encode()) for c in chars])
 
 
 # -----------------------------------------------------------------------------
@@ -111,7 +115,16 @@ def bpe_encoding(name):
 def tiktoken_tokenizer(desc):
     enc = bpe_encoding(desc["encoding"])
     vocab_size = -(-enc.n_vocab // 64) * 64  # padded to a multiple of 64 (faster matmuls; the extra rows never occur)
-    return Tokenizer(enc.encode_ordinary, lambda ids: enc.decode([i for i in ids if i < enc.n_vocab]), vocab_size)
+    special = {enc.encode_single_token(t) for t in enc.special_tokens_set}
+
+    def token_bytes():
+        # a token's own bytes, not len(decode([i]).encode()): a BPE token may hold part of a
+        # multi-byte character, which decodes alone to U+FFFD (3 bytes); <|endoftext|> separates documents
+        return [0 if i in special or i >= enc.n_vocab else len(enc.decode_single_token_bytes(i))
+                for i in range(vocab_size)]
+
+    return Tokenizer(enc.encode_ordinary, lambda ids: enc.decode([i for i in ids if i < enc.n_vocab]), vocab_size,
+                     token_bytes)
 
 
 # -----------------------------------------------------------------------------
@@ -199,7 +212,15 @@ def bpe_tokenizer(desc):
         return enc.encode(text, allowed_special="all")
 
     vocab_size = max([len(desc["ranks"].split(" ")), *[i + 1 for i in desc["special"].values()]])
-    return Tokenizer(encode, lambda ids: enc.decode([i for i in ids if i < enc.n_vocab]), vocab_size)
+
+    def token_bytes():  # each token's own bytes (it may be part of a character); added tokens: none
+        lengths = [len(base64.b64decode(t)) for t in desc["ranks"].split(" ")]
+        lengths += [0] * (vocab_size - len(lengths))
+        for i in special_ids:
+            lengths[i] = 0
+        return lengths
+
+    return Tokenizer(encode, lambda ids: enc.decode([i for i in ids if i < enc.n_vocab]), vocab_size, token_bytes)
 
 
 # -----------------------------------------------------------------------------
@@ -325,7 +346,22 @@ def wordpiece_tokenizer(desc):
             text = text.replace(before, after)  # undo the spaces WordPiece put around punctuation
         return text
 
-    return Tokenizer(encode, decode, len(tokens))
+    def token_bytes():
+        # WordPiece keeps neither case, accents nor whitespace, so the bytes of the original text are
+        # lost; this convention counts about those of decode's text: a "##" piece its bytes without "##",
+        # a word-initial piece also the space before it, punctuation (split off words) no space,
+        # [UNK] a one-byte word, the other special tokens nothing
+        lengths = []
+        for t in tokens:
+            if t in WORDPIECE_SPECIALS:
+                lengths.append(2 if t == "[UNK]" else 0)
+            elif t.startswith("##"):
+                lengths.append(len(t[2:].encode()))
+            else:
+                lengths.append(len(t.encode()) + (len(t) != 1 or not _is_punctuation(t)))
+        return lengths
+
+    return Tokenizer(encode, decode, len(tokens), token_bytes)
 
 
 KINDS = {"char": char_tokenizer, "tiktoken": tiktoken_tokenizer, "bpe": bpe_tokenizer, "wordpiece": wordpiece_tokenizer}

@@ -3,6 +3,7 @@ Train any model_<name>.py of this repo. nanoGPT's training loop, for every archi
 
     python train.py --model=gpt                                   # the laptop recipe, CPU friendly
     python train.py --model=mod --max_iters=500 --learning_rate=2e-3
+    python train.py --model=mod --flops_budget=3e12                # the iterations 3e12 FLOPs buy, schedule fitted
     python train.py --model=gpt --preset=gpt2-124m --dataset=shakespeare --batch_size=8
     python train.py --model=gpt --init_from=resume                # continue out-gpt/ckpt.pt
     python train.py --model=mod --init_from=hf:Qwen/Qwen2.5-0.5B --dataset=shakespeare_qwen  # fine-tune (pretrained.py)
@@ -37,7 +38,7 @@ from cli import UserError, parse_value
 from device import autocast, peak_flops, pick_device
 from prepare_data import DATASETS, prepare, read_tokens
 from tokenizer import get_tokenizer, upgrade
-from train_config import TrainConfig, check_schedule, configure_optimizer, parse_args
+from train_config import TrainConfig, check_schedule, configure_optimizer, eval_interval, fit_schedule, parse_args
 
 # The file reads top to bottom: the settings (TrainConfig and parse_args, in train_config.py because
 # compare.py and bench.py read them too), the setup, the helpers of the loop, the loop, and at the
@@ -282,17 +283,24 @@ def compile_or_eager(model, train_data, batch_size, block_size, device, amp):
     return compiled
 
 
-def evaluate(model, splits, batch, eval_iters, amp):
-    """Mean eval-mode loss over eval_iters fixed batches (process -1) of each split (the same for every model)."""
+def evaluate(model, splits, batch, eval_iters, amp, token_bytes):
+    """Mean eval-mode loss over eval_iters fixed batches (process -1) of each split (the same for every
+    model), in nats per token, and in bits per byte: the summed token losses over ln 2 times the UTF-8
+    bytes the target tokens stand for (token_bytes[id]), which compares models across tokenizers. For
+    one-byte tokens (ASCII characters) it is loss / ln 2 exactly."""
     model.eval()
     out = {}
     for split, data in splits.items():
-        losses = torch.zeros(eval_iters)
+        losses, n_bytes = torch.zeros(eval_iters), 0
         for k in range(eval_iters):
             x, y = batch(data, k, process=-1)
             with torch.no_grad(), amp:
                 losses[k] = model(x, y)[1].item()
+            n_bytes += token_bytes[y].sum().item()
         out[split] = losses.mean().item()
+        # summed nats = mean x tokens (every batch has y.numel() targets), written so the ratio is 1.0
+        # exactly when every token is one byte
+        out[f"{split}_bpb"] = out[split] / math.log(2) * (eval_iters * y.numel() / n_bytes)
     model.train()
     return out
 
@@ -343,7 +351,8 @@ def trim_log(path, iter_num):
 
 def train_loop(cfg, model, optimizer, progress, tokenizer, device, dtype):
     """Train from progress to cfg.max_iters: every iteration forward, backward, clip and step;
-    every log_interval a log line; every eval_interval (and at the end) an evaluation and a checkpoint."""
+    every log_interval (and at the end) a log line; every eval_interval (and at the end) an evaluation
+    and a checkpoint."""
     ddp = dist.is_initialized()
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
     master = rank == 0
@@ -369,11 +378,21 @@ def train_loop(cfg, model, optimizer, progress, tokenizer, device, dtype):
         return get_batch(split_data, cfg.batch_size, block_size, rng, device)
 
     flops_per_token = raw_model.flops_per_token()  # a function of the config: computed once
+    if cfg.flops_budget:  # the nearest whole number of iterations, its schedule ending there
+        cfg = fit_schedule(cfg, max(1, round(cfg.flops_budget / (flops_per_token * tokens_per_iter))))
+    token_bytes = torch.zeros(raw_model.config.vocab_size, dtype=torch.long)  # rows past the tokenizer's: 0
+    lengths = get_tokenizer(tokenizer).token_bytes()
+    token_bytes[:len(lengths)] = torch.tensor(lengths)
+    token_bytes = token_bytes.to(device)
     if master:
         n_params = sum(p.numel() for p in raw_model.parameters())
         print(f"{cfg.model}: {n_params:,} parameters, {flops_per_token / 1e6:.2f} MFLOP/token; "
               f"{tokens_per_iter:,} tokens/iter; {device} {dtype}{', compiled' if use_compile else ''}"
               f"{f', {world_size} processes' if ddp else ''}")
+        if cfg.flops_budget:
+            print(f"--flops_budget={cfg.flops_budget:g}: {cfg.max_iters:,} iterations, "
+                  f"{cfg.max_iters * tokens_per_iter * flops_per_token:.4g} FLOPs; warmup {cfg.warmup_iters}, "
+                  f"cosine decay to --min_lr={cfg.min_lr:g} at iteration {cfg.lr_decay_iters}")
     peak = peak_flops(device)
     start_iter, start_time = iter_num, train_time
     x, y = batch(train_data, iter_num * accum_steps)
@@ -395,16 +414,19 @@ def train_loop(cfg, model, optimizer, progress, tokenizer, device, dtype):
                             f"--learning_rate (now {cfg.learning_rate:g}) or set --grad_clip")
 
     t0, logged_time, logged_iter = time.time(), train_time, iter_num
+    every = eval_interval(cfg)
     while True:
         # evaluate, log and save (every eval_interval iterations and at the end)
-        if master and (iter_num % cfg.eval_interval == 0 or iter_num == cfg.max_iters):
+        if master and (iter_num % every == 0 or iter_num == cfg.max_iters):
             train_time += time.time() - t0
-            losses = evaluate(model, {"train": train_data, "val": val_data}, batch, cfg.eval_iters, amp)
+            losses = evaluate(model, {"train": train_data, "val": val_data}, batch, cfg.eval_iters, amp, token_bytes)
             check_finite(losses.values())
-            print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+            print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}, "
+                  f"val {losses['val_bpb']:.4f} bits/byte")
             best_val_loss = min(best_val_loss, losses["val"])
             if not (iter_num == start_iter and evaluated):  # (a finished run resumed: not logged twice)
                 log_jsonl(log_path, {"iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"],
+                                     "train_bpb": losses["train_bpb"], "val_bpb": losses["val_bpb"],
                                      "time": train_time, "tokens": tokens_seen})
             # a resumed run's first evaluation is its checkpoint's; --max_iters=0 saves the model as
             # built or loaded (e.g. pretrained weights converted for sample.py)
@@ -438,7 +460,7 @@ def train_loop(cfg, model, optimizer, progress, tokenizer, device, dtype):
         iter_num += 1
         tokens_seen += tokens_per_iter
 
-        if master and iter_num % cfg.log_interval == 0:
+        if master and (iter_num % cfg.log_interval == 0 or iter_num == cfg.max_iters):
             check_finite()
             loss_value = loss.item() * accum_steps  # .item() waits for the GPU: only on log steps
             train_time += time.time() - t0

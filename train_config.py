@@ -1,10 +1,13 @@
 """
 train.py's settings: TrainConfig (every training option with its default), parse_args (the command
-line, checked before any data is touched) and configure_optimizer (the AdamW those settings describe).
+line, checked before any data is touched), fit_schedule (a run's schedule fitted to its length, for
+--flops_budget and compare.py's --time_budget) and configure_optimizer (the AdamW those settings
+describe).
 They live here, not in train.py, because compare.py checks every run's options before training any,
 and bench.py times the optimizer train.py steps: both read them without importing the script.
 """
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -28,7 +31,10 @@ class TrainConfig:
     overwrite: bool = False          # True: a new run may replace the ckpt.pt already in out_dir
     # iterations, evaluation, logging
     max_iters: int = 2000
-    eval_interval: int = 250         # evaluate and save a checkpoint every this many iterations
+    flops_budget: float = 0.0        # > 0: train this many FLOPs (the model's flops_per_token() x tokens) instead
+                                     # of max_iters, with warmup and decay fitted to end there (fit_schedule)
+    eval_interval: int = 0           # evaluate and save a checkpoint every this many iterations; 0: max_iters / 8
+                                     # (rounded up), so every run has the same 9 or 10 evaluation points
     eval_iters: int = 20             # batches per split in each evaluation
     log_interval: int = 10
     # batch: tokens per iteration = gradient_accumulation_steps * batch_size * block_size
@@ -69,9 +75,11 @@ def parse_args(argv, doc=""):
         raise UserError(f"--block_size={model_overrides['block_size']}: must be positive")
     for key in ("max_iters", "eval_interval", "eval_iters", "log_interval", "batch_size",
                 "gradient_accumulation_steps"):
-        if getattr(cfg, key) <= 0 and not (key == "max_iters" and cfg.max_iters == 0):
+        if getattr(cfg, key) <= 0 and not (key in ("max_iters", "eval_interval") and getattr(cfg, key) == 0):
             raise UserError(f"--{key} must be positive")
-    for key in ("learning_rate", "min_lr", "weight_decay", "grad_clip"):
+    if cfg.flops_budget and {"max_iters", "lr_decay_iters"} & set(given):
+        raise UserError("--flops_budget sets max_iters and lr_decay_iters; drop those")
+    for key in ("learning_rate", "min_lr", "weight_decay", "grad_clip", "flops_budget"):
         if not 0 <= getattr(cfg, key) < float("inf"):  # also catches nan
             raise UserError(f"--{key}={getattr(cfg, key)}: must be a finite number >= 0")
     for key in ("beta1", "beta2"):
@@ -109,6 +117,21 @@ def check_schedule(cfg):
     if cfg.min_lr > cfg.learning_rate:
         raise UserError(f"--learning_rate={cfg.learning_rate:g} is below --min_lr={cfg.min_lr:g}, where the cosine "
                         f"decay ends; give --min_lr={cfg.learning_rate / 10:g} (a tenth of it, the defaults' ratio) or less")
+
+
+EVALS_PER_RUN = 8  # eval_interval 0: an evaluation every ceil(max_iters / 8) iterations, plus the last
+
+
+def eval_interval(cfg):
+    return cfg.eval_interval or max(1, math.ceil(cfg.max_iters / EVALS_PER_RUN))
+
+
+def fit_schedule(cfg, max_iters):
+    """cfg for a run of max_iters iterations whose schedule ends with it: warmup shortened to at most
+    a tenth of the run (a 20-iteration run gets 2, not 100), and the cosine decay reaching min_lr at
+    the last iteration taken (max_iters - 1), so that runs of any length end their schedule alike."""
+    return dataclasses.replace(cfg, max_iters=max_iters, warmup_iters=min(cfg.warmup_iters, max_iters // 10),
+                               lr_decay_iters=max(max_iters - 1, 0))
 
 
 def configure_optimizer(model, cfg, device):
