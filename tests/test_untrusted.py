@@ -367,7 +367,7 @@ def test_download_of_an_unparsable_address(tmp_path):
 
 
 # -----------------------------------------------------------------------------
-# users: what a training run is asked to do (data as in tests/test_errors.py)
+# users: what a training run is asked to do (on conftest's data_dir)
 
 @pytest.mark.parametrize("seed", [20241205, 1733400000, 2**63 - 1, 2**64 - 1, -1])
 def test_any_64_bit_seed_trains(data_dir, tmp_path, seed):
