@@ -10,10 +10,8 @@ import model_dtf
 import model_gpt
 from model_dtf import DTF, DTFPair, causal_moving_average, route
 from conftest import PROMPT_THEN_TOKENS, build, decode, tokens
-from routing import (FixedMask, check_capacity_from_iteration_50, check_prefix_forward_equals_full_forward,
-                     check_processes_agree_on_tau, check_threshold_lifecycle,
-                     check_threshold_rule_tracks_drifting_scores, routed_fractions_of_run, routed_inputs,
-                     set_tau_to_median, set_tau_to_quantile, stored_values)
+from routing import (FixedMask, check_prefix_forward_equals_full_forward, routed_inputs, set_tau_to_median,
+                     set_tau_to_quantile, stored_values)
 
 
 def gates(model, x):
@@ -191,35 +189,6 @@ def test_surprise_maths_on_hand_made_tensors():
     s_cu = torch.sigmoid(F.softplus(torch.tensor(-0.8)) * (d_st - 1.1 * ma))
     torch.testing.assert_close(G, s_ce + s_cu - s_ce * s_cu)
     assert (G > 0).all() and (G < 1).all()
-
-
-def test_threshold_lifecycle():
-    check_threshold_lifecycle(build("dtf"), tokens(), tokens(seed=7))
-
-
-def test_processes_agree_on_tau():
-    check_processes_agree_on_tau("dtf")
-
-
-@pytest.mark.parametrize("kind", ["gate", "router"])
-def test_threshold_rule_keeps_the_capacity_on_drifting_scores(kind):
-    check_threshold_rule_tracks_drifting_scores(model_dtf, kind)
-
-
-def test_routed_fraction_holds_the_capacity_in_a_short_run(tmp_path):
-    """Every 20-iteration mean of the routed fraction from iteration 50 to 100 of a train.py run
-    (a 0.2M-parameter model, the default schedule's warmup) is within 25% of the capacity."""
-    check_capacity_from_iteration_50(routed_fractions_of_run(
-        tmp_path, "--model=dtf", "--max_iters=100", "--eval_interval=100", "--batch_size=8", "--n_embd=64",
-        "--n_layer=2", "--intermediate_size=192"))
-
-
-def test_routed_fraction_holds_the_capacity_after_loading_pretrained_weights(tmp_path, qwen2_hub):
-    """The same from Qwen2 weights (tests/fixtures/qwen2_tiny), whose hidden states, and so the
-    fresh gate, are not those of a model trained from scratch."""
-    check_capacity_from_iteration_50(routed_fractions_of_run(
-        tmp_path, "--model=dtf", "--init_from=hf:tiny/qwen2", "--max_iters=100", "--eval_interval=100",
-        "--block_size=64", tokenizer=("--tokenizer=hf:tiny/qwen2",)))
 
 
 def test_gradients_reach_the_router_scalars_priors_and_both_blocks():
