@@ -205,12 +205,14 @@ def windows(n, first, block_size):
 
 
 def progress_printer(label, total):
-    start, last = time.time(), [0.0]
+    """A function of the windows done so far that redraws one line on stderr: count, time, ETA."""
+    start = last = time.time()
 
     def show(done):
+        nonlocal last
         now = time.time()
-        if now - last[0] > 0.5 or done == total:
-            last[0] = now
+        if now - last > 0.5 or done == total:
+            last = now
             eta = (now - start) / max(done, 1) * (total - done)
             print(f"\r{label}: {done:,}/{total:,} windows, {now - start:.0f}s, ETA {eta:.0f}s",
                   end="\n" if done == total else "", file=sys.stderr, flush=True)
