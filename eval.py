@@ -46,7 +46,7 @@ import torch
 from checkpoint import load_checkpoint, model_from_checkpoint
 from cli import UserError, parse_options
 from device import autocast, pick_device
-from hub import cached, check_url, download, file_sha256, forget, make_cache_folder
+from hub import cache_root, cached, check_url, download, forget, make_cache_folder, record_sha256
 from tokenizer import get_tokenizer
 
 
@@ -84,8 +84,7 @@ SOURCES = {
 
 
 def eval_cache():
-    root = os.environ.get("DYNLM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "dynamic-lm")
-    return os.path.join(root, "eval")
+    return os.path.join(cache_root(), "eval")
 
 
 def fetch(task):
@@ -103,9 +102,7 @@ def fetch(task):
     print(f"{task}: downloading {url}", file=sys.stderr)
     download(url, path, sha256=source.sha256, local_hint=f"download it yourself and put it at {path} with its "
              f"sha256 in {path}.sha256, or set DYNLM_EVAL_URL to a mirror holding {name}")
-    with open(path + ".sha256.tmp", "w") as f:
-        f.write(file_sha256(path) + "\n")
-    os.replace(path + ".sha256.tmp", path + ".sha256")
+    record_sha256(path)
     return path
 
 
