@@ -79,16 +79,19 @@ def test_rope_angles_are_the_originals_bit_for_bit():
 
 
 def test_logits_equal_the_originals():
-    """At N = 512 neurons per head, theta^(-2k/N) in place of the original's 1 / theta^(2k/N) moved
-    these logits by 2.3e-6; formed as the original forms them, the parallel form gave them bit for bit
-    (2-core CPU, torch 2.13). The tolerance leaves 1-2 ulp (|logits| ~2) for other kernels."""
+    """The whole model, phases included, against the original's logits. Formed as the original forms
+    them, the parallel form gave them bit for bit (2-core CPU, torch 2.13), but once, in a full test
+    run on a loaded 2-core machine, not within 5e-7 (1-2 ulp): kernels may split sums differently from
+    run to run. The tolerance is therefore 1e-5, still below small mistakes (measured: LayerNorm's eps
+    1e-6 for 1e-5 moves these logits by 4e-4, one encoder weight 1% off by 2e-5); the exact RoPE formation (theta^(-2k/N) in place of
+    1 / theta^(2k/N) moved the logits by only 2.3e-6) is pinned by the angles test above."""
     model = reference_model()
     expected = REFERENCE["logits"]
     with torch.no_grad():
         logits = model(REFERENCE["idx"])[0]
         stepped = model.forward_cached(REFERENCE["idx"], model.init_cache(2))  # the recurrent form
     assert expected.abs().max() > 1  # trained logits, so the tolerance is a few ulp, not a few percent
-    assert (logits - expected).abs().max() <= 5e-7
+    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=0)
     torch.testing.assert_close(stepped, expected, atol=1e-5, rtol=0)
 
 
