@@ -30,6 +30,7 @@ each is printed with the speed-up (the original's ms / ours). Run it on an other
 import dataclasses
 import importlib.util
 import os
+import shutil
 import statistics
 import sys
 import time
@@ -37,6 +38,8 @@ import time
 import torch
 import torch.nn.functional as F
 
+import model_doge
+import model_gpt
 from cli import UserError, parse_options
 from model_bdh import BDH
 from model_bdh import Config as BDHOursConfig
@@ -50,6 +53,7 @@ from model_gpt import GPT
 from model_gpt import Config as GPTOursConfig
 from model_mod import MoD
 from model_mod import Config as MoDOursConfig
+from sample import generate
 
 
 @dataclasses.dataclass
@@ -60,6 +64,10 @@ class BenchOriginalsConfig:
     warmup: int = 3              # steps of each before the timed ones
     rounds: int = 21             # timed steps of each, alternating
     compile: bool = False        # torch.compile both models of each pair (the warm-up steps compile)
+    decode: bool = False         # time greedy decoding against transformers' generate instead (below)
+    shapes: str = "laptop,doge-20m,qwen2.5-0.5b"  # --decode: comma-separated names of DECODE_SHAPES
+    batch_sizes: str = "1,8"     # --decode: the batch sizes each shape is decoded at
+    new_tokens: int = 256        # --decode: tokens generated after the 16-token prompt
 
 
 def load_file(path, name):
@@ -195,8 +203,131 @@ def train_step(model, optimizer, loss_of, x, y):
     optimizer.zero_grad(set_to_none=True)
 
 
+# -----------------------------------------------------------------------------
+# --decode=True: greedy decoding, ours against Hugging Face transformers' generate on the same weights
+
+# shape: (our model, our Config fields at that shape); transformers' model is the architecture
+# pretrained.py loads into it (gpt: Qwen2ForCausalLM, doge: DogeForCausalLM) at the same shape
+DECODE_SHAPES = {
+    "laptop": ("gpt", {}),  # model_gpt.Config's defaults: vocab 65, width 128, 4 layers
+    "doge-20m": ("doge", {**model_doge.PRESETS["doge-20m"], "vocab_size": 32768}),
+    "qwen2.5-0.5b": ("gpt", {**model_gpt.PRESETS["qwen2.5-0.5b"], "vocab_size": 151936}),
+}
+PROMPT = 16
+
+
+def hf_model(name, positions):
+    """transformers' model of the shape `name` with random weights, and our model name. Its 1-D
+    parameters (norm gains, Doge's residual scales and A, Qwen2's q/k/v biases) start at 1 or 0, so
+    they are perturbed: the tokens check must see that every one of them is carried over."""
+    from transformers import DogeConfig, DogeForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    model, fields = DECODE_SHAPES[name]
+    c = dataclasses.replace({"gpt": GPTOursConfig, "doge": DogeOursConfig}[model](), **fields)
+    common = dict(vocab_size=c.vocab_size, hidden_size=c.n_embd, intermediate_size=c.intermediate_size,
+                  num_hidden_layers=c.n_layer, num_attention_heads=c.n_head, num_key_value_heads=c.n_kv_head,
+                  max_position_embeddings=max(c.block_size, positions), rope_theta=c.rope_theta,
+                  rms_norm_eps=c.norm_eps, tie_word_embeddings=True, eos_token_id=None)
+    if model == "doge":
+        theirs = DogeForCausalLM(DogeConfig(**common, keep_window_size=c.keep_window_size, is_moe=False))
+    else:
+        theirs = Qwen2ForCausalLM(Qwen2Config(**common))
+    with torch.no_grad():
+        for p in theirs.parameters():
+            if p.dim() == 1:
+                p.add_(0.1 * torch.randn_like(p))
+    return theirs.eval(), model
+
+
+def load_as_users_do(theirs, model, repo, positions):
+    """Our model with theirs's weights, through pretrained.py as `train.py --init_from=hf:<repo>` loads
+    them: theirs is saved as transformers saves a checkpoint into the hub cache, as a download leaves it
+    (each file with its recorded sha256), so pretrained.py reads config.json and the safetensors there."""
+    import pretrained
+    from checkpoint import load_model_module
+    from hub import cache_dir, record_sha256
+    folder = cache_dir(repo)
+    theirs.save_pretrained(folder)
+    for f in os.listdir(folder):
+        record_sha256(os.path.join(folder, f))
+    module = load_model_module(model)
+    fields = pretrained.model_fields(repo, {"block_size": positions}, 0, model)
+    ours = module.Model(module.Config(**fields))
+    fresh = pretrained.load_weights(ours, model, repo)
+    if fresh:
+        raise RuntimeError(f"{repo}: {fresh} not loaded")
+    return ours.eval()
+
+
+def decode_ours(model, prompt, n):
+    return generate(model, prompt, n, top_k=1)  # sample.py's sampler: greedy at top_k=1
+
+
+def decode_theirs(model, prompt, n):
+    return model.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, do_sample=False,
+                          pad_token_id=0)
+
+
+def first_difference(a, b):
+    """'identical', or the first generated position where the two batches of tokens differ."""
+    if a.shape == b.shape and torch.equal(a, b):
+        return "identical"
+    n = min(a.size(1), b.size(1))
+    differs = (a[:, :n] != b[:, :n]).any(0).nonzero()
+    return f"differ from token {int(differs[0]) - PROMPT if len(differs) else n - PROMPT}"
+
+
+def bench_decode(opts):
+    try:
+        import transformers
+    except ImportError:
+        raise UserError("--decode=True needs Hugging Face transformers (5.x, with Qwen2ForCausalLM and "
+                        "DogeForCausalLM): pip install transformers") from None
+    import tempfile
+    shapes, batch_sizes = opts.shapes.split(","), [int(b) for b in opts.batch_sizes.split(",")]
+    for name in shapes:
+        if name not in DECODE_SHAPES:
+            raise UserError(f"--shapes: no shape {name!r}; choose from {', '.join(DECODE_SHAPES)}")
+    n, positions = opts.new_tokens, PROMPT + opts.new_tokens
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}, {torch.get_num_threads()} threads; "
+          f"greedy, {PROMPT}-token random prompt + {n} new tokens, fp32, ours (sample.py generate, top_k=1) vs "
+          f"model.generate(do_sample=False), alternating, {opts.rounds} rounds after a warm-up, median")
+    print("| shape | params | batch | ours tok/s | transformers tok/s | ours / transformers | tokens |")
+    print("|---|---:|---:|---:|---:|---:|---|")
+    with tempfile.TemporaryDirectory() as tmp:
+        os.environ["DYNLM_CACHE"] = tmp  # hub.py's cache: the checkpoints below are written there
+        for name in shapes:
+            torch.manual_seed(0)
+            theirs, model = hf_model(name, positions)
+            ours = load_as_users_do(theirs, model, f"bench/{name}", positions)
+            runs = {"ours": (ours, decode_ours), "theirs": (theirs, decode_theirs)}
+            g = torch.Generator().manual_seed(0)
+            prompts = {b: torch.randint(0, ours.config.vocab_size, (b, PROMPT), generator=g) for b in batch_sizes}
+            for b in batch_sizes:  # warm-up: first calls allocate and pick kernels
+                for model_, decode in runs.values():
+                    decode(model_, prompts[b], 4)
+            times = {(b, k): [] for b in batch_sizes for k in runs}
+            same = {}
+            for _ in range(opts.rounds):
+                for b in batch_sizes:
+                    out = {}
+                    for k, (model_, decode) in runs.items():
+                        t0 = time.perf_counter()
+                        out[k] = decode(model_, prompts[b], n)
+                        times[b, k].append(time.perf_counter() - t0)
+                    same[b] = first_difference(out["ours"], out["theirs"])
+            params = sum(p.numel() for p in ours.parameters())
+            for b in batch_sizes:
+                tok_s = {k: b * n / statistics.median(times[b, k]) for k in runs}
+                print(f"| {name} | {params / 1e6:.1f}M | {b} | {tok_s['ours']:,.0f} | {tok_s['theirs']:,.0f} | "
+                      f"{tok_s['ours'] / tok_s['theirs']:.2f}x | {same[b]} |", flush=True)
+            del theirs, ours, runs
+            shutil.rmtree(os.path.join(tmp, "hf"))
+
+
 def main(argv):
     opts, = parse_options(argv, BenchOriginalsConfig(), doc=__doc__)
+    if opts.decode:
+        return bench_decode(opts)
     names = opts.models.split(",")
     for name in names:
         if name not in PAIRS:

@@ -155,13 +155,13 @@ class DMAttn(nn.Module):
 
     def attend(self, q, k, v, keep):
         """Attention of q (B, H, T, hd + 8) over k, v (B, G, S, hd + 8) where keep (B, G, T, S) allows,
-        causal when keep is None, then the output projection: (B, T, d)."""
+        causal when keep is None (a single query: every key), then the output projection: (B, T, d)."""
         B, H, T, _ = q.shape
         G, hd = self.n_kv_head, self.head_dim
         if keep is not None:
             keep = keep.repeat_interleave(H // G, dim=1)                   # kv group g serves its H/G query heads
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, is_causal=keep is None, scale=hd ** -0.5,
-                                           enable_gqa=G != H)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, is_causal=keep is None and T > 1,
+                                           scale=hd ** -0.5, enable_gqa=G != H)
         return self.resid_dropout(self.o_proj(y[..., :hd].transpose(1, 2).reshape(B, T, H * hd)))
 
     def forward(self, x, cos, sin):
@@ -180,18 +180,25 @@ class DMAttn(nn.Module):
         q, k, v, delta = self.project(x, cos, sin)
         cache["k"][:, :, t0:t1], cache["v"][:, :, t0:t1], cache["delta"][:, :, t0:t1] = k, v, delta
         k, v, delta = cache["k"][:, :, :t1], cache["v"][:, :, :t1], cache["delta"][:, :, :t1]
-        # The forward's dynamic_mask rule for the new rows t0..t1-1, without ranking the (t1, t1) mask
-        # again: the cache counts, for every key j, how many keys of 0..t0-1 outrank it ("above"), so a
-        # new row only compares the T new keys with all t1 keys, O(T t1) per step. Key i outranks j
-        # when delta_i > delta_j, or when they tie and i is later, exactly as in dynamic_mask.
-        above, i, j = cache["above"], torch.arange(t0, t1, device=x.device), torch.arange(t1, device=x.device)
-        d_new, d_all = delta[..., t0:, None], delta[..., None, :]                  # (B, G, T, 1), (B, G, 1, t1)
+        # Until more than kws keys are visible every row keeps all of them (dynamic_mask's None), so a
+        # single new token attends to the whole cache unranked (a tenth of a step at Doge-20M, whose
+        # kws is its whole context). Past kws, the forward's dynamic_mask rule for the new rows without
+        # ranking the (t1, t1) mask again: the cache counts, for every key j, how many earlier keys
+        # outrank it ("above"), so a new row compares the T new keys with all t1 keys, O(T t1) a step.
+        # Key i outranks j when delta_i > delta_j, or when they tie and i is later, as in dynamic_mask.
+        # The unranked steps leave "above" behind, so while t0 <= kws the rows are counted from key
+        # r0 = 0 (a prompt or chunk, or the first step past kws), after that from r0 = t0.
+        if T == 1 and t1 <= self.kws:
+            return self.attend(q, k, v, None)
+        r0 = t0 if t0 > self.kws else 0
+        above, i, j = cache["above"], torch.arange(r0, t1, device=x.device), torch.arange(t1, device=x.device)
+        d_new, d_all = delta[..., r0:, None], delta[..., None, :]                  # (B, G, t1-r0, 1), (B, G, 1, t1)
         outranks = (d_new > d_all) | ((d_new == d_all) & (i[:, None] > j[None, :]))  # new key i over key j
-        above[..., t0:t1] = (delta[..., None, :t0] > d_new).sum(-1)               # earlier keys win ties never
+        above[..., r0:t1] = (delta[..., None, :r0] > d_new).sum(-1)               # earlier keys win ties never
         counts = above[..., None, :t1] + outranks.cumsum(dim=-2)                   # outranking keys in 0..i
-        keep = (j[None, :] <= i[:, None]) & (counts < self.kws)                   # (B, G, T, t1)
+        keep = (j[None, :] <= i[:, None]) & (counts < self.kws)                   # (B, G, t1-r0, t1)
         above[..., :t1] += outranks.sum(dim=-2)
-        return self.attend(q, k, v, keep)
+        return self.attend(q, k, v, keep[..., t0 - r0:, :])
 
 
 class CDMoE(nn.Module):

@@ -60,11 +60,14 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=None, crop=False
         else:
             logits = model.forward_cached(idx[:, -1:], cache)[:, -1]
             held += 1
-        logits = logits.float() / temperature
-        if top_k:
-            kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
-            logits = logits.masked_fill(logits < kth, -float("inf"))
-        next_id = torch.multinomial(torch.softmax(logits, dim=-1), num_samples=1)
+        if top_k == 1:  # greedy: the most likely token, without a softmax and a draw over the vocabulary
+            next_id = logits.argmax(dim=-1, keepdim=True)
+        else:
+            logits = logits.float() / temperature
+            if top_k:
+                kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+                logits = logits.masked_fill(logits < kth, -float("inf"))
+            next_id = torch.multinomial(torch.softmax(logits, dim=-1), num_samples=1)
         idx = torch.cat((idx, next_id), dim=1)
     return idx
 
