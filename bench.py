@@ -9,6 +9,8 @@ Benchmark training or generation speed of model files on the current device (a b
     python bench.py --mode=generate --checkpoints=compare/gpt/lr0.001-seed1337,compare/mod/lr0.001-seed1337
     python bench.py --model=doge --is_moe=True                 # any other --key=value sets a Config field
     python bench.py --mode=tokenize --text=data/shakespeare_char/input.txt   # prepare_data.py c4's tokenizer
+    python bench.py --mode=gpu                                 # a CUDA GPU: every model at GPT-2 small's shape
+    python bench.py --mode=gpu --dry_run=True --compile=False  # the same on CPU at a tiny shape (a test runs it)
 
 mode=train times fwd+bwd+AdamW steps after warm-up and prints ms/step, tokens/s, peak memory (CUDA:
 the allocator's high-water mark; CPU: peak RSS growth over the process before the model was built)
@@ -17,6 +19,13 @@ new_tokens tokens after a 16-token prompt at block_size 16 + new_tokens (nothing
 the cache (sample.py's decoding) and by re-running the full forward for every token (--crop=True),
 the two ways alternating every 32 tokens so that both meet the same machine, and checks both produce
 the same tokens. With --checkpoints, sample.py's generate() runs each way in full, one after the other.
+mode=gpu times every model (or --model) at GPT-2 small's shape (the model's PRESETS["gpt2-124m"], else
+model_gpt's gpt2-124m values of the fields its Config has) on random tokens of GPT-2's BPE vocabulary
+(50257 ids, the embedding padded to 50304, as C4 is prepared), compiled (--compile, default True
+here) in bf16: GPU_STEPS training steps with an evaluation every GPU_EVAL_EVERY, and prints the median
+ms/step, tokens/s, MFU, peak memory and the recompilations over those steps (torch._dynamo's
+compilation metrics: a compile with a recompile reason). FSDP against DDP is not measured: with one
+process neither has anything to shard or reduce. --dry_run=True runs it on CPU at a tiny shape.
 mode=tokenize times prepare_data.py's C4 path (gzip JSON lines -> GPT-2 BPE token shard) on a
 20 MB file of ~2 KB documents cut from --text, with 1 process and with all cores.
 Every measurement runs in a fresh process, models are interleaved over `repeats` rounds and the
@@ -45,7 +54,7 @@ from train_config import TrainConfig, configure_optimizer
 class BenchConfig:
     model: str = "gpt"           # one name or a comma-separated list; the first is the reference
     preset: str = ""             # a PRESETS entry of every listed model
-    mode: Literal["train", "generate", "tokenize"] = "train"
+    mode: Literal["train", "generate", "tokenize", "gpu"] = "train"
     batch_size: int = 12
     block_size: int = 0          # 0: the config's own (64 at the laptop configs)
     vocab_size: int = 65
@@ -57,6 +66,8 @@ class BenchConfig:
     device: str = "auto"         # auto: cuda, then mps, then cpu
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # as train.py: bf16 on CUDA when supported, float32 on CPU/MPS
     compile: Literal[False, True, "both"] = False  # time the torch.compile'd model; both: each model eager and compiled
+                                                    # (mode=gpu: True unless given)
+    dry_run: bool = False        # mode=gpu: on CPU at a tiny shape, a few steps (checks the mode runs)
     peak_flops: float = 0.0      # 0: look the GPU up in device.PEAK_FLOPS
     profile: bool = False        # write a torch.profiler trace bench_trace_<model>.json (train mode)
     text: str = "data/shakespeare_char/input.txt"  # tokenize mode: any UTF-8 text
@@ -70,6 +81,8 @@ def build(opts, model_args, name, device):
     if unknown:
         raise UserError(f"{unknown[0]} is neither a bench.py option nor a field of model_{name}.Config")
     overrides = {key: getattr(config, key) for key in option_pairs(model_args)}
+    if opts.mode == "gpu":
+        return build_gpu(opts, module).to(device)
     if opts.preset and opts.preset not in module.PRESETS:
         raise UserError(f"{name} has no preset {opts.preset!r}; it has {', '.join(module.PRESETS)}")
     fields = dict(module.PRESETS[opts.preset]) if opts.preset else {}
@@ -84,6 +97,31 @@ def build(opts, model_args, name, device):
             fields[f.name] = 0.0  # benchmarks measure the deterministic computation
     torch.manual_seed(0)
     return module.Model(module.Config(**fields)).to(device)
+
+
+# mode=gpu: GPT-2 small's shape for every model, GPT-2's BPE vocabulary (50257) padded to 50304;
+# (training steps, an evaluation every so many)
+GPU_STEPS, GPU_VOCAB = (50, 10), (50257, 50304)
+DRY_RUN = dict(n_layer=2, n_head=2, n_kv_head=1, n_embd=32, intermediate_size=64, block_size=32)  # --dry_run=True
+DRY_RUN_STEPS = (4, 2)
+
+
+def build_gpu(opts, module):
+    """module's model at GPT-2 small's shape: its PRESETS["gpt2-124m"], else model_gpt's gpt2-124m values
+    of the fields its Config has (one rule for every model); --dry_run: DRY_RUN's values instead."""
+    from model_gpt import PRESETS as GPT_PRESETS
+    shape = DRY_RUN if opts.dry_run else module.PRESETS.get("gpt2-124m", GPT_PRESETS["gpt2-124m"])
+    names = {f.name for f in dataclasses.fields(module.Config)}
+    fields = {k: v for k, v in shape.items() if k in names}
+    fields.update(vocab_size=GPU_VOCAB[1], **{k: 0.0 for k in names if "dropout" in k})
+    torch.manual_seed(0)
+    return module.Model(module.Config(**fields))
+
+
+def recompiles():
+    """How many compilations torch._dynamo made for a frame it had compiled before (a guard failed)."""
+    from torch._dynamo.utils import get_compilation_metrics
+    return sum(1 for m in get_compilation_metrics() if m.recompile_reason)
 
 
 def rss_mb(field):
@@ -143,6 +181,47 @@ def measure_train(opts, model_args, name, device, dtype):
         prof.export_chrome_trace(f"bench_trace_{name}.json")
     return {"ms": dt * 1000, "tok_s": B * T / dt, "peak_mem_mb": peak_mem, "warmup_s": warmup_s,
             "params": sum(p.numel() for p in model.parameters()), "flops_per_token": model.flops_per_token()}
+
+
+def measure_gpu(opts, model_args, name, device, dtype):
+    """mode=gpu: training steps of the (compiled) model with an evaluation every GPU_EVAL_EVERY, as
+    train.py runs them; the median step, peak memory and the recompilations over all of them."""
+    base_rss = rss_mb("VmRSS") if device.type == "cpu" and os.path.exists("/proc/self/status") else None
+    model = build(opts, model_args, name, device).train()
+    optimizer = configure_optimizer(model, TrainConfig(), device)
+    step_model = torch.compile(model) if opts.compile is True else model
+    B, T = opts.batch_size, model.config.block_size
+    g = torch.Generator().manual_seed(0)
+    x, y, x_val, y_val = (torch.randint(0, GPU_VOCAB[0], (B, T), generator=g).to(device) for _ in range(4))
+    amp = autocast(device, dtype)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    before, times = recompiles(), []
+    steps, eval_every = DRY_RUN_STEPS if opts.dry_run else GPU_STEPS
+    for step in range(steps):
+        if step % eval_every == eval_every - 1:
+            model.eval()  # as train.py's evaluate(): the eval graph is compiled once, at the first
+            with torch.no_grad(), amp:
+                step_model(x_val, y_val)
+            model.train()
+        sync()
+        t0 = time.perf_counter()
+        with amp:
+            loss = step_model(x, y)[1]
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        sync()
+        times.append(time.perf_counter() - t0)
+    dt = statistics.median(times[1:])  # the first step compiles
+    if device.type == "cuda":
+        peak_mem = torch.cuda.max_memory_allocated(device) / 2**20
+    else:
+        peak_mem = rss_mb("VmHWM") - base_rss if base_rss is not None else float("nan")
+    return {"ms": dt * 1000, "tok_s": B * T / dt, "peak_mem_mb": peak_mem, "recompiles": recompiles() - before,
+            "steps": steps, "eval_every": eval_every, "params": sum(p.numel() for p in model.parameters()),
+            "flops_per_token": model.flops_per_token(), "shape": f"{model.config.n_layer}x{model.config.n_embd}"}
 
 
 @torch.no_grad()
@@ -244,7 +323,7 @@ def bench_tokenize(opts):
 def worker(opts, model_args):
     """One measurement of one model, printed as a JSON line for the parent process."""
     device, dtype = pick_device(opts.device, opts.dtype)
-    measure = measure_train if opts.mode == "train" else measure_generate
+    measure = {"train": measure_train, "generate": measure_generate, "gpu": measure_gpu}[opts.mode]
     print("RESULT " + json.dumps(measure(opts, model_args, opts.model, device, dtype)))
 
 
@@ -258,6 +337,23 @@ def run_worker(opts, model_args, name):
     return json.loads(lines[-1][len("RESULT "):])
 
 
+def gpu_options(opts, given, model_args):
+    """mode=gpu's options: every model unless --model, compiled and one round unless given (each
+    measurement already takes the median of its steps); --dry_run: on CPU in float32, batch 2."""
+    if model_args:
+        raise UserError(f"{model_args[0]}: --mode=gpu fixes every model's shape (GPT-2 small's); drop it")
+    if opts.preset or opts.block_size:
+        raise UserError("--mode=gpu fixes every model's shape (GPT-2 small's); drop --preset and --block_size")
+    if not opts.dry_run and not torch.cuda.is_available():
+        raise UserError("--mode=gpu needs a CUDA GPU; --mode=gpu --dry_run=True --compile=False runs it on CPU "
+                        "at a tiny shape")
+    from checkpoint import available_models
+    return dataclasses.replace(
+        opts, model=opts.model if "model" in given else ",".join(available_models()),
+        compile=opts.compile if "compile" in given else True, repeats=opts.repeats if "repeats" in given else 1,
+        **(dict(device="cpu", dtype="float32", batch_size=2) if opts.dry_run else {}))
+
+
 def main(argv):
     # any option that is not BenchConfig's is a model Config field, checked when each model is built
     opts, model_args = parse_options(argv, BenchConfig(), doc=__doc__, rest=True)
@@ -266,7 +362,9 @@ def main(argv):
     if opts.mode == "tokenize":
         return bench_tokenize(opts)
 
-    if opts.compile is not False and opts.mode != "train":
+    if opts.mode == "gpu":  # a preset of options: every model, compiled, one round, unless given
+        opts = gpu_options(opts, option_pairs(argv), model_args)
+    if opts.compile is not False and opts.mode not in ("train", "gpu"):
         raise UserError("--compile times training steps only; drop it or use --mode=train")
     if opts.checkpoints and opts.mode != "generate":
         raise UserError("--checkpoints times generation only; add --mode=generate")
@@ -280,7 +378,7 @@ def main(argv):
             build(opts, model_args, name, "meta")
     device, dtype = pick_device(opts.device, opts.dtype)
     peak = opts.peak_flops or peak_flops(device)
-    batch = f"batch {opts.batch_size}" if opts.mode == "train" else "batch 1, 16-token prompt"
+    batch = "batch 1, 16-token prompt" if opts.mode == "generate" else f"batch {opts.batch_size}"
     print(f"device {torch.cuda.get_device_name(device) if device.type == 'cuda' else device}, {dtype}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads; mode {opts.mode}, "
           f"{batch}, {opts.repeats} rounds, median")
@@ -296,7 +394,19 @@ def main(argv):
     def median(name, key):
         return statistics.median(r[key] for r in runs[name])
 
-    if opts.mode == "train":
+    if opts.mode == "gpu":
+        steps = runs[names[0]][0]["steps"]
+        print(f"| model | shape | params | ms/step | tokens/s | MFU | peak mem MiB | recompiles in {steps} steps |")
+        print("|---|---|---:|---:|---:|---:|---:|---:|")
+        for name in names:
+            tok_s, r0 = median(name, "tok_s"), runs[name][0]
+            mfu = f"{r0['flops_per_token'] * tok_s / peak:.1%}" if peak else "-"
+            print(f"| {name} | {r0['shape']} | {r0['params']:,} | {median(name, 'ms'):.1f} | {tok_s:,.0f} | {mfu} | "
+                  f"{median(name, 'peak_mem_mb'):,.0f} | {max(r['recompiles'] for r in runs[name])} |")
+        print(f"recompiles: compilations with a recompile reason while {steps} training steps ran with an evaluation "
+              f"every {runs[names[0]][0]['eval_every']} (1 expected: the first evaluation's graph; "
+              f"0 when not compiled). FSDP vs DDP: not measured, with one process neither shards nor reduces anything.")
+    elif opts.mode == "train":
         # warm-up: the first round's warm-up steps, which include compiling (from an empty
         # TORCHINDUCTOR_CACHE_DIR: a first compile; later rounds hit that cache)
         print("| model | params | MFLOP/token | ms/step | tokens/s | vs first | peak mem MiB | warm-up s |"
