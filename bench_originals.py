@@ -4,6 +4,7 @@ Time this repo's models against the original implementations in one process (a b
     python bench_originals.py --originals=../originals                 # every original found there
     python bench_originals.py --originals=../originals --models=gpt,bdh --rounds=31
     python bench_originals.py --originals=../originals --compile=True   # both models of each pair compiled
+    python bench_originals.py --decode=True --rounds=5                  # greedy decoding vs transformers' generate
 
 The originals are not dependencies of this repo: clone the ones you want into --originals, a folder
 each, under these names (the files read from each are in brackets):
@@ -26,6 +27,16 @@ our weight), backward, gradient clipping to 1.0 and a plain torch.optim.AdamW st
 the same batch of random tokens (batch 12 x 64). Steps alternate, one of ours and one of the
 original's, so that a slow moment of the machine hits both; after the warm-up steps the median of
 each is printed with the speed-up (the original's ms / ours). Run it on an otherwise idle machine.
+
+--decode=True times greedy decoding against the tool users would otherwise pick for a Qwen2 or Doge
+checkpoint, Hugging Face transformers' generate (pip install transformers; 5.x has both models). For
+each of --shapes, transformers' Qwen2ForCausalLM or DogeForCausalLM is built with random weights and
+saved as a checkpoint, and pretrained.py loads it into our GPT or Doge as `train.py --init_from=hf:`
+would, so both hold the same weights. Both then decode the same random 16-token prompt plus
+--new_tokens, at each of --batch_sizes: ours with sample.py's generate (top_k=1), theirs with
+model.generate(do_sample=False), alternating call by call for --rounds rounds after a warm-up; the
+median tokens/s of each (prompt included in the time), their ratio, and whether they produced the
+same tokens (or the first generated position where they differ: fp32 ties could in principle differ).
 """
 import dataclasses
 import importlib.util
@@ -318,7 +329,8 @@ def bench_decode(opts):
             params = sum(p.numel() for p in ours.parameters())
             for b in batch_sizes:
                 tok_s = {k: b * n / statistics.median(times[b, k]) for k in runs}
-                print(f"| {name} | {params / 1e6:.1f}M | {b} | {tok_s['ours']:,.0f} | {tok_s['theirs']:,.0f} | "
+                ours_s, theirs_s = (f"{tok_s[k]:,.0f}" if tok_s[k] >= 100 else f"{tok_s[k]:.3g}" for k in runs)
+                print(f"| {name} | {params / 1e6:.1f}M | {b} | {ours_s} | {theirs_s} | "
                       f"{tok_s['ours'] / tok_s['theirs']:.2f}x | {same[b]} |", flush=True)
             del theirs, ours, runs
             shutil.rmtree(os.path.join(tmp, "hf"))
