@@ -116,9 +116,13 @@ def file_sha256(path):
 # -----------------------------------------------------------------------------
 # the Hugging Face Hub
 
+def cache_root():
+    """$DYNLM_CACHE, default ~/.cache/dynamic-lm: hub downloads under hf/, eval.py's under eval/."""
+    return os.environ.get("DYNLM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "dynamic-lm")
+
+
 def cache_dir(repo):
-    root = os.environ.get("DYNLM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "dynamic-lm")
-    return os.path.join(root, "hf", *repo.split("/"))
+    return os.path.join(cache_root(), "hf", *repo.split("/"))
 
 
 def check_repo(repo):
@@ -190,10 +194,15 @@ def fetch_file(repo, name, required=True):
         raise UserError(f"{url}: HTTP {status}; check the repo id (only public repos can be downloaded)")
     make_cache_folder(os.path.dirname(path))
     download(url, path, sha256=sha256, local_hint=f"put the file at {path} and its sha256 in {record}")
-    with open(record + ".tmp", "w") as f:
-        f.write(file_sha256(path) + "\n")
-    os.replace(record + ".tmp", record)
+    record_sha256(path)
     return path
+
+
+def record_sha256(path):
+    """Write path's sha256 beside it (path.sha256), which cached() checks on every later use."""
+    with open(path + ".sha256.tmp", "w") as f:
+        f.write(file_sha256(path) + "\n")
+    os.replace(path + ".sha256.tmp", path + ".sha256")
 
 
 def hub_url():

@@ -20,7 +20,6 @@ tokens seen so far in a KVCache preallocated for block_size positions, and the n
 over them, with RoPE at their true positions (the standard KV cache of autoregressive transformers,
 e.g. Pope et al., "Efficiently Scaling Transformer Inference", 2022).
 """
-import math
 from dataclasses import dataclass
 
 import torch

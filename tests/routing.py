@@ -3,12 +3,11 @@ token by token with route(score, tau, K) and run the routed tokens through route
 set of helpers serves both (a routed layer = a MoDBlock or a DTFPair: a module with a tau buffer)."""
 import json
 import os
-import subprocess
 import sys
 
 import torch
 
-from conftest import ROOT, make_text
+from conftest import make_text, run
 
 BAND = (0.094, 0.156)  # 12.5% capacity, within 25%: what a 20-iteration mean of the routed fraction must stay in
 
@@ -183,27 +182,19 @@ def check_threshold_rule_tracks_drifting_scores(module, kind):
     assert min(old) < BAND[0]  # the stream is hard enough to fail the old rule
 
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # several processes share 2 cores
-
-
-def run(script, *args, env=ENV):
-    r = subprocess.run([sys.executable, os.path.join(ROOT, script), *args], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return r
-
-
-def routed_fractions_of_run(tmp_path, *options, env=ENV, tokenizer=()):
+def routed_fractions_of_run(tmp_path, *options, tokenizer=()):
     """Train with train.py on a small generated text for the given options, logging every iteration;
     {stat name: [value at iteration 1, 2, ...]} of its frac_routed_* stats."""
     text = tmp_path / "text.txt"
     text.write_text(make_text(30000))
     data = str(tmp_path / "data")
-    run("prepare_data.py", "shakespeare" if tokenizer else "shakespeare_char", *tokenizer, f"--input={text}",
-        "--name=tiny", f"--data_dir={data}", env=env)
+    r = run("prepare_data.py", "shakespeare" if tokenizer else "shakespeare_char", *tokenizer, f"--input={text}",
+            "--name=tiny", f"--data_dir={data}")
+    assert r.returncode == 0, r.stderr[-3000:]
     out = tmp_path / "out"
-    run("train.py", "--dataset=tiny", f"--data_dir={data}", f"--out_dir={out}", "--log_interval=1",
-        "--eval_iters=1", "--device=cpu", "--compile=False", *options, env=env)
+    r = run("train.py", "--dataset=tiny", f"--data_dir={data}", f"--out_dir={out}", "--log_interval=1",
+            "--eval_iters=1", "--device=cpu", "--compile=False", *options)
+    assert r.returncode == 0, r.stderr[-3000:]
     with open(out / "log.jsonl") as f:
         rows = [row for row in map(json.loads, f) if "loss" in row]
     return {key: [row[key] for row in rows] for key in rows[0] if key.startswith("frac_routed")}
@@ -215,16 +206,6 @@ def check_capacity_from_iteration_50(fractions):
     for key, values in fractions.items():
         means = window_means(values)
         assert means and BAND[0] <= min(means) and max(means) <= BAND[1], (key, min(means), max(means))
-
-
-def tiny_qwen2_env(file_server, tmp_path):
-    """The environment under which train.py and prepare_data.py find tests/fixtures/qwen2_tiny (a
-    2-layer Qwen2 written by transformers) as the hub repo tiny/qwen2, served by file_server."""
-    fixture = os.path.join(ROOT, "tests", "fixtures", "qwen2_tiny")
-    for name in ("config.json", "tokenizer.json", "model.safetensors"):
-        with open(os.path.join(fixture, name), "rb") as f:
-            file_server.files[f"/tiny/qwen2/resolve/main/{name}"] = f.read()
-    return {**ENV, "DYNLM_HF_URL": file_server.url, "DYNLM_CACHE": str(tmp_path / "cache")}
 
 
 def _train_one_rank(rank, name, port, queue):

@@ -13,25 +13,21 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 import model_bdh
-from conftest import ROOT
+from conftest import ROOT, build, tokens
 from model_bdh import BDH, Config, rope_angles, rope_phases, rotate
 
 SMALL = dict(n_layer=3, n_embd=32, n_head=2, mlp_internal_dim_multiplier=8, block_size=32)  # N = 128 per head
 
 
-def build(dtype=torch.float32, **fields):
-    torch.manual_seed(0)
-    return BDH(Config(**{"dropout": 0.0, **fields})).to(dtype).eval()
-
-
-def tokens(B, T, seed=1):
-    return torch.randint(0, 65, (B, T), generator=torch.Generator().manual_seed(seed))
+def eval_model(dtype=torch.float32, **fields):
+    """BDH at the laptop config with `fields` (dropout off unless given), in dtype, in eval mode."""
+    return build("bdh", **fields).to(dtype).eval()
 
 
 def trained(dtype=torch.float32, steps=8, **fields):
     """A model after a few large AdamW steps at repeating the previous token (which needs the
     attention): weights off their init, logits of a few units."""
-    model = build(**fields).train()
+    model = eval_model(**fields).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     for i in range(steps):
         x = tokens(4, model.config.block_size, seed=10 + i)
@@ -83,16 +79,19 @@ def test_rope_angles_are_the_originals_bit_for_bit():
 
 
 def test_logits_equal_the_originals():
-    """At N = 512 neurons per head, theta^(-2k/N) in place of the original's 1 / theta^(2k/N) moved
-    these logits by 2.3e-6; formed as the original forms them, the parallel form gave them bit for bit
-    (2-core CPU, torch 2.13). The tolerance leaves 1-2 ulp (|logits| ~2) for other kernels."""
+    """The whole model, phases included, against the original's logits. Formed as the original forms
+    them, the parallel form gave them bit for bit (2-core CPU, torch 2.13), but once, in a full test
+    run on a loaded 2-core machine, not within 5e-7 (1-2 ulp): kernels may split sums differently from
+    run to run. The tolerance is therefore 1e-5, still below small mistakes (measured: LayerNorm's eps
+    1e-6 for 1e-5 moves these logits by 4e-4, one encoder weight 1% off by 2e-5); the exact RoPE formation (theta^(-2k/N) in place of
+    1 / theta^(2k/N) moved the logits by only 2.3e-6) is pinned by the angles test above."""
     model = reference_model()
     expected = REFERENCE["logits"]
     with torch.no_grad():
         logits = model(REFERENCE["idx"])[0]
         stepped = model.forward_cached(REFERENCE["idx"], model.init_cache(2))  # the recurrent form
     assert expected.abs().max() > 1  # trained logits, so the tolerance is a few ulp, not a few percent
-    assert (logits - expected).abs().max() <= 5e-7
+    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=0)
     torch.testing.assert_close(stepped, expected, atol=1e-5, rtol=0)
 
 
@@ -112,7 +111,7 @@ def test_parameter_counts_of_laptop_and_reference_configs():
 
 
 def test_flops_per_token_counts_the_matmuls_the_code_runs():
-    model = build()
+    model = eval_model()
     T = model.config.block_size
     with FlopCounterMode(display=False) as counter:
         model(tokens(1, T), tokens(1, T, seed=2))[1].backward()
@@ -128,7 +127,7 @@ def test_invalid_config_and_too_long_input_raise_value_errors():
     with pytest.raises(ValueError, match="n_head"):
         BDH(Config(n_embd=8, mlp_internal_dim_multiplier=1, n_head=8))  # N = 1 is odd: no RoPE pairs
     with pytest.raises(ValueError, match="block_size"):
-        build(**SMALL)(tokens(1, 33))
+        eval_model(**SMALL)(tokens(1, 33))
 
 
 # --- causality and the diagonal ---------------------------------------------------------------
@@ -148,7 +147,7 @@ def test_position_zero_is_a_function_of_the_first_token_alone():
 
 def test_gradients_never_flow_from_later_tokens():
     """d logits[t] / d (embedding at position s) is exactly 0 for s > t and not for s <= t."""
-    model = build(**SMALL)
+    model = eval_model(**SMALL)
     x = tokens(1, 32)
     emb = model.wte(x).detach().requires_grad_(True)
     hook = model.wte.register_forward_hook(lambda module, args, out: emb)  # differentiate w.r.t. emb
@@ -185,7 +184,7 @@ def test_greedy_cached_decoding_equals_the_parallel_argmax(dtype, fields):
     argmax at every position up to block_size. At init, where greedy text still wanders instead of
     repeating one token."""
     from sample import generate
-    model = build(dtype, **fields)
+    model = eval_model(dtype, **fields)
     prompt = tokens(2, 5)
     T = model.config.block_size
     out = generate(model, prompt, T - 5, top_k=1)
@@ -234,7 +233,7 @@ def test_rope_preserves_norms_depends_on_offsets_only_and_is_the_identity_at_zer
 # --- activations, density, dropout ------------------------------------------------------------
 
 def test_activations_are_non_negative_and_about_half_half_quarter_dense_at_init():
-    model = build()
+    model = eval_model()
     x = F.layer_norm(model.wte(tokens(4, 64)), (model.config.n_embd,))
     with torch.no_grad():
         _, xs, ys, g = model.layer(x, rope_phases(torch.arange(64), model.encoder.size(-1)))
@@ -248,13 +247,13 @@ def test_activations_are_non_negative_and_about_half_half_quarter_dense_at_init(
 
 def test_dropout_acts_in_training_only_and_on_the_gated_product_only():
     x = tokens(2, 64)
-    model = build(dropout=0.5)
+    model = eval_model(dropout=0.5)
     with torch.no_grad():
         assert torch.equal(model(x)[0], model(x)[0])  # eval: deterministic
         model.train()
         assert not torch.equal(model(x)[0], model(x)[0])
         model.drop.p = 1.0  # every xs * ys dropped: no layer adds anything, x stays LN(embed)
         torch.testing.assert_close(model(x)[0], embedding_alone(model, x), atol=1e-5, rtol=0)
-    model = build(dropout=0.0).train()
+    model = eval_model(dropout=0.0).train()
     with torch.no_grad():
         assert torch.equal(model(x)[0], model(x)[0])

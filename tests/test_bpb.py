@@ -44,7 +44,7 @@ def test_char_bytes_are_the_texts():
     assert total_bytes(tok, tok.encode(TEXT)) == len(TEXT.encode("utf-8"))
 
 
-def test_gpt2_bpe_bytes_are_the_texts(tiktoken_cache):
+def test_gpt2_bpe_bytes_are_the_texts(gpt2_bpe):
     tok = get_tokenizer(describe("gpt2"))
     ids = tok.encode(TEXT)
     assert any(tok.decode([i]) == "\ufffd" for i in ids)  # some tokens are parts of a character
@@ -92,7 +92,7 @@ def test_evaluate_divides_summed_nats_by_the_bytes(kind, request):
     """Two batches of 2 rows that together are the whole text: bits per byte = (sum over batches of
     loss x tokens) / (ln 2 x the text's UTF-8 bytes)."""
     if kind == "gpt2":
-        request.getfixturevalue("tiktoken_cache")
+        request.getfixturevalue("gpt2_bpe")
     desc = request.getfixturevalue("qwen2_tiny_bpe") if kind == "bpe" else describe(kind, TEXT + "!")
     tok = get_tokenizer(desc)
     text = TEXT

@@ -1,7 +1,7 @@
 """--flops_budget: the iterations a budget buys for every model, by compare.py's accounting
 (flops_per_token() x tokens), and a schedule that ends there; eval points that scale with the run.
 compare.py at equal compute: the size ladder, the isoFLOP parabola, the frontier and verdicts
-(from synthetic runs), and resuming after Ctrl-C. data_dir is this file's own fixture."""
+(from synthetic runs), and resuming after Ctrl-C."""
 import inspect
 import json
 import math
@@ -19,25 +19,10 @@ import train
 from checkpoint import available_models
 from cli import UserError
 from compare import summarise_run
-from conftest import ROOT, make_text
-from prepare_data import prepare
+from conftest import ROOT, read_log
 from train_config import TrainConfig, fit_schedule
 
 TINY = ["--block_size=16", "--batch_size=2", "--eval_iters=1", "--log_interval=1", "--device=cpu", "--compile=False"]
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    src = root / "tiny.txt"
-    src.write_text(make_text(8000))
-    prepare("shakespeare_char", data_dir=str(root), name="tiny", input=str(src))
-    return str(root)
-
-
-def read_log(out_dir):
-    with open(os.path.join(out_dir, "log.jsonl")) as f:
-        return [json.loads(line) for line in f]
 
 
 def lrs(cfg):

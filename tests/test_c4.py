@@ -4,15 +4,14 @@ import gzip
 import io
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
 import hub
+import train
 from cli import UserError
-from conftest import ROOT, make_text
+from conftest import make_text
 from prepare_data import c4_file, prepare, read_tokens
 from tokenizer import GPT2, bpe_encoding
 
@@ -32,7 +31,7 @@ def docs_for(split, i, n=60):
 
 
 @pytest.fixture
-def c4_server(file_server, tiktoken_cache, monkeypatch):
+def c4_server(file_server, gpt2_bpe, monkeypatch):
     monkeypatch.setattr(hub.time, "sleep", lambda s: None)  # no backoff waits in tests
     for split, count in (("train", 3), ("val", 1)):
         for i in range(count):
@@ -101,21 +100,20 @@ def test_truncated_shard_is_rebuilt(tmp_path, c4_server):
     assert read_tokens(path).tolist() == expected_tokens(docs_for("train", 0))
 
 
-def test_train_on_multi_shard_dataset(tmp_path, c4_server):
+def test_train_on_multi_shard_dataset(tmp_path, c4_server, capsys):
+    """train.py (in this process, where gpt2_bpe's encoding is) trains on a dataset of several shards."""
     prepare("c4", data_dir=str(tmp_path), shards=3, base_url=c4_server.url, procs=2)
-    r = subprocess.run([sys.executable, "train.py", "--model=gpt", "--dataset=c4", f"--data_dir={tmp_path}",
-                        f"--out_dir={tmp_path / 'out'}", "--max_iters=3", "--eval_iters=1", "--log_interval=1",
-                        "--batch_size=2", "--block_size=32", "--n_layer=1"],
-                       cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert r.returncode == 0, r.stderr
-    assert "iter 3:" in r.stdout and "step 3: train loss" in r.stdout
+    train.main(["--model=gpt", "--dataset=c4", f"--data_dir={tmp_path}", f"--out_dir={tmp_path / 'out'}",
+                "--max_iters=3", "--eval_iters=1", "--log_interval=1", "--batch_size=2", "--block_size=32",
+                "--n_layer=1", "--device=cpu", "--compile=False"])
+    out = capsys.readouterr().out
+    assert "iter 3:" in out and "step 3: train loss" in out
 
 
 def test_batches_cover_every_shard():
     """get_batch draws windows from all shards, in proportion to their sizes."""
     import torch
-    from train import get_batch
     shards = [np.full(1000, 1, dtype=np.uint16), np.full(3000, 2, dtype=np.uint16)]
-    x, _ = get_batch(shards, 4000, 16, torch.Generator().manual_seed(0), torch.device("cpu"))
+    x, _ = train.get_batch(shards, 4000, 16, torch.Generator().manual_seed(0), torch.device("cpu"))
     share = (x[:, 0] == 2).float().mean().item()
     assert set(x[:, 0].tolist()) == {1, 2} and abs(share - 2983 / (983 + 2983)) < 0.03

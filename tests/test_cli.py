@@ -1,14 +1,12 @@
 """cli.py, the option parser of every script: typed values, bools, choices, help texts read from the
 dataclass's comments, and one-line errors that say what to do."""
-import subprocess
-import sys
 from dataclasses import dataclass
 from typing import Literal
 
 import pytest
 
 from cli import UserError, option_pairs, parse_options, parse_value
-from conftest import ROOT, assert_one_line_error
+from conftest import assert_one_line_error, run
 
 
 @dataclass
@@ -98,25 +96,8 @@ def test_help_shows_defaults_and_the_fields_comments(capsys):
                                                  ("visualize.py", [], "output file; default out_dir/visualize.html"),
                                                  ("prepare_data.py", ["c4"], "tokenizing processes; 0: all cores")])
 def test_every_script_uses_it(script, args, comment):
-    def run(*a):
-        return subprocess.run([sys.executable, script, *a], cwd=ROOT, capture_output=True, text=True)
-    r = run("--help")
+    r = run(script, "--help")
     assert r.returncode == 0 and r.stdout.count("\n  --") >= 5 and comment in r.stdout
-    assert_one_line_error(run(*args, "--colour=red"), script,
+    assert_one_line_error(run(script, *args, "--colour=red"), script,
                           "--colour=red is neither a bench.py option" if script == "bench.py" else
                           "unknown option --colour=red; the options are --")
-
-
-def test_bench_originals_skips_what_is_not_there(tmp_path):
-    """bench_originals.py without the original repositories says, per model, what to clone; an
-    unknown model name is a one-line error."""
-    def run(*a):
-        return subprocess.run([sys.executable, "bench_originals.py", f"--originals={tmp_path}", *a], cwd=ROOT,
-                              capture_output=True, text=True)
-    r = run("--models=gpt,bdh,dawn,mod")
-    assert r.returncode == 0, r.stderr
-    assert "skipped: " + str(tmp_path / "nanoGPT" / "model.py") + " not found (git clone https://github.com/karpathy/nanoGPT)" in r.stdout
-    assert "bdh.py not found (git clone https://github.com/pathwaycom/bdh)" in r.stdout
-    assert "model_v17_1.py not found (git clone https://github.com/madst0614/DAWN)" in r.stdout
-    assert "dtf/model.py not found (git clone https://github.com/fredericowieser/Dynamic-Transformers" in r.stdout
-    assert_one_line_error(run("--models=gpt,xl"), "bench_originals.py", "--models: no original is known for 'xl'")

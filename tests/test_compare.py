@@ -6,27 +6,16 @@ import signal
 import subprocess
 import sys
 
-import pytest
-
-from checkpoint import available_models
 from compare import loss_at, mean_std, read_log, verdicts
-from conftest import ROOT, assert_one_line_error, make_text
-from prepare_data import prepare
+from conftest import ROOT, assert_one_line_error, run
 
 
-def test_compare_two_models(tmp_path):
-    others = [m for m in available_models() if m != "gpt"]
-    if not others:
-        pytest.skip("needs a second model file")
-    models = ["gpt", others[0]]
-    src = tmp_path / "tiny.txt"
-    src.write_text(make_text(20000))
-    prepare("shakespeare_char", data_dir=str(tmp_path), name="tiny", input=str(src))
+def test_compare_two_models(data_dir, tmp_path):
+    models = ["gpt", "bdh"]
     out = tmp_path / "cmp"
-    command = [sys.executable, "compare.py", f"--models={','.join(models)}", f"--out={out}", "--dataset=tiny",
-               f"--data_dir={tmp_path}", "--max_iters=6", "--eval_interval=3", "--eval_iters=1",
-               "--log_interval=2", "--batch_size=2"]
-    r = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    command = [f"--models={','.join(models)}", f"--out={out}", "--dataset=tiny", f"--data_dir={data_dir}",
+               "--max_iters=6", "--eval_interval=3", "--eval_iters=1", "--log_interval=2", "--batch_size=2"]
+    r = run("compare.py", *command)
     assert r.returncode == 0, r.stderr[-2000:]
     rows = [line for line in r.stdout.splitlines() if line.startswith("| ") and "---" not in line][1:]
     assert [row.split("|")[1].strip() for row in rows] == models
@@ -39,26 +28,22 @@ def test_compare_two_models(tmp_path):
     assert "<polygon" not in svg  # one seed: no band
     # a rerun of the same command does not train the finished models again
     mtimes = [os.path.getmtime(out / m / "lr0.001-seed1337" / "ckpt.pt") for m in models]
-    r = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    r = run("compare.py", *command)
     assert r.returncode == 0, r.stderr[-2000:]
     assert all(f"{m}/lr0.001-seed1337: finished earlier" in r.stdout for m in models)
     assert [os.path.getmtime(out / m / "lr0.001-seed1337" / "ckpt.pt") for m in models] == mtimes
     # --plot_only redraws from the logs without training again
     os.remove(out / "loss.svg")
-    r = subprocess.run([sys.executable, "compare.py", f"--models={','.join(models)}", f"--out={out}", "--plot_only=True"],
-                       cwd=ROOT, capture_output=True, text=True)
+    r = run("compare.py", f"--models={','.join(models)}", f"--out={out}", "--plot_only=True")
     assert r.returncode == 0 and (out / "loss.svg").exists(), r.stderr
 
 
-def test_ctrl_c_stops_the_run_cleanly_and_a_rerun_continues(tmp_path):
+def test_ctrl_c_stops_the_run_cleanly_and_a_rerun_continues(data_dir, tmp_path):
     """Ctrl-C during a run (here sent to compare.py alone): compare.py hands it to train.py and waits, so
     train.py says what it kept and removes its lock; the rerun trains the interrupted model again."""
-    src = tmp_path / "tiny.txt"
-    src.write_text(make_text(20000))
-    prepare("shakespeare_char", data_dir=str(tmp_path), name="tiny", input=str(src))
     out = tmp_path / "cmp"
     command = [sys.executable, "compare.py", "--models=gpt", f"--out={out}", "--dataset=tiny",
-               f"--data_dir={tmp_path}", "--eval_iters=1", "--log_interval=1", "--batch_size=2", "--n_layer=1",
+               f"--data_dir={data_dir}", "--eval_iters=1", "--log_interval=1", "--batch_size=2", "--n_layer=1",
                "--n_embd=16", "--block_size=16"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([*command, "--max_iters=100000", "--eval_interval=2"], cwd=ROOT, env=env,
@@ -82,8 +67,7 @@ def test_ctrl_c_stops_the_run_cleanly_and_a_rerun_continues(tmp_path):
 
 
 def test_compare_rejects_bad_options_before_training(tmp_path):
-    r = subprocess.run([sys.executable, "compare.py", "--models=gpt", "--colour=red", f"--out={tmp_path}"],
-                       cwd=ROOT, capture_output=True, text=True)
+    r = run("compare.py", "--models=gpt", "--colour=red", f"--out={tmp_path}")
     assert_one_line_error(r, "compare.py", "unknown option --colour")
     assert not os.listdir(tmp_path)
 
@@ -94,18 +78,13 @@ def test_loss_interpolation():
     assert loss_at(evals, "time", 25.0) is None
 
 
-def test_seeds_and_learning_rate_sweep(tmp_path):
+def test_seeds_and_learning_rate_sweep(data_dir, tmp_path):
     """The first seed tries every learning rate, the others train at the one that ended lowest there; a
     diverging rate is recorded as failed without stopping the sweep; mean and sd come from the runs' logs."""
-    src = tmp_path / "tiny.txt"
-    src.write_text(make_text(20000))
-    prepare("shakespeare_char", data_dir=str(tmp_path), name="tiny", input=str(src))
     out = tmp_path / "cmp"
-    r = subprocess.run([sys.executable, "compare.py", "--models=gpt", f"--out={out}", "--dataset=tiny",
-                        f"--data_dir={tmp_path}", "--max_iters=6", "--eval_interval=3", "--eval_iters=1",
-                        "--log_interval=3", "--batch_size=2", "--n_layer=1", "--n_embd=16", "--block_size=16",
-                        "--seeds=3", "--learning_rate=3e-3,1e-2,1e6"], cwd=ROOT, capture_output=True, text=True,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    r = run("compare.py", "--models=gpt", f"--out={out}", "--dataset=tiny", f"--data_dir={data_dir}", "--max_iters=6",
+            "--eval_interval=3", "--eval_iters=1", "--log_interval=3", "--batch_size=2", "--n_layer=1", "--n_embd=16",
+            "--block_size=16", "--seeds=3", "--learning_rate=3e-3,1e-2,1e6")
     assert r.returncode == 0, r.stderr[-2000:]
     assert "gpt/lr1e+06-seed1337 failed; the sweep goes on without it" in r.stdout
     first = {lr: read_log(out / "gpt" / f"lr{lr}-seed1337")[1][-1]["val_loss"] for lr in ("0.003", "0.01")}
@@ -128,18 +107,18 @@ def test_seeds_and_learning_rate_sweep(tmp_path):
     assert (out / "loss.svg").read_text().count("<polygon") == 3  # a band per panel
 
 
-def run(model, mean, std, seeds=3):
+def row(model, mean, std, seeds=3):
     return {"model": model, "val_loss_mean": mean, "val_loss_std": std, "seeds": seeds}
 
 
 def test_verdicts_follow_the_standard_error():
     # a vs b: standard error of the difference sqrt(0.03^2 / 3 + 0.06^2 / 3) = 0.0387, and 0.1 > 2 x 0.0387
-    lines = verdicts([run("b", 1.70, 0.06), run("a", 1.60, 0.03), run("c", 1.64, 0.03)])
+    lines = verdicts([row("b", 1.70, 0.06), row("a", 1.60, 0.03), row("c", 1.64, 0.03)])
     assert lines[0].startswith("a vs c: 0.0400 apart, within twice the standard error (0.0245)")
     assert lines[1].startswith("a is better than b: 0.1000 lower, more than twice the standard error "
                                "of the difference (0.0387)")
     assert lines[2].startswith("c vs b: 0.0600 apart, within twice the standard error (0.0387)")
-    assert verdicts([run("a", 1.6, 0.0, seeds=1), run("b", 1.9, 0.0, seeds=1)]) == \
+    assert verdicts([row("a", 1.6, 0.0, seeds=1), row("b", 1.9, 0.0, seeds=1)]) == \
         ["a vs b: 0.3000 apart, one seed: no spread to judge by"]
 
 

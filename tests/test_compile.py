@@ -1,17 +1,13 @@
 """torch.compile on the CPU: CI has no GPU, so this guards the compiled path that CUDA runs use."""
 import copy
 import importlib
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import model_gpt
 import train
-from conftest import ROOT, make_text
-from prepare_data import prepare
+from conftest import run
 
 
 def test_compiled_gpt_matches_eager_and_does_not_recompile():
@@ -114,14 +110,10 @@ def test_compiled_dynamic_model_matches_eager(name):
     compiled_matches_eager(name, "inductor")
 
 
-def test_train_with_compile_flag(tmp_path):
-    src = tmp_path / "tiny.txt"
-    src.write_text(make_text(10000))
-    prepare("shakespeare_char", data_dir=str(tmp_path), name="tiny", input=str(src))
-    r = subprocess.run([sys.executable, "train.py", "--compile=True", "--dataset=tiny", f"--data_dir={tmp_path}",
-                        f"--out_dir={tmp_path / 'out'}", "--max_iters=2", "--eval_iters=1", "--log_interval=1",
-                        "--batch_size=2", "--n_layer=1", "--block_size=32"],
-                       cwd=ROOT, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "2"})
+def test_train_with_compile_flag(data_dir, tmp_path):
+    r = run("train.py", "--compile=True", "--dataset=tiny", f"--data_dir={data_dir}", f"--out_dir={tmp_path / 'out'}",
+            "--max_iters=2", "--eval_iters=1", "--log_interval=1", "--batch_size=2", "--n_layer=1", "--block_size=32",
+            env={"OMP_NUM_THREADS": "2"})
     assert r.returncode == 0, r.stderr[-2000:]
     assert ", compiled" in r.stdout and "torch.compile failed" not in r.stderr and "iter 2:" in r.stdout
 

@@ -2,8 +2,6 @@
 import hashlib
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -11,10 +9,10 @@ import pytest
 import hub
 import prepare_data
 from cli import UserError
-from conftest import ROOT, assert_one_line_error, make_text
+from conftest import SHAKESPEARE, SHARED, assert_one_line_error, gpt2_subset_ranks, make_text, read, run
 from hub import download
 from prepare_data import prepare, read_tokens, write_tokens
-from tokenizer import GPT2, get_tokenizer
+from tokenizer import GPT2, bpe_encoding, get_tokenizer
 
 
 def test_token_file_round_trip_and_header_checks(tmp_path):
@@ -60,15 +58,12 @@ def test_char_tokenizer_rejects_unknown_characters():
 
 
 def test_prepare_command_line_errors(tmp_path):
-    def run(*args):
-        return subprocess.run([sys.executable, "prepare_data.py", *args, f"--data_dir={tmp_path}"],
-                              cwd=ROOT, capture_output=True, text=True)
     for args, message in ((["nope"], "name one dataset: shakespeare_char, shakespeare, c4"),
                           (["shakespeare_char", "--input=/does/not/exist"], "does not exist"),
                           (["shakespeare_char", "--colour=red"], "unknown option --colour=red; the options are --name, --data_dir, --input, --url"),
                           (["c4", "--input=x.txt"], "unknown option --input=x.txt; the options are --name, --data_dir, --tokens, --shards"),
                           (["c4", "--shards=many"], "--shards=many: expected int, a whole number")):
-        assert_one_line_error(run(*args), "prepare_data.py", message)
+        assert_one_line_error(run("prepare_data.py", *args, f"--data_dir={tmp_path}"), "prepare_data.py", message)
 
 
 def test_download_from_local_server_with_sha256(tmp_path, file_server):
@@ -107,30 +102,88 @@ def test_download_errors_are_actionable(tmp_path, file_server, monkeypatch):
         download(dead + "/f.txt", path, retries=2)
 
 
-def test_prepare_shakespeare_char_through_download(tmp_path, file_server, shakespeare_path):
-    data = open(shakespeare_path, "rb").read()
-    file_server.files["/input.txt"] = data
-    r = subprocess.run([sys.executable, "prepare_data.py", "shakespeare_char", f"--data_dir={tmp_path}",
-                        f"--url={file_server.url}/input.txt"], cwd=ROOT, capture_output=True, text=True)
+def test_prepare_shakespeare_char_through_download(tmp_path, file_server):
+    text = read(SHAKESPEARE).decode()
+    file_server.files["/input.txt"] = text.encode()
+    r = run("prepare_data.py", "shakespeare_char", f"--data_dir={tmp_path}", f"--url={file_server.url}/input.txt")
     assert r.returncode == 0, r.stderr
     meta = json.load(open(tmp_path / "shakespeare_char" / "meta.json"))
-    assert meta["vocab_size"] == 65
-    assert len(read_tokens(str(tmp_path / "shakespeare_char" / "train.bin"))) == 1_003_854
-    assert len(read_tokens(str(tmp_path / "shakespeare_char" / "val.bin"))) == 111_540
-    assert hashlib.sha256(data).hexdigest() == prepare_data.SHAKESPEARE_SHA256
+    assert meta == {"vocab_size": len(set(text)), "tokenizer": {"kind": "char", "chars": "".join(sorted(set(text)))}}
+    n = int(0.9 * len(text))  # nanoGPT's split
+    decode = get_tokenizer(meta["tokenizer"]).decode
+    assert decode(read_tokens(str(tmp_path / "shakespeare_char" / "train.bin")).tolist()) == text[:n]
+    assert decode(read_tokens(str(tmp_path / "shakespeare_char" / "val.bin")).tolist()) == text[n:]
+    assert read(tmp_path / "shakespeare_char" / "input.txt") == text.encode()  # kept, for bench.py
 
 
-def test_gpt2_bpe_offline(tiktoken_cache):
+def test_shakespeare_download_is_checked_against_its_sha256(tmp_path, file_server, monkeypatch):
+    """The default URL's download must be tiny Shakespeare, byte for byte (prepare_data.SHAKESPEARE_SHA256):
+    a file served in its place (here the committed excerpt) is refused and not kept. With ../shared's
+    copy of the whole text, that copy passes and gives nanoGPT's token counts."""
+    monkeypatch.setattr(hub.time, "sleep", lambda s: None)
+    monkeypatch.setattr(prepare_data, "download", lambda url, path, **kwargs: download(
+        file_server.url + "/input.txt" if url == prepare_data.SHAKESPEARE_URL else url, path, **kwargs))
+    file_server.files["/input.txt"] = read(SHAKESPEARE)
+    with pytest.raises(UserError, match="sha256"):
+        prepare("shakespeare_char", data_dir=str(tmp_path))
+    assert os.listdir(tmp_path / "shakespeare_char") == []
+    whole = os.path.join(SHARED, "data", "tinyshakespeare.txt")
+    if os.path.exists(whole):
+        file_server.files["/input.txt"] = read(whole)
+        out = prepare("shakespeare_char", data_dir=str(tmp_path))
+        assert json.load(open(os.path.join(out, "meta.json")))["vocab_size"] == 65
+        assert len(read_tokens(os.path.join(out, "train.bin"))) == 1_003_854
+        assert len(read_tokens(os.path.join(out, "val.bin"))) == 111_540
+
+
+def test_gpt2_bpe_offline(gpt2_bpe):
     tok = get_tokenizer(GPT2)
     encode, decode = tok.encode, tok.decode
     assert encode("First Citizen:") == [5962, 22307, 25]  # GPT-2's ids
-    assert decode(encode("Hello, world!")) == "Hello, world!"
+    assert encode("Hello, world!") == [15496, 11, 995, 0]
+    assert tok.vocab_size == 50304  # GPT-2's 50,257 ids, padded to a multiple of 64
+    text = make_text(2000) + " é—ü 東京 🙂"  # beyond the fixture's tokens: other ids, the same text back
+    assert decode(encode(text)) == text
 
 
-def test_prepare_shakespeare_bpe(tmp_path, tiktoken_cache, shakespeare_path):
-    out = prepare("shakespeare", data_dir=str(tmp_path), input=shakespeare_path)
+def test_prepare_shakespeare_bpe(tmp_path, gpt2_bpe):
+    out = prepare("shakespeare", data_dir=str(tmp_path), input=SHAKESPEARE)
     meta = json.load(open(os.path.join(out, "meta.json")))
     assert meta == {"vocab_size": 50304, "tokenizer": {"kind": "tiktoken", "encoding": "r50k_base"}}
-    train = read_tokens(os.path.join(out, "train.bin"))
+    train, val = read_tokens(os.path.join(out, "train.bin")), read_tokens(os.path.join(out, "val.bin"))
     assert train[:3].tolist() == [5962, 22307, 25]
-    assert 250_000 < len(train) < 350_000 and train.max() < 50257
+    assert (len(train), len(val)) == (1_895, 213)  # GPT-2's counts (tests/make_shakespeare_fixtures.py)
+    assert get_tokenizer(GPT2).decode(train.tolist() + val.tolist()) == read(SHAKESPEARE).decode()
+
+
+R50K_URL = "https://openaipublic.blob.core.windows.net/encodings/r50k_base.tiktoken"  # tiktoken's
+
+
+def test_committed_shakespeare_fixture_is_cut_from_the_originals(gpt2_bpe, monkeypatch):
+    """r50k_base.tiktoken is a closed piece of a BPE: 256 single bytes, and every other token the
+    merge of two tokens of lower rank in it. Where ../shared holds the originals: input.txt is the
+    start of tiny Shakespeare, which has prepare_data.py's sha256, and every token is r50k_base's,
+    at its rank, so the fixture's texts encode as with the whole of GPT-2's BPE."""
+    ranks = gpt2_subset_ranks()
+    assert len(set(ranks.values())) == len(ranks) and sum(len(t) == 1 for t in ranks) == 256
+    for t in ranks:
+        assert len(t) == 1 or any(max(ranks.get(t[:i], 1e9), ranks.get(t[i:], 1e9)) < ranks[t]
+                                  for i in range(1, len(t))), t
+    whole = os.path.join(SHARED, "data", "tinyshakespeare.txt")
+    if os.path.exists(whole):
+        assert hashlib.sha256(read(whole)).hexdigest() == prepare_data.SHAKESPEARE_SHA256
+        assert read(whole).startswith(read(SHAKESPEARE))
+    cache = os.path.join(SHARED, "tiktoken_cache")
+    if os.path.exists(os.path.join(cache, hashlib.sha1(R50K_URL.encode()).hexdigest())):  # tiktoken's file name
+        import tiktoken
+        import tiktoken.load
+        import tiktoken_ext.openai_public as openai_public
+        monkeypatch.setenv("TIKTOKEN_CACHE_DIR", cache)
+        monkeypatch.setattr(openai_public, "load_tiktoken_bpe", tiktoken.load.load_tiktoken_bpe)
+        full = openai_public.r50k_base()  # GPT-2's whole BPE from the cache (tiktoken checks its sha256)
+        assert all(full["mergeable_ranks"].get(t) == r for t, r in ranks.items())
+        reference, enc = tiktoken.Encoding(**full), bpe_encoding("r50k_base")
+        text = read(SHAKESPEARE).decode()
+        n = int(0.9 * len(text))
+        for part in (text[:n], text[n:]):
+            assert enc.encode_ordinary(part) == reference.encode_ordinary(part)

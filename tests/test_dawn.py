@@ -6,16 +6,8 @@ import torch
 import torch.nn.functional as F
 
 import model_dawn
+from conftest import PROMPT_THEN_TOKENS, build, decode, tokens
 from model_dawn import DAWN, POOLS, compose_feature, compose_restore, route
-
-
-def build(**kw):
-    torch.manual_seed(0)
-    return DAWN(model_dawn.Config(**kw))
-
-
-def tokens(B=3, T=64, seed=1):
-    return torch.randint(0, 65, (B, T), generator=torch.Generator().manual_seed(seed))
 
 
 def formula(c):
@@ -28,7 +20,7 @@ def formula(c):
 
 def test_parameter_count():
     config = model_dawn.Config()
-    assert sum(p.numel() for p in build().parameters()) == formula(config) == 816_000
+    assert sum(p.numel() for p in build("dawn").parameters()) == formula(config) == 816_000
     other = model_dawn.Config(n_layer=2, n_embd=64, rank=8, knowledge_rank=16, n_v=10, d_space=32)
     assert sum(p.numel() for p in DAWN(other).parameters()) == formula(other)
     with torch.device("meta"):
@@ -36,8 +28,8 @@ def test_parameter_count():
 
 
 def test_shapes_and_position_limit():
-    model = build()
-    logits, loss = model(tokens())
+    model = build("dawn")
+    logits, loss = model(tokens(B=3))
     assert logits.shape == (3, 64, 65) and loss is None
     with pytest.raises(ValueError, match="block_size"):
         model(torch.zeros(1, 65, dtype=torch.long))
@@ -58,7 +50,7 @@ def test_routing_weights():
 
 def test_fast_composition_equals_explicit_per_token_matrices():
     torch.manual_seed(0)
-    model = build()
+    model = build("dawn")
     u = torch.randn(2, 5, 128)
     w_f = route(torch.randn(2, 5, 1, 64), model.keys()["F_v"], 4)[0]
     w_r = route(torch.randn(2, 5, 1, 64), model.keys()["R_v"], 4)[0]
@@ -74,7 +66,7 @@ def test_fast_composition_equals_explicit_per_token_matrices():
 
 
 def test_orthogonal_initialisation():
-    model = build()
+    model = build("dawn")
     for name in POOLS:
         W = getattr(model, name)
         gram = W.transpose(1, 2) @ W if name.startswith("F") else W @ W.transpose(1, 2)
@@ -86,8 +78,8 @@ def test_orthogonal_initialisation():
 
 
 def test_auxiliary_losses():
-    model = build().train()
-    x = tokens()
+    model = build("dawn").train()
+    x = tokens(B=3)
     model(x)
     assert model.stats()["lb_loss"] > 0
     with torch.no_grad():  # a zero router sends uniform probabilities: perfectly balanced
@@ -105,8 +97,8 @@ def test_auxiliary_losses():
 
 
 def test_eval_loss_is_pure_cross_entropy_and_training_adds_the_aux_terms():
-    model = build()
-    x, y = tokens(), tokens(seed=2)
+    model = build("dawn")
+    x, y = tokens(B=3), tokens(B=3, seed=2)
     model.eval()
     logits, loss = model(x, y)
     torch.testing.assert_close(loss, F.cross_entropy(logits.view(-1, 65), y.view(-1)))
@@ -118,7 +110,7 @@ def test_eval_loss_is_pure_cross_entropy_and_training_adds_the_aux_terms():
 
 
 def test_gradient_causality():
-    model = build()
+    model = build("dawn")
     x = tokens(B=1, T=24)
     emb = model.wte(x).detach().requires_grad_(True)
     hook = model.wte.register_forward_hook(lambda module, args, out: emb)
@@ -129,7 +121,7 @@ def test_gradient_causality():
 
 
 def test_gradients_reach_the_router_and_skip_unselected_neurons():
-    model = build(orth_loss_weight=0.0, div_loss_weight=0.0, lb_loss_weight=0.0)
+    model = build("dawn", orth_loss_weight=0.0, div_loss_weight=0.0, lb_loss_weight=0.0)
     x = tokens(B=1, T=8)
     model.train()
     model(x, tokens(B=1, T=8, seed=4))[1].backward()
@@ -145,7 +137,7 @@ def test_gradients_reach_the_router_and_skip_unselected_neurons():
 
 def test_stats_from_a_known_routing():
     """stats() only formats what the forward recorded: for a routing written by hand, the exact values."""
-    model = build()
+    model = build("dawn")
     B, T, k = 2, 5, 4
 
     def picks(*groups):  # every token of every row picks the same neurons, one group per routing
@@ -175,10 +167,10 @@ def test_stats_from_a_known_routing():
 
 
 def test_stats_and_routing_path():
-    model = build()
+    model = build("dawn")
     model.eval()
     with torch.no_grad():
-        model(tokens())
+        model(tokens(B=3))
     stats = model.stats()
     assert set(stats) == {f"dead_{pool}" for pool in POOLS} | {"qk_overlap", "route_entropy"}  # eval: no losses
     assert 0.9 < stats["route_entropy"] < 1  # at init the router's logits are small: p is close to uniform
@@ -192,22 +184,16 @@ def test_stats_and_routing_path():
 
 # --- incremental decoding ------------------------------------------------------------------------
 
-PROMPT_THEN_TOKENS = [5] + [1] * 27 + [7] + [1] * 25  # a chunk of several on a non-empty cache too
-
-
 def test_cached_decoding_routes_every_token_as_the_forward_does():
     """Routing reads each token's own state, so the cache needs no routing state; but that state at
     layer l > 0 comes from attention over the cached keys, and at layer 0 from the position table
     offset by the cache's length: every layer's selected neurons must be routing_path's."""
-    model = build()
+    model = build("dawn")
     x = tokens(B=1)
     path = model.routing_path(x[0])
     selected = []
     hooks = [layer.register_forward_hook(lambda module, args, out: selected.append(out[1])) for layer in model.blocks]
-    cache, t = model.init_cache(1), 0
-    for n in PROMPT_THEN_TOKENS:
-        model.forward_cached(x[:, t:t + n], cache)
-        t += n
+    decode(model, x, PROMPT_THEN_TOKENS)
     for hook in hooks:
         hook.remove()
     n_layer = len(model.blocks)
@@ -220,23 +206,19 @@ def test_cached_decoding_routes_every_token_as_the_forward_does():
 
 
 def test_cached_decoding_is_the_eval_computation_and_leaves_stats_alone():
-    model = build(dropout=0.1, router_dropout=0.1)
-    x = tokens()
+    model = build("dawn", dropout=0.1, router_dropout=0.1)
+    x = tokens(B=3)
     model.eval()
     with torch.no_grad():
         full = model(x)[0]
     last = model.last
     model.train()
-    cache, out, t = model.init_cache(3), [], 0
-    for n in PROMPT_THEN_TOKENS:
-        out.append(model.forward_cached(x[:, t:t + n], cache))
-        t += n
-    torch.testing.assert_close(torch.cat(out, dim=1), full, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(decode(model, x, PROMPT_THEN_TOKENS)[0], full, atol=1e-4, rtol=1e-4)
     assert model.training and model.last is last
 
 
 def test_cache_stops_at_the_position_table():
-    model = build().eval()
+    model = build("dawn").eval()
     x = tokens(B=2)
     cache = model.init_cache(2)
     model.forward_cached(x[:, :60], cache)
@@ -258,7 +240,7 @@ def test_flops_per_token_counts_the_matmuls_the_code_runs():
     mode does not compute them."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
-    model = build().eval()
+    model = build("dawn").eval()
     c = model.config
     T = c.block_size
     x = tokens(B=1)

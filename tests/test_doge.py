@@ -10,12 +10,8 @@ import torch
 import torch.nn.functional as F
 
 import model_doge
+from conftest import PROMPT_THEN_TOKENS, build, decode, tokens
 from model_doge import CDMoE, DMAttn, Doge, dynamic_mask
-
-
-def build(**kw):
-    torch.manual_seed(0)
-    return Doge(model_doge.Config(**kw))
 
 
 def randomise(model, seed=0):
@@ -74,8 +70,8 @@ def formula_param_count(c):
 
 def test_parameter_counts():
     count = lambda m: sum(p.numel() for p in m.parameters())
-    assert count(build()) == formula_param_count(model_doge.Config()) == 601_096
-    assert count(build(is_moe=True)) == formula_param_count(model_doge.Config(is_moe=True)) == 879_624
+    assert count(build("doge")) == formula_param_count(model_doge.Config()) == 601_096
+    assert count(build("doge", is_moe=True)) == formula_param_count(model_doge.Config(is_moe=True)) == 879_624
     for name, expected in (("doge-20m", 13_118_728), ("doge-60m", 54_571_552), ("doge-20m-moe", 17_444_104)):
         config = model_doge.Config(vocab_size=32768, **model_doge.PRESETS[name])
         with torch.device("meta"):
@@ -84,12 +80,12 @@ def test_parameter_counts():
 
 def test_experts_must_be_a_perfect_square():
     with pytest.raises(ValueError, match="perfect square"):
-        build(is_moe=True, n_experts=250)
-    build(n_experts=250)  # only checked when the experts exist
+        build("doge", is_moe=True, n_experts=250)
+    build("doge", n_experts=250)  # only checked when the experts exist
 
 
 def test_flops_count_the_experts_a_token_reads():
-    dense, moe = build(), build(is_moe=True)
+    dense, moe = build("doge"), build("doge", is_moe=True)
     c = dense.config
     attention = 12 * c.n_layer * c.n_head * (c.n_embd // c.n_head + 8) * c.block_size
     assert dense.flops_per_token() == 6 * 601_096 + attention
@@ -103,7 +99,7 @@ def test_flops_count_the_experts_a_token_reads():
 @pytest.mark.parametrize("kws", [64, 16])
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
 def test_causal_and_batch_independent(is_moe, kws, train):
-    model = randomise(build(is_moe=is_moe, keep_window_size=kws)).train(train)
+    model = randomise(build("doge", is_moe=is_moe, keep_window_size=kws)).train(train)
     x = distinct_tokens()
     with torch.no_grad():
         base = model(x)[0]
@@ -162,7 +158,7 @@ def test_dynamic_mask_ties_go_to_the_most_recent_keys():
 def test_attention_equals_the_float_mask_reference(kws):
     """The extra-channel form of the bias plus the boolean keep mask equals the reference's float mask
     (delta where kept by a per-row top-k, -inf elsewhere) added to the scores."""
-    model = randomise(build(keep_window_size=kws))
+    model = randomise(build("doge", keep_window_size=kws))
     attn = model.blocks[1].attn
     x = torch.randn(2, 64, 128)
     cos, sin = model.rope(torch.arange(64))
@@ -192,7 +188,7 @@ def test_top_k_fires_only_when_more_than_kws_keys_are_visible():
     x = distinct_tokens(B=2)
     logits = {}
     for kws in (64, 1000, 63):
-        model = randomise(build(keep_window_size=kws)).eval()
+        model = randomise(build("doge", keep_window_size=kws)).eval()
         with torch.no_grad():
             logits[kws] = model(x)[0]
         assert (model.stats()["masked_frac"] > 0) == (kws < 64)
@@ -250,7 +246,7 @@ def test_balance_loss_against_the_full_softmax_over_all_experts():
 def test_aux_loss_only_in_training_and_only_when_asked():
     x = distinct_tokens(B=2)
     y = torch.roll(x, -1, dims=1)
-    on, off = randomise(build(is_moe=True, balance_loss_weight=0.1)), randomise(build(is_moe=True))
+    on, off = randomise(build("doge", is_moe=True, balance_loss_weight=0.1)), randomise(build("doge", is_moe=True))
     on.load_state_dict(off.state_dict())
     for train in (True, False):
         on.train(train), off.train(train)
@@ -267,7 +263,7 @@ def test_aux_loss_only_in_training_and_only_when_asked():
 
 
 def test_stats_report_masking_deltas_and_expert_usage():
-    model = randomise(build(is_moe=True, keep_window_size=16))
+    model = randomise(build("doge", is_moe=True, keep_window_size=16))
     x = distinct_tokens()
     inputs = []  # each layer's attention input, to recompute delta independently
     hooks = [block.attn.register_forward_pre_hook(lambda module, args: inputs.append(args[0]))
@@ -295,22 +291,10 @@ def test_stats_report_masking_deltas_and_expert_usage():
     assert abs(stats["max_load"] - max_load) < 1e-5 and max_load > 1
     assert stats["balance_loss"] > 1  # E * sum f P: 1 only when both are uniform, which an untrained router is not
     assert len(stats) <= 12
-    assert build().eval().stats() == {}  # nothing before the first forward
+    assert build("doge").eval().stats() == {}  # nothing before the first forward
 
 
 # --- incremental decoding ------------------------------------------------------------------------
-
-def decode(model, x, chunks):
-    """x (B, T) through forward_cached in chunks of the given sizes: the logits, concatenated."""
-    cache, out, t = model.init_cache(x.size(0)), [], 0
-    for n in chunks:
-        out.append(model.forward_cached(x[:, t:t + n], cache))
-        t += n
-    return torch.cat(out, dim=1)
-
-
-PROMPT_THEN_TOKENS = [5] + [1] * 27 + [7] + [1] * 25  # a chunk of several on a non-empty cache too
-
 
 @pytest.mark.parametrize("is_moe", [False, True], ids=["dense", "moe"])
 @pytest.mark.parametrize("kws", [16, 3])
@@ -319,19 +303,19 @@ def test_cached_decoding_with_the_mask_active_equals_the_forward(is_moe, kws):
     A and dt make delta differ from key to key; distinct tokens avoid exact ties between keys (see
     model_doge's docstring on incremental decoding). In training mode, with dropout and the aux loss
     on, the cached path is the eval computation all the same."""
-    model = randomise(build(is_moe=is_moe, keep_window_size=kws, dropout=0.1, balance_loss_weight=0.1))
+    model = randomise(build("doge", is_moe=is_moe, keep_window_size=kws, dropout=0.1, balance_loss_weight=0.1))
     x = distinct_tokens()
     model.eval()
     with torch.no_grad():
         full = model(x)[0]
     assert model.stats()["masked_frac"] > 0.5
-    wide = randomise(build(is_moe=is_moe, keep_window_size=64)).eval()
+    wide = randomise(build("doge", is_moe=is_moe, keep_window_size=64)).eval()
     with torch.no_grad():  # the mask matters: past kws keys, attending to all of them changes every row
         assert (wide(x)[0] - full)[:, kws:].abs().amax(-1).min() > 1e-3
     state = {k: v.clone() for k, v in model.state_dict().items()}
     model.train()
     for chunks in (PROMPT_THEN_TOKENS, [64]):
-        torch.testing.assert_close(decode(model, x, chunks), full, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(decode(model, x, chunks)[0], full, atol=1e-4, rtol=1e-4)
     assert model.training
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
 
@@ -339,16 +323,16 @@ def test_cached_decoding_with_the_mask_active_equals_the_forward(is_moe, kws):
 def test_cached_decoding_breaks_delta_ties_like_the_forward():
     """At A = 0 every delta is exactly 1: the forward keeps the kws most recent keys (a sliding
     window), and so must the cache, not whichever equal keys a top-k happens to return."""
-    model = build(keep_window_size=8).eval()
-    x = torch.randint(0, 65, (2, 64), generator=torch.Generator().manual_seed(3))
+    model = build("doge", keep_window_size=8).eval()
+    x = tokens(B=2, seed=3)
     with torch.no_grad():
         full = model(x)[0]
     assert model.stats()["masked_frac"] > 0.5
-    torch.testing.assert_close(decode(model, x, PROMPT_THEN_TOKENS), full, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(decode(model, x, PROMPT_THEN_TOKENS)[0], full, atol=1e-4, rtol=1e-4)
 
 
 def test_cache_holds_keys_values_and_delta_of_every_position():
-    model = randomise(build(keep_window_size=16)).eval()
+    model = randomise(build("doge", keep_window_size=16)).eval()
     x = distinct_tokens(B=2)
     cache = model.init_cache(2)
     assert cache["t"] == 0 and cache["layers"][0]["delta"].shape == (2, 2, 64)

@@ -9,20 +9,9 @@ import torch.nn.functional as F
 import model_dtf
 import model_gpt
 from model_dtf import DTF, DTFPair, causal_moving_average, route
-from conftest import decode
-from routing import (FixedMask, check_capacity_from_iteration_50, check_prefix_forward_equals_full_forward,
-                     check_processes_agree_on_tau, check_threshold_lifecycle,
-                     check_threshold_rule_tracks_drifting_scores, routed_fractions_of_run, routed_inputs,
-                     set_tau_to_median, set_tau_to_quantile, stored_values, tiny_qwen2_env)
-
-
-def build(**kw):
-    torch.manual_seed(0)
-    return DTF(model_dtf.Config(**kw))
-
-
-def tokens(B=4, T=64, seed=1):
-    return torch.randint(0, 65, (B, T), generator=torch.Generator().manual_seed(seed))
+from conftest import PROMPT_THEN_TOKENS, build, decode, tokens
+from routing import (FixedMask, check_prefix_forward_equals_full_forward, routed_inputs, set_tau_to_median,
+                     set_tau_to_quantile, stored_values)
 
 
 def gates(model, x):
@@ -44,8 +33,8 @@ def gates(model, x):
 
 
 def test_parameter_count():
-    assert sum(p.numel() for p in build().parameters()) == 803_336
-    assert sum(p.numel() for p in build(prior_ffn_factor=0.5).parameters()) == 846_344
+    assert sum(p.numel() for p in build("dtf").parameters()) == 803_336
+    assert sum(p.numel() for p in build("dtf", prior_ffn_factor=0.5).parameters()) == 846_344
     with torch.device("meta"):
         big = DTF(model_dtf.Config(vocab_size=151_936, **model_dtf.PRESETS["qwen2.5-0.5b"]))
     assert sum(p.numel() for p in big.parameters()) == 495_849_904
@@ -53,18 +42,18 @@ def test_parameter_count():
 
 def test_odd_layer_count_is_a_clear_error():
     with pytest.raises(ValueError, match="set an even n_layer"):
-        build(n_layer=3)
+        build("dtf", n_layer=3)
 
 
 def test_router_scalars_learn_faster():
     """train.py's optimizer moves the router's four scalars with 10x the learning rate. Adam's first
     step moves a parameter by exactly lr * |g| / (|g| + eps) per entry (m and v bias-corrected)."""
-    import train
-    model = build()
+    from train_config import TrainConfig, configure_optimizer
+    model = build("dtf")
     pair = model.blocks[0]
     scalars = (pair.beta_ce, pair.beta_cu, pair.log_o_ce, pair.m_cu)
     assert all(p.dim() == 0 for p in scalars)  # 0-D: no weight decay
-    opt = train.configure_optimizer(model, train.TrainConfig(weight_decay=0.0), torch.device("cpu"))
+    opt = configure_optimizer(model, TrainConfig(weight_decay=0.0), torch.device("cpu"))
     lr = 1e-4
     for group in opt.param_groups:  # as train.py sets the learning rate every step
         group["lr"] = lr * group["lr_mult"]
@@ -83,7 +72,7 @@ def test_router_scalars_learn_faster():
 
 def test_dynamic_blocks_and_priors_start_at_normal_0_02():
     """GPT's init, N(0, 0.02), for every Linear (the reference left its DTF blocks at PyTorch's default)."""
-    for pair in build().blocks:
+    for pair in build("dtf").blocks:
         for name, p in [*pair.dynamic.named_parameters(), *pair.decision.named_parameters()]:
             if name.endswith("bias"):
                 assert torch.equal(p, torch.zeros_like(p)), name
@@ -96,7 +85,7 @@ def test_dynamic_blocks_and_priors_start_at_normal_0_02():
 
 @pytest.mark.parametrize("train", [False, True])
 def test_full_capacity_with_gate_one_is_the_dense_model(train, monkeypatch):
-    dtf = build(dtf_capacity=1.0, capacity_factor=1.0)
+    dtf = build("dtf", dtf_capacity=1.0, capacity_factor=1.0)
     for pair in dtf.blocks:
         pair.tau.fill_(-float("inf"))
     monkeypatch.setattr(DTFPair, "gate", lambda self, h, post, prior: torch.ones(h.shape[:2]))
@@ -119,7 +108,7 @@ def test_full_capacity_with_gate_one_is_the_dense_model(train, monkeypatch):
 @pytest.mark.parametrize("capacity_factor, routed", [(2.0, (0.25, 0.25)), (4.0, (0.3, 0.55))],
                          ids=["cap-binds", "threshold-decides"])  # K = 16 or 32 of 64
 def test_causal_and_row_independent_with_half_the_tokens_wanting(train, capacity_factor, routed):
-    model = build(capacity_factor=capacity_factor)
+    model = build("dtf", capacity_factor=capacity_factor)
     x = tokens()
     set_tau_to_median(model, x)
     state = copy.deepcopy(model.state_dict())
@@ -142,11 +131,11 @@ def test_causal_and_row_independent_with_half_the_tokens_wanting(train, capacity
 
 
 def test_prefix_forward_equals_full_forward_while_the_cap_binds():
-    check_prefix_forward_equals_full_forward(build(), tokens(), (0, 7, 30, 63))
+    check_prefix_forward_equals_full_forward(build("dtf"), tokens(), (0, 7, 30, 63))
 
 
 def test_pair_equals_masked_dense_oracle():
-    model = build()
+    model = build("dtf")
     pair = model.blocks[0].eval()
     h = torch.randn(3, 40, 128)
     cos, sin = model.rope(torch.arange(40))
@@ -178,7 +167,7 @@ def test_moving_average_is_causal_and_matches_a_loop():
 
 def test_moving_average_is_detached_inside_the_gate():
     """G_t reads earlier positions only through MA(sg(D_st)): no gradient flows from G_t to them."""
-    pair = build().blocks[0]
+    pair = build("dtf").blocks[0]
     h, prior = torch.randn(1, 12, 128), torch.randn(1, 12, 128)
     post = torch.randn(1, 12, 128, requires_grad=True)
     pair.gate(h, post, prior)[0, 11].backward()
@@ -186,7 +175,7 @@ def test_moving_average_is_detached_inside_the_gate():
 
 
 def test_surprise_maths_on_hand_made_tensors():
-    pair = build().blocks[0]
+    pair = build("dtf").blocks[0]
     pair.beta_ce.data.fill_(-2.0)  # negative raw parameters still give positive inverse temperatures
     h, post, prior = torch.zeros(1, 3, 4), torch.ones(1, 3, 4), torch.full((1, 3, 4), 0.5)
     post[0, 2] = 3.0
@@ -202,39 +191,8 @@ def test_surprise_maths_on_hand_made_tensors():
     assert (G > 0).all() and (G < 1).all()
 
 
-def test_threshold_lifecycle():
-    check_threshold_lifecycle(build(), tokens(), tokens(seed=7))
-
-
-
-def test_processes_agree_on_tau():
-    check_processes_agree_on_tau("dtf")
-
-
-@pytest.mark.parametrize("kind", ["gate", "router"])
-def test_threshold_rule_keeps_the_capacity_on_drifting_scores(kind):
-    check_threshold_rule_tracks_drifting_scores(model_dtf, kind)
-
-
-def test_routed_fraction_holds_the_capacity_in_a_short_run(tmp_path):
-    """Every 20-iteration mean of the routed fraction from iteration 50 to 100 of a train.py run
-    (a 0.2M-parameter model, the default schedule's warmup) is within 25% of the capacity."""
-    check_capacity_from_iteration_50(routed_fractions_of_run(
-        tmp_path, "--model=dtf", "--max_iters=100", "--eval_interval=100", "--batch_size=8", "--n_embd=64",
-        "--n_layer=2", "--intermediate_size=192"))
-
-
-def test_routed_fraction_holds_the_capacity_after_loading_pretrained_weights(tmp_path, file_server):
-    """The same from Qwen2 weights (the tiny fixture of test_pretrained.py), whose hidden states, and
-    so the fresh gate, are not those of a model trained from scratch."""
-    env = tiny_qwen2_env(file_server, tmp_path)
-    check_capacity_from_iteration_50(routed_fractions_of_run(
-        tmp_path, "--model=dtf", "--init_from=hf:tiny/qwen2", "--max_iters=100", "--eval_interval=100",
-        "--block_size=64", env=env, tokenizer=("--tokenizer=hf:tiny/qwen2",)))
-
-
 def test_gradients_reach_the_router_scalars_priors_and_both_blocks():
-    model = build()
+    model = build("dtf")
     x = tokens()
     model.train()
     model(x, torch.roll(x, -1, 1))  # first step sets tau, so the second routes tokens
@@ -249,7 +207,7 @@ def test_gradients_reach_the_router_scalars_priors_and_both_blocks():
 
 
 def test_prior_loss_alone_does_not_train_the_decision_block():
-    model = build()
+    model = build("dtf")
     model.train()
     pair = model.blocks[0]
     h = torch.randn(2, 16, 128, requires_grad=True)
@@ -261,7 +219,7 @@ def test_prior_loss_alone_does_not_train_the_decision_block():
 
 
 def test_flops_count_only_routed_rows():
-    ratio = build().flops_per_token() / model_gpt.GPT(model_gpt.Config()).flops_per_token()
+    ratio = build("dtf").flops_per_token() / model_gpt.GPT(model_gpt.Config()).flops_per_token()
     assert 0.6 < ratio < 0.7  # 0.64 at the laptop cap f = 2 gamma = 0.25
 
 
@@ -273,7 +231,7 @@ def test_dynamic_cache_holds_exactly_the_routed_tokens(ma_window):
     token (skipped tokens add nothing) and ends holding the routed tokens' values, row by row; the
     decision block's cache holds every token. A window shorter than the sequence checks that the
     cache carries the moving average's state exactly."""
-    model = build(ma_window=ma_window)
+    model = build("dtf", ma_window=ma_window)
     x = tokens(B=3)
     set_tau_to_quantile(model, x, 0.8)  # about 13 of 64 want: under the cap, rows differ
     routed = routed_inputs(model, x)
@@ -298,7 +256,7 @@ def test_dynamic_cache_holds_exactly_the_routed_tokens(ma_window):
 def test_dynamic_cache_respects_the_cap():
     """With half the tokens wanting, every row stops at K = 16 routed tokens: the cache holds the
     first 16 wanting ones, later wanting tokens skip, and the logits still equal the forward's."""
-    model = build()
+    model = build("dtf")
     x = tokens(B=3)
     set_tau_to_median(model, x)
     routed = routed_inputs(model, x)
@@ -310,7 +268,7 @@ def test_dynamic_cache_respects_the_cap():
     def check(cache, t):
         assert all((c.dynamic.n <= 16).all() for c in cache.layers)
 
-    logits, cache = decode(model, x, [5] + [1] * 27 + [7] + [1] * 25, check)
+    logits, cache = decode(model, x, PROMPT_THEN_TOKENS, check)
     for h in hooks:
         h.remove()
     with torch.no_grad():

@@ -11,63 +11,31 @@ import torch
 
 import sample
 import train
+from checkpoint import load_model_module
 from cli import UserError
-from conftest import ROOT, assert_one_line_error, make_text
-from prepare_data import prepare
-
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-MODEL = ["--n_layer=1", "--n_embd=16", "--n_head=2", "--n_kv_head=1", "--block_size=16"]
-TINY = [*MODEL, "--batch_size=2", "--eval_iters=1", "--log_interval=1", "--warmup_iters=0", "--device=cpu",
-        "--compile=False"]
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    for name, seed in (("tiny", 0), ("other", 1)):
-        src = root / f"{name}.txt"
-        src.write_text(make_text(8000, seed) + ("" if name == "tiny" else "XYZ!"))  # other: more characters
-        prepare("shakespeare_char", data_dir=str(root), name=name, input=str(src))
-    return str(root)
-
-
-def args(data_dir, out, *more):
-    tiny = [a for a in TINY if a not in MODEL] if "--init_from=resume" in more else TINY  # resume: its model
-    return ["--dataset=tiny", f"--data_dir={data_dir}", f"--out_dir={out}", *tiny, *more]
-
-
-def fit(data_dir, out, *more):
-    return train.main(args(data_dir, out, "--max_iters=2", "--eval_interval=2", *more))
-
+from conftest import ROOT, SHAKESPEARE, TINY_RUN, assert_one_line_error, fit, make_text, run, run_args, saved_checkpoint
 
 @pytest.fixture
-def trained(data_dir, tmp_path):
+def fitted(data_dir, tmp_path):
+    """An out_dir holding the checkpoint of a 2-iteration run."""
     out = str(tmp_path / "run")
     fit(data_dir, out)
     return out
 
 
-def ckpt_of(out):
-    return torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)
-
-
-def run(script, *a):
-    return subprocess.run([sys.executable, script, *a], cwd=ROOT, env=ENV, capture_output=True, text=True)
-
-
-def test_nan_loss_stops_before_a_checkpoint(data_dir, trained):
-    before = ckpt_of(trained)
+def test_nan_loss_stops_before_a_checkpoint(data_dir, fitted):
+    before = saved_checkpoint(fitted)
     with pytest.raises(UserError, match="nan or inf by iteration .* is intact; lower --learning_rate"):
-        train.main(args(data_dir, trained, "--init_from=resume", "--max_iters=30", "--eval_interval=4",
+        train.main(run_args(data_dir, fitted, "--init_from=resume", "--max_iters=30", "--eval_interval=4",
                         "--learning_rate=1e6", "--grad_clip=0"))
-    after = ckpt_of(trained)
+    after = saved_checkpoint(fitted)
     assert after["iter_num"] == 2 and all(torch.equal(before["model"][k], after["model"][k]) for k in before["model"])
-    assert not os.path.exists(os.path.join(trained, "train.lock"))
+    assert not os.path.exists(os.path.join(fitted, "train.lock"))
 
 
 def test_nan_eval_loss_is_never_saved(data_dir, tmp_path, monkeypatch):
     """A non-finite evaluation stops the run too (here: the model's loss is made nan in eval mode)."""
-    module = train.load_model_module("gpt")
+    module = load_model_module("gpt")
     forward = module.Model.forward
 
     def nan_when_evaluating(self, idx, targets=None):
@@ -94,16 +62,16 @@ def test_bad_hyperparameters_fail_at_start(data_dir, tmp_path, option, message):
     assert not os.path.exists(tmp_path / "log.jsonl")
 
 
-def test_scratch_run_refuses_an_out_dir_with_a_checkpoint(data_dir, trained):
-    log = open(os.path.join(trained, "log.jsonl")).read()
+def test_scratch_run_refuses_an_out_dir_with_a_checkpoint(data_dir, fitted):
+    log = open(os.path.join(fitted, "log.jsonl")).read()
     with pytest.raises(UserError, match="already holds a checkpoint; continue it with --init_from=resume, "
                                         "train into another --out_dir, or replace it with --overwrite=True"):
-        fit(data_dir, trained)
+        fit(data_dir, fitted)
     with pytest.raises(UserError, match="bad gpt config"):  # fails at start even with --overwrite
-        fit(data_dir, trained, "--overwrite=True", "--n_head=3")
-    assert open(os.path.join(trained, "log.jsonl")).read() == log  # the old log survives a failed start
-    fit(data_dir, trained, "--overwrite=True", "--max_iters=4", "--eval_interval=4")
-    assert ckpt_of(trained)["iter_num"] == 4
+        fit(data_dir, fitted, "--overwrite=True", "--n_head=3")
+    assert open(os.path.join(fitted, "log.jsonl")).read() == log  # the old log survives a failed start
+    fit(data_dir, fitted, "--overwrite=True", "--max_iters=4", "--eval_interval=4")
+    assert saved_checkpoint(fitted)["iter_num"] == 4
 
 
 def test_lock_refuses_a_second_training_and_takes_over_a_stale_one(data_dir, tmp_path):
@@ -119,7 +87,7 @@ def test_lock_refuses_a_second_training_and_takes_over_a_stale_one(data_dir, tmp
         other.kill()
         other.wait()
     fit(data_dir, str(out))  # the dead process's lock is taken over
-    assert ckpt_of(str(out))["iter_num"] == 2 and not (out / "train.lock").exists()
+    assert saved_checkpoint(str(out))["iter_num"] == 2 and not (out / "train.lock").exists()
     zombie = subprocess.Popen([sys.executable, "-c", "pass"])  # exits, and stays a zombie until reaped
     try:
         while open(f"/proc/{zombie.pid}/stat").read().rpartition(")")[2].split()[0] != "Z":
@@ -143,8 +111,8 @@ def test_init_from_is_checked_before_any_data_work(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == []  # no data, no out_dir
 
 
-def test_full_disk_keeps_the_previous_checkpoint(data_dir, trained, monkeypatch):
-    before = ckpt_of(trained)
+def test_full_disk_keeps_the_previous_checkpoint(data_dir, fitted, monkeypatch):
+    before = saved_checkpoint(fitted)
 
     def full(obj, path):
         open(path, "wb").write(b"half a checkpoint")
@@ -152,13 +120,13 @@ def test_full_disk_keeps_the_previous_checkpoint(data_dir, trained, monkeypatch)
 
     monkeypatch.setattr(torch, "save", full)
     with pytest.raises(UserError, match="No space left on device .* the previous .*ckpt.pt is intact"):
-        train.main(args(data_dir, trained, "--init_from=resume", "--max_iters=4", "--eval_interval=2"))
+        train.main(run_args(data_dir, fitted, "--init_from=resume", "--max_iters=4", "--eval_interval=2"))
     monkeypatch.undo()
-    assert ckpt_of(trained)["iter_num"] == before["iter_num"]
-    assert sorted(os.listdir(trained)) == ["ckpt.pt", "log.jsonl"]  # no .tmp, no lock left
+    assert saved_checkpoint(fitted)["iter_num"] == before["iter_num"]
+    assert sorted(os.listdir(fitted)) == ["ckpt.pt", "log.jsonl"]  # no .tmp, no lock left
 
 
-def test_read_only_out_dir(data_dir, trained, monkeypatch):
+def test_read_only_out_dir(data_dir, fitted, monkeypatch):
     real_replace = os.replace
 
     def read_only(src, dst):
@@ -168,11 +136,11 @@ def test_read_only_out_dir(data_dir, trained, monkeypatch):
 
     monkeypatch.setattr(os, "replace", read_only)
     with pytest.raises(UserError, match="Read-only file system"):
-        train.main(args(data_dir, trained, "--init_from=resume", "--max_iters=4", "--eval_interval=2"))
-    assert not os.path.exists(os.path.join(trained, "ckpt.pt.tmp"))
+        train.main(run_args(data_dir, fitted, "--init_from=resume", "--max_iters=4", "--eval_interval=2"))
+    assert not os.path.exists(os.path.join(fitted, "ckpt.pt.tmp"))
 
 
-def broken_checkpoints(trained):
+def broken_checkpoints():
     """(name, how to break a good checkpoint, the expected message)."""
     def unknown_field(c):
         c["model_config"]["n_wings"] = 2
@@ -192,27 +160,27 @@ def broken_checkpoints(trained):
             ("nan", nan_weights, "holds NaN or infinite weights")]
 
 
-def test_broken_checkpoints_give_one_line(data_dir, trained, tmp_path):
-    for name, breaks, message in broken_checkpoints(trained):
-        c = ckpt_of(trained)
+def test_broken_checkpoints_give_one_line(data_dir, fitted, tmp_path):
+    for name, breaks, message in broken_checkpoints():
+        c = saved_checkpoint(fitted)
         c = breaks(c) or c
         out = tmp_path / name
         out.mkdir()
         torch.save(c, out / "ckpt.pt")
         with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
-            train.main(args(data_dir, str(out), "--init_from=resume", "--max_iters=4"))
+            train.main(run_args(data_dir, str(out), "--init_from=resume", "--max_iters=4"))
         with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
             sample.main([f"--out_dir={out}", "--max_new_tokens=2", "--num_samples=1", "--device=cpu"])
     r = run("sample.py", f"--out_dir={tmp_path / 'nanogpt'}")
     assert_one_line_error(r, "sample.py", "not written by this repo's train.py")
 
 
-def test_resume_on_another_dataset_is_refused(data_dir, trained):
+def test_resume_on_another_dataset_is_refused(data_dir, fitted):
     with pytest.raises(UserError, match=r"was trained on .tiny. with another tokenizer .* \(--dataset=tiny\)"):
-        train.main(args(data_dir, trained, "--init_from=resume", "--max_iters=4", "--dataset=other"))
+        train.main(run_args(data_dir, fitted, "--init_from=resume", "--max_iters=4", "--dataset=other"))
 
 
-def test_bad_data_and_sample_options(data_dir, trained, tmp_path):
+def test_bad_data_and_sample_options(data_dir, fitted, tmp_path):
     bad = tmp_path / "data" / "bad"
     bad.mkdir(parents=True)
     (bad / "meta.json").write_text('{"vocab_size": 65, "tokeni')
@@ -220,7 +188,7 @@ def test_bad_data_and_sample_options(data_dir, trained, tmp_path):
         fit(str(tmp_path / "data"), str(tmp_path / "out"), "--dataset=bad")
     prompt = tmp_path / "prompt.txt"
     prompt.write_bytes(b"\xff\xfe caf\xe9")
-    base = [f"--out_dir={trained}", "--device=cpu", "--num_samples=1"]
+    base = [f"--out_dir={fitted}", "--device=cpu", "--num_samples=1"]
     for option, message in ((f"--start=FILE:{prompt}", "is not UTF-8 text"), ("--top_k=-1", "--top_k=-1: must be 0"),
                             ("--max_new_tokens=-5", "--max_new_tokens=-5: must be 0")):
         with pytest.raises(UserError, match=message):
@@ -251,8 +219,8 @@ def test_log_lines_show_progress_and_eta(data_dir, tmp_path, capsys):
 
 def interrupt(cmd, when):
     """Start cmd, send SIGINT once a stdout line satisfies when(line), return (process, stderr)."""
-    proc = subprocess.Popen(cmd, cwd=ROOT, env={**ENV, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for line in proc.stdout:
         if when(line):
             break
@@ -263,7 +231,7 @@ def interrupt(cmd, when):
 
 
 def test_ctrl_c_says_whether_a_checkpoint_exists(data_dir, tmp_path):
-    base = [sys.executable, "train.py", *args(data_dir, tmp_path / "a", "--max_iters=100000")]
+    base = [sys.executable, "train.py", *run_args(data_dir, tmp_path / "a", "--max_iters=100000")]
     p = interrupt([*base, "--eval_interval=100000"], lambda line: line.startswith("iter 2:"))
     lines = p.stderr_text.strip().splitlines()
     assert p.returncode == 1 and lines == [f"train.py: interrupted before the first checkpoint; nothing was "
@@ -275,17 +243,14 @@ def test_ctrl_c_says_whether_a_checkpoint_exists(data_dir, tmp_path):
         f"--model=gpt --out_dir={tmp_path / 'a'} --init_from=resume"], p.stderr_text
 
 
-def test_offline_quick_start_and_bench_tokenize(shakespeare_path, tmp_path, monkeypatch):
-    """prepare_data.py shakespeare_char --input=FILE, then train.py's default dataset and bench.py's
-    tokenize mode find it (no download)."""
-    import bench
-    import prepare_data
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "prepare_data.py"), "shakespeare_char",
-                        f"--input={shakespeare_path}"], cwd=tmp_path, env=ENV, capture_output=True, text=True)
+def test_offline_quick_start(tmp_path, monkeypatch):
+    """prepare_data.py shakespeare_char --input=FILE keeps the text where the download would be, and
+    then train.py's default dataset finds it (no download)."""
+    r = run("prepare_data.py", "shakespeare_char", f"--input={SHAKESPEARE}", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    assert (tmp_path / "data" / "shakespeare_char" / "input.txt").read_bytes() == open(shakespeare_path, "rb").read()
+    with open(SHAKESPEARE, "rb") as f:
+        assert (tmp_path / "data" / "shakespeare_char" / "input.txt").read_bytes() == f.read()
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(train, "prepare", lambda *a, **k: pytest.fail("downloads"))
-    train.main(["--out_dir=out", *TINY, "--max_iters=1", "--eval_interval=1"])
-    monkeypatch.setattr(prepare_data, "tokenize_c4_file", lambda gz, out, procs: 123)
-    bench.bench_tokenize(bench.BenchConfig())
+    train.main(["--out_dir=out", *TINY_RUN, "--max_iters=1", "--eval_interval=1"])
+    assert (tmp_path / "out" / "ckpt.pt").exists()

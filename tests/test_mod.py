@@ -7,20 +7,9 @@ import torch
 import model_gpt
 import model_mod
 from model_mod import MoD, MoDBlock, route, routed_update
-from conftest import decode
-from routing import (FixedMask, check_capacity_from_iteration_50, check_prefix_forward_equals_full_forward,
-                     check_processes_agree_on_tau, check_threshold_lifecycle,
-                     check_threshold_rule_tracks_drifting_scores, routed_fractions_of_run, routed_inputs,
-                     routing_calls, set_tau_to_median, set_tau_to_quantile, stored_values, tiny_qwen2_env)
-
-
-def build(**kw):
-    torch.manual_seed(0)
-    return MoD(model_mod.Config(**kw))
-
-
-def tokens(B=4, T=64, seed=1):
-    return torch.randint(0, 65, (B, T), generator=torch.Generator().manual_seed(seed))
+from conftest import PROMPT_THEN_TOKENS, build, decode, tokens
+from routing import (FixedMask, check_prefix_forward_equals_full_forward, routed_inputs, routing_calls,
+                     set_tau_to_median, set_tau_to_quantile, stored_values)
 
 
 def routed_blocks(model):
@@ -33,7 +22,7 @@ def router_scores(model, x):
 
 
 def test_parameter_count():
-    assert sum(p.numel() for p in build().parameters()) == 797_184  # 796,928 + 2 routers of d
+    assert sum(p.numel() for p in build("mod").parameters()) == 797_184  # 796,928 + 2 routers of d
     with torch.device("meta"):
         big = MoD(model_mod.Config(vocab_size=151_936, **model_mod.PRESETS["qwen2.5-0.5b"]))
     assert sum(p.numel() for p in big.parameters()) == 494_043_520
@@ -41,7 +30,7 @@ def test_parameter_count():
 
 def test_routed_blocks_and_routers_start_at_normal_0_02():
     """GPT's init, N(0, 0.02), for every block (the reference left its routed blocks at PyTorch's default)."""
-    for block in routed_blocks(build()):
+    for block in routed_blocks(build("mod")):
         assert 0.015 < block.router.std().item() < 0.025
         for name, p in block.block.named_parameters():
             if name.endswith("bias"):
@@ -52,7 +41,7 @@ def test_routed_blocks_and_routers_start_at_normal_0_02():
 
 @pytest.mark.parametrize("train", [False, True])
 def test_full_capacity_with_gate_one_is_the_dense_model(train, monkeypatch):
-    mod = build(mod_capacity=1.0, capacity_factor=1.0)
+    mod = build("mod", mod_capacity=1.0, capacity_factor=1.0)
     for block in routed_blocks(mod):
         block.tau.fill_(-float("inf"))
     monkeypatch.setattr(MoDBlock, "gate", lambda self, r: torch.ones_like(r))
@@ -66,7 +55,7 @@ def test_full_capacity_with_gate_one_is_the_dense_model(train, monkeypatch):
 
 @pytest.mark.parametrize("train", [False, True])
 def test_causal_and_row_independent_with_half_the_tokens_wanting(train):
-    model = build()
+    model = build("mod")
     x = tokens()
     set_tau_to_median(model, x)
     state = copy.deepcopy(model.state_dict())
@@ -89,7 +78,7 @@ def test_causal_and_row_independent_with_half_the_tokens_wanting(train):
 
 
 def test_prefix_forward_equals_full_forward_while_the_cap_binds():
-    check_prefix_forward_equals_full_forward(build(), tokens(), (0, 9, 20, 41, 63))
+    check_prefix_forward_equals_full_forward(build("mod"), tokens(), (0, 9, 20, 41, 63))
 
 
 def test_packed_path_equals_masked_dense_oracle():
@@ -120,39 +109,8 @@ def test_packed_path_equals_masked_dense_oracle():
     assert torch.equal(out[~sel], x[~sel])  # unrouted tokens are untouched, bit for bit
 
 
-def test_threshold_lifecycle():
-    check_threshold_lifecycle(build(), tokens(), tokens(seed=7))
-
-
-
-def test_processes_agree_on_tau():
-    check_processes_agree_on_tau("mod")
-
-
-@pytest.mark.parametrize("kind", ["gate", "router"])
-def test_threshold_rule_keeps_the_capacity_on_drifting_scores(kind):
-    check_threshold_rule_tracks_drifting_scores(model_mod, kind)
-
-
-def test_routed_fraction_holds_the_capacity_in_a_short_run(tmp_path):
-    """Every 20-iteration mean of the routed fraction from iteration 50 to 100 of a train.py run
-    (a 0.2M-parameter model, the default schedule's warmup) is within 25% of the capacity."""
-    check_capacity_from_iteration_50(routed_fractions_of_run(
-        tmp_path, "--model=mod", "--max_iters=100", "--eval_interval=100", "--batch_size=8", "--n_embd=64",
-        "--n_layer=2", "--intermediate_size=192"))
-
-
-def test_routed_fraction_holds_the_capacity_after_loading_pretrained_weights(tmp_path, file_server):
-    """The same from Qwen2 weights (the tiny fixture of test_pretrained.py), whose hidden states, and
-    so the fresh router's scores, are not those of a model trained from scratch."""
-    env = tiny_qwen2_env(file_server, tmp_path)
-    check_capacity_from_iteration_50(routed_fractions_of_run(
-        tmp_path, "--model=mod", "--init_from=hf:tiny/qwen2", "--max_iters=100", "--eval_interval=100",
-        "--block_size=64", env=env, tokenizer=("--tokenizer=hf:tiny/qwen2",)))
-
-
 def router_grads(aux_weight, detach_gate=False, monkeypatch=None):
-    model = build(router_loss_weight=aux_weight)
+    model = build("mod", router_loss_weight=aux_weight)
     if detach_gate:
         monkeypatch.setattr(MoDBlock, "gate", lambda self, r: torch.sigmoid(r).detach())
     x = tokens()
@@ -170,7 +128,7 @@ def test_gradients_reach_the_router_through_the_gate(monkeypatch):
 
 
 def test_paper_topk_rule_routes_exactly_k_in_training_only():
-    model = build(mod_routing="topk")
+    model = build("mod", mod_routing="topk")
     x = tokens()
     model.train()
     with torch.no_grad():
@@ -180,11 +138,11 @@ def test_paper_topk_rule_routes_exactly_k_in_training_only():
     for block, r in zip(routed_blocks(model), scores):
         assert torch.equal(block.last["sel"], route(r, block.tau, 16)[0])
     with pytest.raises(ValueError, match="mod_routing"):
-        build(mod_routing="random")
+        build("mod", mod_routing="random")
 
 
 def test_flops_count_only_routed_rows():
-    model = build()
+    model = build("mod")
     gpt = model_gpt.GPT(model_gpt.Config())
     ratio = model.flops_per_token() / gpt.flops_per_token()
     assert 0.6 < ratio < 0.7  # 0.63 at the laptop cap f = 2C = 0.25
@@ -199,7 +157,7 @@ def routed_caches(model, cache):
 def test_routed_cache_holds_exactly_the_routed_tokens():
     """Token by token, a routed layer's cache grows by one exactly when the forward routes the token
     (skipped tokens add nothing), and at the end holds the routed tokens' values, row by row."""
-    model = build()
+    model = build("mod")
     x = tokens(B=3)
     set_tau_to_quantile(model, x, 0.8)  # about 13 of 64 want: under the cap, rows differ
     routed = routed_inputs(model, x)
@@ -223,7 +181,7 @@ def test_routed_cache_holds_exactly_the_routed_tokens():
 def test_skipped_tokens_do_no_block_work():
     """A routed block runs once per routed token when decoding one row token by token, never for
     a skipped one."""
-    model = build()
+    model = build("mod")
     x = tokens(B=1)
     set_tau_to_quantile(model, x, 0.8)
     routed = routed_inputs(model, x)
@@ -239,7 +197,7 @@ def test_skipped_tokens_do_no_block_work():
 def test_routed_cache_respects_the_cap():
     """With half the tokens wanting, every row stops at K = 16 routed tokens: the cache holds the
     first 16 wanting ones, later wanting tokens skip, and the logits still equal the forward's."""
-    model = build()
+    model = build("mod")
     x = tokens(B=3)
     set_tau_to_median(model, x)
     routed = routed_inputs(model, x)
@@ -249,7 +207,7 @@ def test_routed_cache_respects_the_cap():
     def check(cache, t):
         assert all((c.n <= 16).all() for c in routed_caches(model, cache))
 
-    logits, cache = decode(model, x, [5] + [1] * 27 + [7] + [1] * 25, check)
+    logits, cache = decode(model, x, PROMPT_THEN_TOKENS, check)
     with torch.no_grad():
         torch.testing.assert_close(logits, model(x)[0], atol=1e-4, rtol=1e-4)
     for block, c, (xin, sel) in zip(routed_blocks(model), routed_caches(model, cache), routed):
@@ -261,7 +219,7 @@ def test_routed_cache_respects_the_cap():
 def test_cached_decoding_is_the_eval_computation_in_training_mode():
     """With dropout on and the model in training mode, forward_cached still gives the eval forward's
     logits (no dropout, no tau update) and leaves the model in training mode."""
-    model = build(dropout=0.2)
+    model = build("mod", dropout=0.2)
     x = tokens(B=2)
     set_tau_to_median(model, x)
     state = copy.deepcopy(model.state_dict())

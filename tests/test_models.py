@@ -7,7 +7,6 @@ independence, eval determinism, loss at init, learning, the import rule and the 
 import ast
 import copy
 import dataclasses
-import glob
 import importlib
 import math
 import os
@@ -15,19 +14,7 @@ import os
 import pytest
 import torch
 
-from conftest import ROOT
-
-MODEL_NAMES = sorted(os.path.basename(p)[len("model_"):-len(".py")]
-                     for p in glob.glob(os.path.join(ROOT, "model_*.py")))
-
-
-def build(name, **overrides):
-    """The model at its laptop config, every dropout off (causality is defined with dropout 0)."""
-    module = importlib.import_module(f"model_{name}")
-    fields = {f.name for f in dataclasses.fields(module.Config)}
-    no_dropout = {f: 0.0 for f in fields if "dropout" in f}
-    torch.manual_seed(0)
-    return module.Model(module.Config(**{**no_dropout, **overrides}))
+from conftest import MODEL_NAMES, ROOT, build, decode, tokens
 
 
 def trained_a_little(name, steps=3):
@@ -48,8 +35,7 @@ def trained_a_little(name, steps=3):
 
 
 def random_tokens(model, B, seed=2):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, model.config.vocab_size, (B, model.config.block_size), generator=g)
+    return tokens(B, model.config.block_size, seed, model.config.vocab_size)
 
 
 def logits_of(model, x, state, train):
@@ -277,6 +263,37 @@ def test_marked_copies_are_identical(name):
             f"model_{name}.{copied} differs from model_{other}.{source_name}, which it is marked as copied from"
 
 
+ADAPTED = "# Adapted from model_"
+
+
+def adaptations(name):
+    """[(line, source file, source qualified name)] for every '# Adapted from model_gpt.GPT.forward: ...'
+    marker: a comment, maybe continued on further comment lines, directly above a class, a function or
+    a method (or its decorators) that follows the named definition with the changes it lists."""
+    source, defs = definitions(name)
+    starts = {min([node.lineno] + [d.lineno for d in node.decorator_list]) for node in defs.values()}
+    lines = source.splitlines()
+    found = []
+    for i, line in enumerate(lines):
+        if line.strip().startswith(ADAPTED):
+            other, _, source_name = line.strip()[len(ADAPTED):].split()[0].rstrip(":").partition(".")
+            end = i + 1
+            while end < len(lines) and lines[end].strip().startswith("#"):
+                end += 1
+            assert end + 1 in starts, f"model_{name}.py line {i + 1}: marker not directly above a def/class"
+            found.append((i + 1, other, source_name))
+    return found
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_adapted_markers_name_existing_definitions(name):
+    """An 'Adapted from' marker cannot rot: the definition it names exists in the file it names."""
+    for line, other, source_name in adaptations(name):
+        where = f"model_{name}.py line {line}"
+        assert os.path.exists(os.path.join(ROOT, f"model_{other}.py")), f"{where}: there is no model_{other}.py"
+        assert source_name in definitions(other)[1], f"{where}: model_{other}.py has no {source_name}"
+
+
 def origin(name, qualname):
     """Where a definition's text comes from: itself, or (following markers on it or on a class
     around it) the definition it was copied from."""
@@ -362,17 +379,26 @@ def test_unmarked_copy_check_can_fail(tmp_path, monkeypatch):
     test_marked_copies_are_identical("fake")
 
 
+def test_adapted_marker_check_can_fail(tmp_path, monkeypatch):
+    """The model files have markers to check, and a marker naming a definition that does not exist
+    (a renamed method), or one that stands above no definition, is caught."""
+    assert sum(len(adaptations(name)) for name in MODEL_NAMES) >= 10
+    forward = "    def forward(self, idx):\n        return idx\n"
+    fake_root(tmp_path, monkeypatch, f"class Fake:\n    # Adapted from model_gpt.GPT.forward: no blocks\n{forward}")
+    test_adapted_markers_name_existing_definitions("fake")
+    fake_root(tmp_path, monkeypatch, f"class Fake:\n    # Adapted from model_gpt.GPT.fwd: no blocks,\n"
+                                     f"    # and a second line\n{forward}")
+    with pytest.raises(AssertionError, match="model_fake.py line 2: model_gpt.py has no GPT.fwd"):
+        test_adapted_markers_name_existing_definitions("fake")
+    fake_root(tmp_path, monkeypatch, f"class Fake:\n    # Adapted from model_gpt.GPT.forward: no blocks\n\n{forward}")
+    with pytest.raises(AssertionError, match="line 2: marker not directly above a def/class"):
+        test_adapted_markers_name_existing_definitions("fake")
+    fake_root(tmp_path, monkeypatch, "# Adapted from model_bert.Bert: its pooler\ndef bert(idx):\n    return idx\n")
+    with pytest.raises(AssertionError, match="line 1: there is no model_bert.py"):
+        test_adapted_markers_name_existing_definitions("fake")
+
+
 # --- incremental decoding: init_cache / forward_cached ---------------------------------------
-
-def cached_logits(model, x, chunks):
-    """Feed x (B, T) through forward_cached in chunks of the given sizes; the logits concatenated."""
-    cache = model.init_cache(x.size(0))
-    out, t = [], 0
-    for n in chunks:
-        out.append(model.forward_cached(x[:, t:t + n], cache))
-        t += n
-    return torch.cat(out, dim=1)
-
 
 @pytest.mark.parametrize("B", [1, 3])
 def test_cached_decoding_equals_full_forward(warm_model, B):
@@ -387,7 +413,7 @@ def test_cached_decoding_equals_full_forward(warm_model, B):
         full = model(x)[0]
     chunks = [5] + [1] * (T // 2 - 5) + [7] + [1] * (T - T // 2 - 7)
     for chunks in (chunks, [T]):
-        got = cached_logits(model, x, chunks)
+        got, _ = decode(model, x, chunks)
         assert got.shape == full.shape
         torch.testing.assert_close(got, full, atol=1e-4, rtol=1e-4, msg=lambda m: f"{name}: {m}")
     after = model.state_dict()

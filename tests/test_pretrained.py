@@ -3,8 +3,6 @@ tests/fixtures/qwen2_tiny/ was written by tests/make_pretrained_fixtures.py, and
 127.0.0.1 stands in for the Hugging Face Hub."""
 import json
 import os
-import subprocess
-import sys
 import unicodedata
 
 import pytest
@@ -15,30 +13,13 @@ import model_gpt
 import model_mod
 import pretrained
 from cli import UserError
-from conftest import ROOT, assert_one_line_error, make_text
+from conftest import FIXTURES, assert_one_line_error, make_text, read, run, safetensors_bytes
 from hub import fetch_file, read_safetensors
 from tokenizer import bpe_descriptor, get_tokenizer, same_tokenizer, upgrade
 
-FIXTURE = os.path.join(ROOT, "tests", "fixtures", "qwen2_tiny")
+FIXTURE = os.path.join(FIXTURES, "qwen2_tiny")
 EXPECTED = torch.load(os.path.join(FIXTURE, "expected.pt"), weights_only=True)
 MODELS = {"gpt": model_gpt, "mod": model_mod, "dtf": model_dtf}
-
-
-def read(*parts):
-    with open(os.path.join(FIXTURE, *parts), "rb") as f:
-        return f.read()
-
-
-@pytest.fixture
-def hub(file_server, tmp_path, monkeypatch):
-    """The fixture as two hub repos: tiny/qwen2 (fp32 weights) and tiny/qwen2-bf16; an empty cache."""
-    for repo, weights in (("tiny/qwen2", ("model.safetensors",)), ("tiny/qwen2-bf16", ("bf16", "model.safetensors"))):
-        for name, data in (("config.json", read("config.json")), ("tokenizer.json", read("tokenizer.json")),
-                           ("model.safetensors", read(*weights))):
-            file_server.files[f"/{repo}/resolve/main/{name}"] = data
-    monkeypatch.setenv("DYNLM_HF_URL", file_server.url)
-    monkeypatch.setenv("DYNLM_CACHE", str(tmp_path / "cache"))
-    return file_server
 
 
 def load(name, repo="tiny/qwen2", **overrides):
@@ -48,7 +29,7 @@ def load(name, repo="tiny/qwen2", **overrides):
     return model.eval(), fresh
 
 
-def test_gpt_logits_equal_transformers_fp32(hub):
+def test_gpt_logits_equal_transformers_fp32(qwen2_hub):
     model, fresh = load("gpt")
     assert fresh == []  # every parameter of GPT comes from the checkpoint
     assert model.config.rope_theta == 1e4 and model.config.block_size == 128  # capped by max_position_embeddings
@@ -57,7 +38,7 @@ def test_gpt_logits_equal_transformers_fp32(hub):
     torch.testing.assert_close(logits, EXPECTED["logits"], atol=1e-5, rtol=0)
 
 
-def test_gpt_logits_equal_transformers_bf16_file(hub):
+def test_gpt_logits_equal_transformers_bf16_file(qwen2_hub):
     model, _ = load("gpt", "tiny/qwen2-bf16")
     with torch.no_grad():
         logits = model(EXPECTED["idx"])[0]
@@ -67,7 +48,7 @@ def test_gpt_logits_equal_transformers_bf16_file(hub):
 
 
 @pytest.mark.parametrize("name", ["mod", "dtf"])
-def test_mod_dtf_take_every_layer_and_keep_fresh_routers(hub, name):
+def test_mod_dtf_take_every_layer_and_keep_fresh_routers(qwen2_hub, name):
     gpt, _ = load("gpt")
     model, fresh = load(name)
     if name == "mod":
@@ -87,7 +68,7 @@ def test_mod_dtf_take_every_layer_and_keep_fresh_routers(hub, name):
         torch.testing.assert_close(model(EXPECTED["idx"])[0], gpt(EXPECTED["idx"])[0], atol=1e-5, rtol=0)
 
 
-def test_tokenizer_ids_equal_transformers_and_round_trip(hub):
+def test_tokenizer_ids_equal_transformers_and_round_trip(qwen2_hub):
     desc = bpe_descriptor("tiny/qwen2")
     tok = get_tokenizer(json.loads(json.dumps(desc)))  # as read back from meta.json
     encode, decode = tok.encode, tok.decode
@@ -97,7 +78,7 @@ def test_tokenizer_ids_equal_transformers_and_round_trip(hub):
     assert desc["special"]["<|endoftext|>"] == 300
 
 
-def test_descriptors_written_before_the_bpe_kind_still_load(hub):
+def test_descriptors_written_before_the_bpe_kind_still_load(qwen2_hub):
     """meta.json files and checkpoints from before "bpe" was a kind of its own called it "tiktoken"."""
     desc = bpe_descriptor("tiny/qwen2")
     old = {**desc, "kind": "tiktoken"}
@@ -106,63 +87,52 @@ def test_descriptors_written_before_the_bpe_kind_still_load(hub):
         assert get_tokenizer(old).encode(text) == ids, text
 
 
-def test_download_is_cached_and_verified(hub):
+def test_download_is_cached_and_verified(qwen2_hub):
     path = fetch_file("tiny/qwen2", "config.json")
-    n = len(hub.requests)
-    assert fetch_file("tiny/qwen2", "config.json") == path and len(hub.requests) == n  # reused
+    n = len(qwen2_hub.requests)
+    assert fetch_file("tiny/qwen2", "config.json") == path and len(qwen2_hub.requests) == n  # reused
     with open(path, "ab") as f:
         f.write(b" ")  # damaged in the cache: its recorded sha256 no longer matches, so it is fetched again
-    assert fetch_file("tiny/qwen2", "config.json") == path and len(hub.requests) > n
-    assert open(path, "rb").read() == read("config.json")
+    assert fetch_file("tiny/qwen2", "config.json") == path and len(qwen2_hub.requests) > n
+    assert open(path, "rb").read() == read(FIXTURE, "config.json")
 
 
-def test_sharded_checkpoint(hub):
+def test_sharded_checkpoint(qwen2_hub):
     # split the fp32 file into two shards with an index, as the hub stores larger checkpoints
     tensors = read_safetensors(os.path.join(FIXTURE, "model.safetensors"))
     names = sorted(tensors)
     shards = {"model-00001-of-00002.safetensors": names[:5], "model-00002-of-00002.safetensors": names[5:]}
-    for shard, keys in shards.items():
-        hub.files[f"/tiny/sharded/resolve/main/{shard}"] = safetensors_bytes({k: tensors[k] for k in keys})
     index = {"weight_map": {k: shard for shard, keys in shards.items() for k in keys}}
-    hub.files["/tiny/sharded/resolve/main/model.safetensors.index.json"] = json.dumps(index).encode()
-    for name in ("config.json", "tokenizer.json"):
-        hub.files[f"/tiny/sharded/resolve/main/{name}"] = read(name)
+    qwen2_hub.serve("tiny/sharded", {**{shard: safetensors_bytes({k: tensors[k] for k in keys})
+                                        for shard, keys in shards.items()},
+                                     "model.safetensors.index.json": json.dumps(index).encode(),
+                                     "config.json": read(FIXTURE, "config.json"), "tokenizer.json": read(FIXTURE, "tokenizer.json")})
     model, _ = load("gpt", "tiny/sharded")
     with torch.no_grad():
         torch.testing.assert_close(model(EXPECTED["idx"])[0], EXPECTED["logits"], atol=1e-5, rtol=0)
 
 
-def safetensors_bytes(tensors):
-    header, data = {}, b""
-    for name, t in tensors.items():
-        raw = t.contiguous().numpy().tobytes()
-        header[name] = {"dtype": "F32", "shape": list(t.shape), "data_offsets": [len(data), len(data) + len(raw)]}
-        data += raw
-    head = json.dumps(header).encode()
-    return len(head).to_bytes(8, "little") + head + data
-
-
-def test_bad_checkpoints_give_one_line_errors(hub, tmp_path):
+def test_bad_checkpoints_give_one_line_errors(qwen2_hub, tmp_path):
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"\xff" * 64)
     with pytest.raises(UserError, match="not a readable safetensors file .bad header length"):
         read_safetensors(str(bad))
-    good = read("model.safetensors")
+    good = read(FIXTURE, "model.safetensors")
     n = int.from_bytes(good[:8], "little")
     bad.write_bytes(good[:8 + n] + good[8 + n:-100])  # truncated data
     with pytest.raises(UserError, match="data_offsets do not match"):
         read_safetensors(str(bad))
-    config = json.loads(read("config.json"))
-    hub.files["/tiny/wide/resolve/main/config.json"] = json.dumps({**config, "intermediate_size": 96}).encode()
-    hub.files["/tiny/wide/resolve/main/model.safetensors"] = read("model.safetensors")
+    config = json.loads(read(FIXTURE, "config.json"))
+    qwen2_hub.serve("tiny/wide", {"config.json": json.dumps({**config, "intermediate_size": 96}).encode(),
+                                  "model.safetensors": read(FIXTURE, "model.safetensors")})
     with pytest.raises(UserError, match=r"blocks.0.mlp.gate_proj.weight has shape \(64, 32\), model_gpt.py expects \(96, 32\)"):
         load("gpt", "tiny/wide")
     # Qwen2.5's own config.json (older transformers) has rope_theta at the top, not in rope_parameters
     old = {**{k: v for k, v in config.items() if k != "rope_parameters"}, "rope_theta": 1e6}
-    hub.files["/tiny/old/resolve/main/config.json"] = json.dumps(old).encode()
+    qwen2_hub.serve("tiny/old", {"config.json": json.dumps(old).encode()})
     assert pretrained.model_fields("tiny/old", {}, 0)["rope_theta"] == 1e6
     yarn = {**config, "rope_parameters": {"rope_type": "yarn", "factor": 4.0}}
-    hub.files["/tiny/yarn/resolve/main/config.json"] = json.dumps(yarn).encode()
+    qwen2_hub.serve("tiny/yarn", {"config.json": json.dumps(yarn).encode()})
     with pytest.raises(UserError, match="uses yarn; only plain RoPE"):
         pretrained.model_fields("tiny/yarn", {}, 0)
     with pytest.raises(UserError, match="fixed by hf:tiny/qwen2's weights"):
@@ -171,38 +141,31 @@ def test_bad_checkpoints_give_one_line_errors(hub, tmp_path):
         fetch_file("Qwen2.5-0.5B", "config.json")
 
 
-def run(script, *args, env):
-    return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], capture_output=True, text=True,
-                          env=env, cwd=ROOT, timeout=300)
-
-
-def test_fine_tune_and_sample_end_to_end(hub, tmp_path):
-    env = {**os.environ, "PYTHONPATH": ROOT}
+def test_fine_tune_and_sample_end_to_end(qwen2_hub, tmp_path):
     text = tmp_path / "text.txt"
     text.write_text(make_text(20000))
     data = str(tmp_path / "data")
     r = run("prepare_data.py", "shakespeare", "--tokenizer=hf:tiny/qwen2", f"--input={text}", "--name=tiny",
-            f"--data_dir={data}", env=env)
+            f"--data_dir={data}")
     assert r.returncode == 0, r.stderr
     out = str(tmp_path / "out")
     common = ["--model=mod", f"--data_dir={data}", f"--out_dir={out}", "--max_iters=2", "--eval_interval=2",
               "--eval_iters=1", "--batch_size=2", "--block_size=32", "--device=cpu", "--compile=False"]
-    r = run("train.py", "--init_from=hf:tiny/qwen2", "--dataset=tiny", *common, env=env)
+    r = run("train.py", "--init_from=hf:tiny/qwen2", "--dataset=tiny", *common)
     assert r.returncode == 0, r.stderr
     assert "loaded hf:tiny/qwen2; fresh: blocks.N.router, blocks.N.tau, blocks.N.tau_bias" in r.stdout
     r = run("sample.py", f"--out_dir={out}", "--num_samples=1", "--max_new_tokens=8", "--start=ROMEO:",
-            "--crop=True", "--device=cpu", env=env)  # the plain forward: not every model has a cache yet
+            "--device=cpu")
     assert r.returncode == 0 and r.stdout.startswith("ROMEO:"), r.stderr
     # a dataset in another tokenizer, and a checkpoint of another architecture: one line each
-    r = run("prepare_data.py", "shakespeare_char", f"--input={text}", "--name=chars", f"--data_dir={data}", env=env)
+    r = run("prepare_data.py", "shakespeare_char", f"--input={text}", "--name=chars", f"--data_dir={data}")
     assert r.returncode == 0, r.stderr
     common.append("--overwrite=True")  # out_dir holds the fine-tuned checkpoint; these runs stop before saving
-    r = run("train.py", "--init_from=hf:tiny/qwen2", "--dataset=chars", *common, env=env)
+    r = run("train.py", "--init_from=hf:tiny/qwen2", "--dataset=chars", *common)
     assert_one_line_error(r, "train.py", "dataset chars was not tokenized with hf:tiny/qwen2's tokenizer")
-    llama = {**json.loads(read("config.json")), "model_type": "llama", "architectures": ["LlamaForCausalLM"]}
-    hub.files["/tiny/llama/resolve/main/config.json"] = json.dumps(llama).encode()
-    hub.files["/tiny/llama/resolve/main/tokenizer.json"] = read("tokenizer.json")
-    r = run("train.py", "--init_from=hf:tiny/llama", "--dataset=tiny", *common, env=env)
+    llama = {**json.loads(read(FIXTURE, "config.json")), "model_type": "llama", "architectures": ["LlamaForCausalLM"]}
+    qwen2_hub.serve("tiny/llama", {"config.json": json.dumps(llama).encode(), "tokenizer.json": read(FIXTURE, "tokenizer.json")})
+    r = run("train.py", "--init_from=hf:tiny/llama", "--dataset=tiny", *common)
     lines = r.stderr.strip().splitlines()  # config.json's download progress, then the error
     assert r.returncode != 0 and len(lines) == 2 and "MiB" in lines[0], r.stderr
     assert lines[1].startswith("train.py: error: hf:tiny/llama is a llama model (LlamaForCausalLM); only Qwen2")

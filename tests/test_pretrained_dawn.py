@@ -11,11 +11,10 @@ import torch
 import model_dawn
 import pretrained
 from cli import UserError
-from test_pretrained import run
-from conftest import ROOT, assert_one_line_error, make_text
+from conftest import FIXTURES, assert_one_line_error, make_text, read, run, saved_checkpoint
 from tokenizer import get_tokenizer, wordpiece_descriptor
 
-FIXTURE = os.path.join(ROOT, "tests", "fixtures", "dawn_tiny")
+FIXTURE = os.path.join(FIXTURES, "dawn_tiny")
 WEIGHTS = os.path.join(FIXTURE, "dawn_tiny_weights.pt")
 VOCAB = os.path.join(FIXTURE, "vocab.txt")
 EXPECTED = torch.load(os.path.join(FIXTURE, "expected.pt"), weights_only=True)
@@ -102,16 +101,13 @@ def test_wordpiece_ids_equal_bert_tokenizer():
     assert [vocab[i] for i in encode("unaffable running")] == ["un", "##aff", "##able", "run", "##ning"]
 
 
-def test_vocab_from_the_hub_is_cached(file_server, tmp_path, monkeypatch):
-    with open(VOCAB, "rb") as f:
-        file_server.files["/google-bert/bert-base-uncased/resolve/main/vocab.txt"] = f.read()
-    monkeypatch.setenv("DYNLM_HF_URL", file_server.url)
-    monkeypatch.setenv("DYNLM_CACHE", str(tmp_path / "cache"))
+def test_vocab_from_the_hub_is_cached(hub):
+    hub.serve("google-bert/bert-base-uncased", {"vocab.txt": read(VOCAB)})
     desc = wordpiece_descriptor("hf:google-bert/bert-base-uncased")
     assert desc["vocab"] == wordpiece_descriptor(VOCAB)["vocab"]
-    n = len(file_server.requests)
+    n = len(hub.requests)
     wordpiece_descriptor("hf:google-bert/bert-base-uncased")
-    assert len(file_server.requests) == n  # the second time from the cache
+    assert len(hub.requests) == n  # the second time from the cache
 
 
 def test_bad_vocab_files(tmp_path):
@@ -140,8 +136,7 @@ def test_bad_checkpoints_give_one_line_errors(tmp_path):
     state, config = ckpt["model_state_dict"], ckpt["config"]
     with pytest.raises(UserError, match="no such file; download dawn_39m_weights.pt from https://zenodo.org/records/18060421"):
         pretrained.read_dawn_checkpoint(str(tmp_path / "missing.pt"))
-    with open(WEIGHTS, "rb") as f:
-        data = f.read()
+    data = read(WEIGHTS)
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(data[:len(data) // 2])
     with pytest.raises(UserError, match="is not a readable PyTorch checkpoint .*download it again"):
@@ -186,42 +181,40 @@ def test_bad_checkpoints_give_one_line_errors(tmp_path):
         torch.testing.assert_close(model(EXPECTED["idx"])[0], EXPECTED["logits"], atol=1e-5, rtol=0)
 
 
-def test_fine_tune_and_sample_end_to_end(file_server, tmp_path):
-    with open(VOCAB, "rb") as f:  # the vocabulary from a stand-in for the Hugging Face Hub
-        file_server.files["/google-bert/bert-base-uncased/resolve/main/vocab.txt"] = f.read()
-    env = {**os.environ, "PYTHONPATH": ROOT, "DYNLM_HF_URL": file_server.url, "DYNLM_CACHE": str(tmp_path / "cache")}
+def test_fine_tune_and_sample_end_to_end(hub, tmp_path):
+    hub.serve("google-bert/bert-base-uncased", {"vocab.txt": read(VOCAB)})  # the vocabulary from the stand-in hub
     text = tmp_path / "text.txt"
     text.write_text(make_text(20000))
     data = str(tmp_path / "data")
     r = run("prepare_data.py", "shakespeare", "--tokenizer=wordpiece:hf:google-bert/bert-base-uncased",
-            f"--input={text}", "--name=bert", f"--data_dir={data}", env=env)
+            f"--input={text}", "--name=bert", f"--data_dir={data}")
     assert r.returncode == 0, r.stderr
     out = str(tmp_path / "out")
     common = ["--model=dawn", f"--data_dir={data}", f"--out_dir={out}", "--max_iters=2", "--eval_interval=2",
               "--eval_iters=1", "--batch_size=2", "--block_size=32", "--device=cpu", "--compile=False"]
-    r = run("train.py", f"--init_from={WEIGHTS}", "--dataset=bert", *common, env=env)
+    r = run("train.py", f"--init_from={WEIGHTS}", "--dataset=bert", *common)
     assert r.returncode == 0, r.stderr
     assert f"loaded {WEIGHTS}" in r.stdout
     r = run("sample.py", f"--out_dir={out}", "--num_samples=1", "--max_new_tokens=8", "--start=The KING of",
-            "--device=cpu", env=env)
+            "--device=cpu")
     assert r.returncode == 0 and r.stdout.startswith("the king of "), r.stderr
     # --max_iters=0 saves the loaded weights untrained: train.py's checkpoint computes the reference's logits
     r = run("train.py", f"--init_from={WEIGHTS}", "--dataset=bert", *common[:2], f"--out_dir={out}0", "--max_iters=0",
-            "--eval_iters=1", "--batch_size=2", "--device=cpu", "--compile=False", env=env)
+            "--eval_iters=1", "--batch_size=2", "--device=cpu", "--compile=False")
     assert r.returncode == 0, r.stderr
-    ckpt = torch.load(os.path.join(f"{out}0", "ckpt.pt"), weights_only=True)
+    ckpt = saved_checkpoint(f"{out}0")
     assert ckpt["iter_num"] == 0 and ckpt["tokenizer"]["kind"] == "wordpiece"
     model = model_dawn.DAWN(model_dawn.Config(**ckpt["model_config"]))
     model.load_state_dict(ckpt["model"])
     with torch.no_grad():
         torch.testing.assert_close(model.eval()(EXPECTED["idx"])[0], EXPECTED["logits"], atol=1e-5, rtol=0)
     # a dataset in another tokenizer, another model, and a file that is not a checkpoint: one line each
-    r = run("prepare_data.py", "shakespeare_char", f"--input={text}", "--name=chars", f"--data_dir={data}", env=env)
+    r = run("prepare_data.py", "shakespeare_char", f"--input={text}", "--name=chars", f"--data_dir={data}")
     assert r.returncode == 0, r.stderr
     common.append("--overwrite=True")  # out_dir holds the fine-tuned checkpoint; these runs stop before saving
-    r = run("train.py", f"--init_from={WEIGHTS}", "--dataset=chars", *common, env=env)
+    r = run("train.py", f"--init_from={WEIGHTS}", "--dataset=chars", *common)
     assert_one_line_error(r, "train.py", "dataset chars was not tokenized with a 161-token WordPiece vocabulary")
-    r = run("train.py", f"--init_from={WEIGHTS}", "--dataset=bert", *common[1:], "--model=gpt", env=env)
+    r = run("train.py", f"--init_from={WEIGHTS}", "--dataset=bert", *common[1:], "--model=gpt")
     assert_one_line_error(r, "train.py", "a checkpoint file loads only with --model=dawn")
-    r = run("train.py", f"--init_from={text}", "--dataset=bert", *common, env=env)
+    r = run("train.py", f"--init_from={text}", "--dataset=bert", *common)
     assert_one_line_error(r, "train.py", f"{text} is not a readable PyTorch checkpoint")

@@ -10,35 +10,29 @@ import torch
 import model_doge
 import pretrained
 from cli import UserError
-from conftest import ROOT, assert_one_line_error, decode, make_text
+from conftest import (FIXTURES, assert_one_line_error, decode, make_text, read, run, safetensors_bytes,
+                      saved_checkpoint)
 from hub import read_safetensors
 from tokenizer import bpe_descriptor, get_tokenizer
-from test_pretrained import run, safetensors_bytes
 
-FIXTURE = os.path.join(ROOT, "tests", "fixtures", "doge_tiny")
+FIXTURE = os.path.join(FIXTURES, "doge_tiny")
 EXPECTED = torch.load(os.path.join(FIXTURE, "expected.pt"), weights_only=True)
 CONFIG = json.loads(open(os.path.join(FIXTURE, "config.json")).read())
 MOE_FRESH = ["blocks.N.mlp.down_embed.weight", "blocks.N.mlp.router_gate.weight", "blocks.N.mlp.up_embed.weight"]
 
 
-def read(name):
-    with open(os.path.join(FIXTURE, name), "rb") as f:
-        return f.read()
+def serve(hub, repo, config=None, weights=None, tokenizer=None):
+    """The fixture as the hub repo `repo`, with another config.json, weights or tokenizer if given."""
+    hub.serve(repo, {"config.json": json.dumps(config or CONFIG).encode(),
+                     "tokenizer.json": tokenizer or read(FIXTURE, "tokenizer.json"),
+                     "model.safetensors": weights or read(FIXTURE, "model.safetensors")})
 
 
 @pytest.fixture
-def hub(file_server, tmp_path, monkeypatch):
-    """The fixture as the hub repo tiny/doge; an empty cache. serve() adds variants."""
-    def serve(repo, config=None, weights=None, tokenizer=None):
-        files = {"config.json": json.dumps(config or CONFIG).encode(), "tokenizer.json": tokenizer or read("tokenizer.json"),
-                 "model.safetensors": weights or read("model.safetensors")}
-        for name, data in files.items():
-            file_server.files[f"/{repo}/resolve/main/{name}"] = data
-    serve("tiny/doge")
-    file_server.serve = serve
-    monkeypatch.setenv("DYNLM_HF_URL", file_server.url)
-    monkeypatch.setenv("DYNLM_CACHE", str(tmp_path / "cache"))
-    return file_server
+def doge_hub(hub):
+    """hub with tests/fixtures/doge_tiny (written by transformers, see make_doge_fixtures.py) as tiny/doge."""
+    serve(hub, "tiny/doge")
+    return hub
 
 
 def load(repo="tiny/doge", **overrides):
@@ -47,7 +41,7 @@ def load(repo="tiny/doge", **overrides):
     return model.eval(), fresh
 
 
-def test_logits_equal_transformers_fp32(hub):
+def test_logits_equal_transformers_fp32(doge_hub):
     model, fresh = load()
     assert fresh == []  # every parameter comes from the checkpoint
     c = model.config
@@ -61,7 +55,7 @@ def test_logits_equal_transformers_fp32(hub):
     torch.testing.assert_close(cached, EXPECTED["logits"], atol=1e-5, rtol=0)
 
 
-def test_tokenizer_ids_equal_transformers_and_round_trip(hub):
+def test_tokenizer_ids_equal_transformers_and_round_trip(doge_hub):
     desc = bpe_descriptor("tiny/doge")
     tok = get_tokenizer(json.loads(json.dumps(desc)))  # as read back from meta.json
     encode, dec = tok.encode, tok.decode
@@ -73,7 +67,7 @@ def test_tokenizer_ids_equal_transformers_and_round_trip(hub):
     assert EXPECTED["with_bos"] == [0] + EXPECTED["ids"]["Hello world"]  # HF's BOS, which we do not add
 
 
-def test_upcycle_dense_into_cdmoe(hub):
+def test_upcycle_dense_into_cdmoe(doge_hub):
     dense, _ = load()
     moe, fresh = load(is_moe=True, n_experts=16, n_experts_per_head=2)
     assert fresh == MOE_FRESH  # router and private experts fresh; all else from the checkpoint
@@ -87,7 +81,7 @@ def test_upcycle_dense_into_cdmoe(hub):
     torch.testing.assert_close(logits, EXPECTED["logits"], atol=1e-5, rtol=0)
 
 
-def test_moe_checkpoint_uses_every_tensor(hub):
+def test_moe_checkpoint_uses_every_tensor(doge_hub):
     tensors = {k: v.clone() for k, v in read_safetensors(os.path.join(FIXTURE, "model.safetensors")).items()}
     g = torch.Generator().manual_seed(0)
     for i in range(CONFIG["num_hidden_layers"]):
@@ -95,7 +89,7 @@ def test_moe_checkpoint_uses_every_tensor(hub):
         tensors[f"model.layers.{i}.mlp.down_embed.weight"] = torch.randn(16, 32, generator=g)
         tensors[f"model.layers.{i}.mlp.up_embed.weight"] = torch.zeros(16, 32)
     config = {**CONFIG, "is_moe": True, "num_experts": 16, "num_experts_per_tok": 2}
-    hub.serve("tiny/doge-moe", config=config, weights=safetensors_bytes(tensors))
+    serve(doge_hub, "tiny/doge-moe", config=config, weights=safetensors_bytes(tensors))
     model, fresh = load("tiny/doge-moe")
     assert fresh == [] and model.config.is_moe and model.config.n_experts == 16
     assert torch.equal(model.blocks[1].mlp.router_gate.weight, tensors["model.layers.1.mlp.router_gate.weight"])
@@ -109,12 +103,12 @@ def test_moe_checkpoint_uses_every_tensor(hub):
         pretrained.map_doge_tensors(dict(tensors), 2, is_moe=False)  # experts a dense config has no place for
 
 
-def test_bad_configs_give_one_line_errors(hub):
+def test_bad_configs_give_one_line_errors(doge_hub):
     bad = {"gelu": {"hidden_act": "gelu"}, "untied": {"tie_word_embeddings": False},
            "yarn": {"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "bias": {"attention_bias": True},
            "old": {"dynamic_mask_ratio": 0.1}, "window": {"sliding_window": 8}}
     for repo, change in bad.items():
-        hub.serve(f"tiny/{repo}", config={**CONFIG, **change})
+        serve(doge_hub, f"tiny/{repo}", config={**CONFIG, **change})
         with pytest.raises(UserError, match="which model_doge.py does not implement") as e:
             pretrained.model_fields(f"tiny/{repo}", {}, 0, "doge")
         assert "\n" not in str(e.value)
@@ -126,52 +120,51 @@ def test_bad_configs_give_one_line_errors(hub):
         pretrained.model_fields("tiny/doge", {}, 0, "gpt")
     # transformers 5 writes rope_theta inside rope_parameters
     v5 = {k: v for k, v in CONFIG.items() if k not in ("rope_theta", "rope_scaling")}
-    hub.serve("tiny/v5", config={**v5, "rope_parameters": {"rope_type": "dynamic", "factor": 4.0, "rope_theta": 5e5}})
+    serve(doge_hub, "tiny/v5", config={**v5, "rope_parameters": {"rope_type": "dynamic", "factor": 4.0, "rope_theta": 5e5}})
     assert pretrained.model_fields("tiny/v5", {}, 0, "doge")["rope_theta"] == 5e5
     wide = {**CONFIG, "intermediate_size": 96}
-    hub.serve("tiny/wide", config=wide)
+    serve(doge_hub, "tiny/wide", config=wide)
     with pytest.raises(UserError, match=r"blocks.0.mlp.gate_proj.weight has shape \(64, 32\), model_doge.py expects \(96, 32\)"):
         load("tiny/wide")
-    spm = json.loads(read("tokenizer.json"))
+    spm = json.loads(read(FIXTURE, "tokenizer.json"))
     spm["model"]["byte_fallback"] = True
-    hub.serve("tiny/spm", tokenizer=json.dumps(spm).encode())
+    serve(doge_hub, "tiny/spm", tokenizer=json.dumps(spm).encode())
     with pytest.raises(UserError, match="sentencepiece-style BPE"):
         bpe_descriptor("tiny/spm")
 
 
-def test_fine_tune_and_sample_end_to_end(hub, tmp_path):
-    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+def test_fine_tune_and_sample_end_to_end(doge_hub, tmp_path):
     text = tmp_path / "text.txt"
     text.write_text(make_text(20000))
     data = str(tmp_path / "data")
     r = run("prepare_data.py", "shakespeare", "--tokenizer=hf:tiny/doge", f"--input={text}", "--name=tiny",
-            f"--data_dir={data}", env=env)
+            f"--data_dir={data}")
     assert r.returncode == 0, r.stderr
     common = ["--model=doge", "--init_from=hf:tiny/doge", "--dataset=tiny", f"--data_dir={data}", "--max_iters=2",
               "--eval_interval=2", "--eval_iters=1", "--batch_size=2", "--block_size=32", "--device=cpu",
               "--compile=False"]
     out = str(tmp_path / "out")
-    r = run("train.py", *common, f"--out_dir={out}", env=env)
+    r = run("train.py", *common, f"--out_dir={out}")
     assert r.returncode == 0, r.stderr
     assert "loaded hf:tiny/doge\n" in r.stdout
     r = run("sample.py", f"--out_dir={out}", "--num_samples=1", "--max_new_tokens=8", "--start=ROMEO:",
-            "--device=cpu", env=env)
+            "--device=cpu")
     assert r.returncode == 0 and r.stdout.startswith("ROMEO:"), r.stderr
     # --max_iters=0 converts without training: the saved weights are the checkpoint's
     converted = str(tmp_path / "converted")
     r = run("train.py", *[a for a in common if not a.startswith("--max_iters")], "--max_iters=0",
-            f"--out_dir={converted}", env=env)
+            f"--out_dir={converted}")
     assert r.returncode == 0, r.stderr
-    saved = torch.load(os.path.join(converted, "ckpt.pt"), weights_only=True)["model"]
+    saved = saved_checkpoint(converted)["model"]
     original = read_safetensors(os.path.join(FIXTURE, "model.safetensors"))
     assert torch.equal(saved["wte.weight"], original["model.embed_tokens.weight"])
     assert torch.equal(saved["blocks.1.mlp.down_proj.weight"], original["model.layers.1.mlp.down_proj.weight"])
     moe = str(tmp_path / "moe")
-    r = run("train.py", *common, f"--out_dir={moe}", "--is_moe=True", "--n_experts=16", "--n_experts_per_head=2", env=env)
+    r = run("train.py", *common, f"--out_dir={moe}", "--is_moe=True", "--n_experts=16", "--n_experts_per_head=2")
     assert r.returncode == 0, r.stderr
     assert f"loaded hf:tiny/doge; fresh: {', '.join(MOE_FRESH)}" in r.stdout
     r = run("sample.py", f"--out_dir={moe}", "--num_samples=1", "--max_new_tokens=8", "--start=ROMEO:",
-            "--device=cpu", env=env)
+            "--device=cpu")
     assert r.returncode == 0 and r.stdout.startswith("ROMEO:"), r.stderr
-    r = run("train.py", *common[1:], "--model=gpt", f"--out_dir={tmp_path / 'gpt'}", env=env)
+    r = run("train.py", *common[1:], "--model=gpt", f"--out_dir={tmp_path / 'gpt'}")
     assert_one_line_error(r, "train.py", "hf:tiny/doge is a Doge checkpoint; load it with --model=doge")

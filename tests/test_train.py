@@ -2,32 +2,16 @@
 one-line errors for bad input, and a 2-process DDP run through torchrun (gloo, CPU)."""
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import train
+from checkpoint import load_model_module
 from cli import UserError
-from conftest import ROOT, assert_one_line_error, make_text
+from conftest import SHAKESPEARE, assert_one_line_error, run, saved_checkpoint
 from prepare_data import prepare
-
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # several processes share 2 cores
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    src = root / "tiny.txt"
-    src.write_text(make_text(30000))
-    prepare("shakespeare_char", data_dir=str(root), name="tiny", input=str(src))
-    return str(root)
-
-
-def run(script, *args, launcher=()):
-    return subprocess.run([sys.executable, *launcher, script, *args], cwd=ROOT, env=ENV,
-                          capture_output=True, text=True)
+from train_config import TrainConfig, configure_optimizer
 
 
 def run_train(data_dir, out_dir, *args):
@@ -42,10 +26,6 @@ def read_log(out_dir):
         return [json.loads(line) for line in f]
 
 
-def load(out_dir):
-    return torch.load(os.path.join(out_dir, "ckpt.pt"), weights_only=True)
-
-
 @pytest.fixture(scope="module")
 def trained(data_dir, tmp_path_factory):
     """An uninterrupted 8-iteration run (with dropout, so that resuming must restore randomness too)."""
@@ -55,7 +35,7 @@ def trained(data_dir, tmp_path_factory):
 
 
 def test_training_writes_checkpoint_and_log(trained):
-    ckpt = load(trained)
+    ckpt = saved_checkpoint(trained)
     assert ckpt["model_name"] == "gpt" and ckpt["iter_num"] == 8
     assert ckpt["model_config"]["vocab_size"] == len(ckpt["tokenizer"]["chars"])
     assert ckpt["train_config"]["dataset"] == "tiny"
@@ -72,11 +52,11 @@ def test_training_writes_checkpoint_and_log(trained):
 def test_resume_continues_exactly(data_dir, trained, tmp_path):
     out = str(tmp_path)
     run_train(data_dir, out, "--max_iters=4", "--lr_decay_iters=8", "--eval_interval=4", "--dropout=0.1")
-    assert load(out)["iter_num"] == 4
+    assert saved_checkpoint(out)["iter_num"] == 4
     r = run("train.py", "--init_from=resume", f"--out_dir={out}", "--max_iters=8")  # the rest: from ckpt.pt
     assert r.returncode == 0, r.stderr
     assert "iter 5:" in r.stdout and "iter 1:" not in r.stdout  # the iteration count continues
-    a, b = load(trained), load(out)
+    a, b = saved_checkpoint(trained), saved_checkpoint(out)
     assert b["iter_num"] == 8
     for key in a["model"]:  # same weights as the uninterrupted run: same batches, dropout, moments
         assert torch.equal(a["model"][key], b["model"][key]), key
@@ -100,8 +80,8 @@ def test_sampler_is_exact_with_top_k_1(trained):
     """The nanoGPT way (crop=True): greedy tokens are the argmax of the eval forward on the last
     block_size tokens at every position."""
     from sample import generate
-    ckpt = load(trained)
-    module = train.load_model_module("gpt")
+    ckpt = saved_checkpoint(trained)
+    module = load_model_module("gpt")
     model = module.Model(module.Config(**ckpt["model_config"])).eval()
     model.load_state_dict(ckpt["model"])
     out = generate(model, torch.tensor([[1, 2, 3]]), 80, top_k=1, crop=True)  # past block_size: crops
@@ -140,19 +120,23 @@ def test_help_lists_options():
     assert r.returncode == 0 and "--learning_rate=0.001" in r.stdout and "--n_kv_head=2" in r.stdout
 
 
-def test_default_dataset_prepares_itself(tmp_path, file_server, shakespeare_path, monkeypatch):
-    """A missing shakespeare_char is downloaded on first use (here from a local server)."""
-    file_server.files["/input.txt"] = open(shakespeare_path, "rb").read()
+def test_default_dataset_prepares_itself(tmp_path, file_server, monkeypatch):
+    """A missing shakespeare_char is downloaded on first use (here from a local server); another
+    missing dataset is a hint to prepare it."""
+    with open(SHAKESPEARE, encoding="utf-8") as f:
+        text = f.read()
+    file_server.files["/input.txt"] = text.encode()
     monkeypatch.setattr(train, "prepare", lambda name, data_dir: prepare(name, data_dir,
                                                                           url=file_server.url + "/input.txt"))
-    meta = train.load_meta(train.TrainConfig(data_dir=str(tmp_path)))
-    assert meta["vocab_size"] == 65
+    meta = train.load_meta(TrainConfig(data_dir=str(tmp_path)))
+    assert meta["tokenizer"] == {"kind": "char", "chars": "".join(sorted(set(text)))}
+    assert [path for path, _ in file_server.requests] == ["/input.txt"]
     with pytest.raises(UserError, match="python prepare_data.py shakespeare"):
-        train.load_meta(train.TrainConfig(data_dir=str(tmp_path), dataset="shakespeare"))
+        train.load_meta(TrainConfig(data_dir=str(tmp_path), dataset="shakespeare"))
 
 
 def test_lr_schedule():
-    cfg = train.TrainConfig(learning_rate=1e-3, min_lr=1e-4, warmup_iters=10, max_iters=110)
+    cfg = TrainConfig(learning_rate=1e-3, min_lr=1e-4, warmup_iters=10, max_iters=110)
     lrs = [train.get_lr(cfg, it) for it in range(120)]
     assert lrs[0] < lrs[5] < lrs[9] < 1e-3                       # linear warmup
     assert abs(lrs[10] - 1e-3) < 1e-12 and abs(lrs[60] - 5.5e-4) < 1e-12  # cosine: halfway at the middle
@@ -162,13 +146,13 @@ def test_lr_schedule():
 def test_optimizer_groups_follow_ndim_and_lr_mult():
     model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
     model[1].weight.lr_mult = 10.0
-    opt = train.configure_optimizer(model, train.TrainConfig(weight_decay=0.1), torch.device("cpu"))
+    opt = configure_optimizer(model, TrainConfig(weight_decay=0.1), torch.device("cpu"))
     groups = {(g["weight_decay"], g["lr_mult"]): {id(p) for p in g["params"]} for g in opt.param_groups}
     assert groups == {(0.1, 1.0): {id(model[0].weight)}, (0.0, 1.0): {id(model[0].bias), id(model[1].bias)},
                       (0.0, 10.0): {id(model[1].weight)}}
 
 
-@pytest.mark.parametrize("model", ["gpt"] + (["mod"] if os.path.exists(os.path.join(ROOT, "model_mod.py")) else []))
+@pytest.mark.parametrize("model", ["gpt", "mod"])
 def test_ddp_two_processes_agree(data_dir, tmp_path, model):
     """torchrun with 2 CPU processes (gloo): training runs, and both processes end with identical
     weights and buffers (for a routed model: its routing thresholds)."""
@@ -182,7 +166,7 @@ def test_ddp_two_processes_agree(data_dir, tmp_path, model):
     rank0, rank1 = (torch.load(os.path.join(out, f"rank{i}.pt"), weights_only=True) for i in (0, 1))
     for key in rank0:
         assert torch.equal(rank0[key], rank1[key]), key
-    assert load(out)["iter_num"] == 4
+    assert saved_checkpoint(out)["iter_num"] == 4
 
 
 def test_batches_differ_by_seed_and_process_and_any_seed_works():

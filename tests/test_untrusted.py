@@ -3,6 +3,7 @@ cached models load offline, logs stay clean after a resume. Each case is one lin
 classes are downloaded names and paths, config.json fields, safetensors headers and tensor shapes,
 hub JSON files, the cache and the network, and what a user may type."""
 import errno
+import hashlib
 import json
 import os
 import re
@@ -20,22 +21,13 @@ import prepare_data
 import pretrained
 import train
 from cli import UserError
-from conftest import ROOT, assert_one_line_error, make_text
+from conftest import (FIXTURES, ROOT, SHAKESPEARE, TINY_RUN, assert_one_line_error, fit, make_text, read, read_log,
+                      run_args, safetensors_bytes)
 from prepare_data import prepare
 from tokenizer import bpe_descriptor, describe, wordpiece_descriptor
 from train_config import TrainConfig
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-FIXTURES = os.path.join(ROOT, "tests", "fixtures")
-# copied from tests/test_errors.py: a tiny model and run
-MODEL = ["--n_layer=1", "--n_embd=16", "--n_head=2", "--n_kv_head=1", "--block_size=16"]
-TINY = [*MODEL, "--batch_size=2", "--eval_iters=1", "--log_interval=1", "--warmup_iters=0", "--device=cpu",
-        "--compile=False"]
-
-
-def read(*parts):
-    with open(os.path.join(FIXTURES, *parts), "rb") as f:
-        return f.read()
 
 
 def files_under(folder, skip=()):
@@ -62,41 +54,29 @@ def refuse(monkeypatch, folder, function):
 # a hub holding the Qwen2 and Doge fixtures, and changed copies of them
 
 @pytest.fixture
-def hub_server(file_server, tmp_path, monkeypatch):
-    """serve(repo, base, config changes, weights, tokenizer, extra files) puts a repo on the file server;
-    tiny/qwen2 and tiny/doge hold the fixtures as they are. The cache is tmp_path/cache."""
+def hub_server(hub):
+    """hub with serve(repo, base, config changes, weights, tokenizer, extra files), which publishes a
+    changed copy of a fixture repo; tiny/qwen2 and tiny/doge hold the fixtures as they are."""
+    publish = hub.serve
+
     def serve(repo, base="qwen2", change=None, weights=None, tokenizer=None, **files):
-        config = json.loads(read(f"{base}_tiny", "config.json"))
+        config = json.loads(read(FIXTURES, f"{base}_tiny", "config.json"))
         for key, value in (change or {}).items():
             config.pop(key) if value is None else config.__setitem__(key, value)
         files = {"config.json": json.dumps(config).encode(), "model.safetensors": weights or
-                 read(f"{base}_tiny", "model.safetensors"), "tokenizer.json": tokenizer or
-                 read(f"{base}_tiny", "tokenizer.json"), **files}
-        for name, data in files.items():
-            if data is not None:
-                file_server.files[f"/{repo}/resolve/main/{name}"] = data
-    file_server.serve = serve
+                 read(FIXTURES, f"{base}_tiny", "model.safetensors"), "tokenizer.json": tokenizer or
+                 read(FIXTURES, f"{base}_tiny", "tokenizer.json"), **files}
+        publish(repo, {name: data for name, data in files.items() if data is not None})
+    hub.serve = serve
     serve("tiny/qwen2")
     serve("tiny/doge", "doge")
-    monkeypatch.setenv("DYNLM_HF_URL", file_server.url)
-    monkeypatch.setenv("DYNLM_CACHE", str(tmp_path / "cache"))
-    return file_server
+    return hub
 
 
 def load(repo, model="gpt"):
     """from_pretrained as train.py calls it, for a dataset in the checkpoint's tokenizer."""
     cfg = TrainConfig(model=model, init_from=f"hf:{repo}", dataset="tiny")
     return pretrained.from_pretrained(cfg, {}, {"vocab_size": 0, "tokenizer": describe(f"hf:{repo}")})
-
-
-def safetensors_bytes(tensors):  # as tests/test_pretrained.py writes them
-    header, data = {}, b""
-    for name, t in tensors.items():
-        raw = t.contiguous().numpy().tobytes()
-        header[name] = {"dtype": "F32", "shape": list(t.shape), "data_offsets": [len(data), len(data) + len(raw)]}
-        data += raw
-    head = json.dumps(header).encode()
-    return len(head).to_bytes(8, "little") + head + data
 
 
 def changed_weights(base, changes):
@@ -115,7 +95,7 @@ def test_index_shard_names_stay_in_the_cache(hub_server, tmp_path, shard):
     index = {"weight_map": {"model.embed_tokens.weight": shard}}
     hub_server.serve("tiny/evil", **{"model.safetensors": None,
                                      "model.safetensors.index.json": json.dumps(index).encode()})
-    hub_server.files["/x.safetensors"] = read("qwen2_tiny", "model.safetensors")  # where ../ would lead
+    hub_server.files["/x.safetensors"] = read(FIXTURES, "qwen2_tiny", "model.safetensors")  # where ../ would lead
     with pytest.raises(UserError, match=message(f"names the shard {shard!r}, which is not a .safetensors file "
                                                 f"inside the repo; the index is broken or hostile")):
         load("tiny/evil")
@@ -274,7 +254,7 @@ def test_dawn_router_parts_are_checked_before_they_are_joined(tmp_path):
 # is deleted so that the next run downloads it again
 
 def tokenizer_with(change):
-    tok = json.loads(read("qwen2_tiny", "tokenizer.json"))
+    tok = json.loads(read(FIXTURES, "qwen2_tiny", "tokenizer.json"))
     change(tok)
     return json.dumps(tok).encode()
 
@@ -303,7 +283,7 @@ def test_bad_tokenizer_json_gives_one_line(hub_server, data, text):
 
 def test_truncated_json_downloads_are_fetched_again(hub_server, tmp_path):
     """A tokenizer.json or config.json cut short is deleted from the cache, so that the next run gets a whole one."""
-    whole = read("qwen2_tiny", "tokenizer.json")
+    whole = read(FIXTURES, "qwen2_tiny", "tokenizer.json")
     hub_server.serve("tiny/cut", tokenizer=whole[:100])
     r = subprocess.run([sys.executable, "prepare_data.py", "shakespeare", "--tokenizer=hf:tiny/cut",
                         f"--input={os.path.join(FIXTURES, 'dawn_tiny', 'vocab.txt')}", f"--data_dir={tmp_path / 'd'}"],
@@ -328,7 +308,7 @@ def test_damaged_vocab_txt_from_the_hub_is_fetched_again(file_server, tmp_path, 
     file_server.files["/bert/base/resolve/main/vocab.txt"] = b"[UNK]\n\xff\xfe\n"
     with pytest.raises(UserError, match="is not UTF-8 text.*deleted from the cache: rerun to download it again"):
         wordpiece_descriptor("hf:bert/base")
-    file_server.files["/bert/base/resolve/main/vocab.txt"] = read("dawn_tiny", "vocab.txt")
+    file_server.files["/bert/base/resolve/main/vocab.txt"] = read(FIXTURES, "dawn_tiny", "vocab.txt")
     assert wordpiece_descriptor("hf:bert/base")["vocab"].startswith("[PAD]")
 
 
@@ -387,25 +367,7 @@ def test_download_of_an_unparsable_address(tmp_path):
 
 
 # -----------------------------------------------------------------------------
-# users: what a training run is asked to do (data as in tests/test_errors.py)
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("data")
-    src = root / "tiny.txt"
-    src.write_text(make_text(8000))  # 7,199 train tokens, 800 val tokens
-    prepare("shakespeare_char", data_dir=str(root), name="tiny", input=str(src))
-    return str(root)
-
-
-def args(data_dir, out, *more):
-    tiny = [a for a in TINY if a not in MODEL] if "--init_from=resume" in more else TINY
-    return ["--dataset=tiny", f"--data_dir={data_dir}", f"--out_dir={out}", *tiny, *more]
-
-
-def fit(data_dir, out, *more):
-    return train.main(args(data_dir, out, "--max_iters=2", "--eval_interval=2", *more))
-
+# users: what a training run is asked to do (on conftest's data_dir)
 
 @pytest.mark.parametrize("seed", [20241205, 1733400000, 2**63 - 1, 2**64 - 1, -1])
 def test_any_64_bit_seed_trains(data_dir, tmp_path, seed):
@@ -426,16 +388,16 @@ def test_learning_rate_below_min_lr(data_dir, tmp_path, options, text):
 
 def test_learning_rate_below_min_lr_on_resume(data_dir, tmp_path):
     fit(data_dir, str(tmp_path), "--learning_rate=5e-5", "--min_lr=5e-6")
-    train.main(args(data_dir, str(tmp_path), "--init_from=resume", "--max_iters=4", "--learning_rate=5e-5"))
+    train.main(run_args(data_dir, str(tmp_path), "--init_from=resume", "--max_iters=4", "--learning_rate=5e-5"))
     with pytest.raises(UserError, match=message("--learning_rate=5e-05 is below --min_lr=0.001")):
-        train.main(args(data_dir, str(tmp_path), "--init_from=resume", "--max_iters=6", "--min_lr=1e-3"))
+        train.main(run_args(data_dir, str(tmp_path), "--init_from=resume", "--max_iters=6", "--min_lr=1e-3"))
 
 
 @pytest.mark.parametrize("block_size, text", [
-    (1000, "block_size=1000 is too long for the val split: {data}/tiny/val.bin holds 800 tokens, and training needs "
-           "block_size + 2; use --block_size=798 or less, or prepare more text"),
-    (799, "val.bin holds 800 tokens, and training needs block_size + 2; use --block_size=798 or less"),
-    (200000, "block_size=200000 is too long for the train split: {data}/tiny/train.bin holds 7,199 tokens"),
+    (4000, "block_size=4000 is too long for the val split: {data}/tiny/val.bin holds 3,000 tokens, and training needs "
+           "block_size + 2; use --block_size=2998 or less, or prepare more text"),
+    (2999, "val.bin holds 3,000 tokens, and training needs block_size + 2; use --block_size=2998 or less"),
+    (200000, "block_size=200000 is too long for the train split: {data}/tiny/train.bin holds 27,000 tokens"),
 ])
 def test_block_size_is_checked_against_the_data_at_start(data_dir, tmp_path, monkeypatch, block_size, text):
     monkeypatch.setattr(train, "evaluate", lambda *a: pytest.fail("evaluates before the check"))
@@ -461,12 +423,12 @@ def test_sample_ctrl_c_prints_one_line(tmp_path):
 
 def test_compare_with_fewer_iterations_than_the_log_interval(data_dir, tmp_path):
     out = tmp_path / "cmp"
-    compare.main(["--models=gpt", f"--out={out}", "--max_iters=4", *args(data_dir, "unused")[:2],
-                  *[a for a in TINY if a != "--log_interval=1"]])
+    compare.main(["--models=gpt", f"--out={out}", "--max_iters=4", *run_args(data_dir, "unused")[:2],
+                  *[a for a in TINY_RUN if a != "--log_interval=1"]])
     results = json.loads((out / "results.json").read_text())
     assert results["models"][0]["runs"][0]["iters"] == 4 and (out / "loss.svg").exists()
     with pytest.raises(UserError, match=message("--max_iters=0 trains nothing to compare")):
-        compare.main(["--models=gpt", f"--out={out}", "--max_iters=0", *args(data_dir, "unused")[:2], *TINY])
+        compare.main(["--models=gpt", f"--out={out}", "--max_iters=0", *run_args(data_dir, "unused")[:2], *TINY_RUN])
 
 
 # -----------------------------------------------------------------------------
@@ -476,8 +438,7 @@ TIMING = ("ms", "tok_s", "time", "peak_mem_mb", "mfu")
 
 
 def log_of(out):
-    with open(os.path.join(out, "log.jsonl")) as f:
-        return [{k: v for k, v in json.loads(line).items() if k not in TIMING} for line in f]
+    return [{k: v for k, v in record.items() if k not in TIMING} for record in read_log(out)]
 
 
 def interrupted_after(monkeypatch, iteration):
@@ -494,23 +455,25 @@ def interrupted_after(monkeypatch, iteration):
 @pytest.mark.parametrize("stop", [3, 5, 4])  # between evaluations, and at one (its step logged, not its evaluation)
 def test_log_after_resume_equals_the_uninterrupted_log(data_dir, tmp_path, monkeypatch, stop):
     run = ["--max_iters=6", "--eval_interval=2"]
-    train.main(args(data_dir, tmp_path / "straight", *run, "--dropout=0.1"))
+    train.main(run_args(data_dir, tmp_path / "straight", *run, "--dropout=0.1"))
     interrupted_after(monkeypatch, stop)
     with pytest.raises(SystemExit, match="interrupted; .* is intact, resume with"):
-        train.main(args(data_dir, tmp_path / "resumed", *run, "--dropout=0.1"))
+        train.main(run_args(data_dir, tmp_path / "resumed", *run, "--dropout=0.1"))
     monkeypatch.undo()
-    train.main(args(data_dir, tmp_path / "resumed", "--init_from=resume", *run))
+    train.main(run_args(data_dir, tmp_path / "resumed", "--init_from=resume", *run))
     straight = log_of(tmp_path / "straight")
     assert log_of(tmp_path / "resumed") == straight
     assert [r["iter"] for r in straight] == [0, 1, 2, 2, 3, 4, 4, 5, 6, 6]  # each step, each evaluation once
-    train.main(args(data_dir, tmp_path / "resumed", "--init_from=resume", *run))  # a finished run resumed
+    train.main(run_args(data_dir, tmp_path / "resumed", "--init_from=resume", *run))  # a finished run resumed
     assert log_of(tmp_path / "resumed") == straight  # its final evaluation is not written twice
 
 
 # -----------------------------------------------------------------------------
 # prepare_data.py reuses a known download only if its sha256 is the download's
 
-def test_prepare_reuses_only_the_real_download(tmp_path, shakespeare_path, monkeypatch):
+def test_prepare_reuses_only_the_real_download(tmp_path, monkeypatch):
+    """The committed excerpt stands in for the download: its sha256 is made the known one."""
+    monkeypatch.setattr(prepare_data, "SHAKESPEARE_SHA256", hashlib.sha256(read(SHAKESPEARE)).hexdigest())
     data = tmp_path / "data"
     mine = tmp_path / "mine.txt"
     mine.write_text(make_text(5000))
@@ -520,7 +483,7 @@ def test_prepare_reuses_only_the_real_download(tmp_path, shakespeare_path, monke
     with pytest.raises(UserError, match=message(f"{copy} is not tiny Shakespeare (its sha256 is not the download's)")):
         prepare("shakespeare_char", data_dir=str(data), name="shakespeare")
     assert {p: open(p, "rb").read() for p in files_under(data)} == before  # nothing changed
-    copy.write_bytes(open(shakespeare_path, "rb").read())  # the real text: reused, no download
+    copy.write_bytes(read(SHAKESPEARE))  # the real text: reused, no download
     monkeypatch.setattr(prepare_data, "download", lambda *a, **k: pytest.fail("downloads"))
     prepare("shakespeare_char", data_dir=str(data), name="shakespeare")
 
@@ -547,7 +510,7 @@ def test_save_hitting_a_file_size_limit(data_dir, tmp_path):
 
     def limit():  # log.jsonl fits, the checkpoint does not; SIGXFSZ is ignored by Python, so writes fail with EFBIG
         resource.setrlimit(resource.RLIMIT_FSIZE, (16384, 16384))
-    r = subprocess.run([sys.executable, "train.py", *args(data_dir, out, "--max_iters=2", "--eval_interval=2")],
+    r = subprocess.run([sys.executable, "train.py", *run_args(data_dir, out, "--max_iters=2", "--eval_interval=2")],
                        cwd=ROOT, env=ENV, capture_output=True, text=True, preexec_fn=limit)
     assert_one_line_error(r, "train.py", f"could not write {out / 'ckpt.pt'}: the write stopped short")
     assert "no checkpoint was written" in r.stderr
@@ -563,6 +526,6 @@ def test_save_raising_keeps_the_previous_checkpoint(data_dir, tmp_path, monkeypa
         raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
     monkeypatch.setattr(torch, "save", quota)
     with pytest.raises(UserError, match="the write stopped short: .* the previous .*ckpt.pt is intact"):
-        train.main(args(data_dir, str(tmp_path), "--init_from=resume", "--max_iters=4"))
+        train.main(run_args(data_dir, str(tmp_path), "--init_from=resume", "--max_iters=4"))
     assert open(tmp_path / "ckpt.pt", "rb").read() == before
     assert sorted(os.listdir(tmp_path)) == ["ckpt.pt", "log.jsonl"]

@@ -7,7 +7,6 @@ the attention weights shown, applied to the model's own values, give what its at
 and the masked cells agree with keep_window_size arithmetic.
 """
 import dataclasses
-import glob
 import importlib
 import os
 from html.parser import HTMLParser
@@ -16,11 +15,12 @@ import pytest
 import torch
 
 import visualize
+from checkpoint import save_checkpoint
 from cli import UserError
-from conftest import ROOT
+from conftest import MODEL_NAMES
+from routing import routed_layers
+from train_config import TrainConfig
 
-MODEL_NAMES = sorted(os.path.basename(p)[len("model_"):-len(".py")]
-                     for p in glob.glob(os.path.join(ROOT, "model_*.py")))
 CHARS = "\n !&',-.:;<>?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 TEXT = "ROMEO:\nBut soft, what light <b>&amp; yonder window?"  # HTML-looking on purpose
 TINY = dict(vocab_size=len(CHARS), block_size=64, n_layer=2, n_embd=32, n_head=2, n_kv_head=1,
@@ -36,20 +36,19 @@ def tiny_model(name):
     torch.manual_seed(0)
     model = module.Model(module.Config(**cfg))
     # routing thresholds as training would leave them, so that some tokens are routed, some not
-    for block in getattr(model, "blocks", []):
-        if hasattr(block, "tau"):
-            block.tau.fill_(0.0 if name == "mod" else 0.5)
-            if name == "dtf":  # make the gates vary around tau
-                block.log_o_ce.data.fill_(0.0)
-    return model.eval(), cfg
+    for layer in routed_layers(model):
+        layer.tau.fill_(0.0 if name == "mod" else 0.5)
+        if name == "dtf":  # make the gates vary around tau
+            layer.log_o_ce.data.fill_(0.0)
+    return model.eval()
 
 
-def save(model, name, cfg, out_dir):
-    """A checkpoint with the keys train.py writes (the optimizer state is not needed to visualize)."""
+def save(model, name, out_dir):
+    """The model as train.py would checkpoint it before its first step, in a char dataset of CHARS."""
     os.makedirs(out_dir, exist_ok=True)
-    torch.save({"model": model.state_dict(), "model_name": name, "model_config": cfg, "iter_num": 0,
-                "tokenizer": {"kind": "char", "chars": CHARS}, "optimizer": {}, "best_val_loss": 0.0,
-                "train_config": {}, "train_time": 0.0, "tokens_seen": 0}, os.path.join(out_dir, "ckpt.pt"))
+    save_checkpoint(os.path.join(out_dir, "ckpt.pt"), TrainConfig(model=name), model,
+                    torch.optim.AdamW(model.parameters()), {"kind": "char", "chars": CHARS}, iter_num=0,
+                    best_val_loss=float("inf"), train_time=0.0, tokens_seen=0)
 
 
 def tokens_of(text):
@@ -95,9 +94,9 @@ class Page(HTMLParser):
 
 
 def render(name, tmp_path, *extra):
-    model, cfg = tiny_model(name)
+    model = tiny_model(name)
     out_dir = str(tmp_path / name)
-    save(model, name, cfg, out_dir)
+    save(model, name, out_dir)
     path = visualize.main([f"--out_dir={out_dir}", f"--text={TEXT}", *extra])
     with open(path, encoding="utf-8") as f:
         return model, f.read()
@@ -127,7 +126,7 @@ def test_page_is_complete_self_contained_and_escaped(name, tmp_path):
 
 @pytest.mark.parametrize("name", MODEL_NAMES)
 def test_visualize_does_not_change_the_logits(name):
-    model, _ = tiny_model(name)
+    model = tiny_model(name)
     idx = tokens_of(TEXT)
     with torch.no_grad():
         plain = model(idx)[0]
@@ -147,13 +146,10 @@ def shown_number(title, name):
 def test_routed_cells_are_the_models_own_decisions(name, score, tmp_path):
     """Token by token, layer by layer: routed where a plain forward of the model routed (its last["sel"],
     which stats() counts), and a routed token's score shown at or above the tau shown."""
-    if name not in MODEL_NAMES:
-        pytest.skip(f"no model_{name}.py")
     model, text = render(name, tmp_path)
     with torch.no_grad():
         model(tokens_of(TEXT))
-    expected = [("routed" if s else "skipped") for block in model.blocks if hasattr(block, "tau")
-                for s in block.last["sel"][0].tolist()]
+    expected = [("routed" if s else "skipped") for layer in routed_layers(model) for s in layer.last["sel"][0].tolist()]
     page = Page(text)
     cells = [s for s in page.spans if s[0] in ("routed", "skipped")]
     assert [c[0] for c in cells] == expected
@@ -211,8 +207,7 @@ def test_dawn_lists_the_neurons_of_its_routing_path(tmp_path):
 
 
 def test_bad_input_is_one_line_error(tmp_path):
-    model, cfg = tiny_model("gpt")
-    save(model, "gpt", cfg, str(tmp_path))
+    save(tiny_model("gpt"), "gpt", str(tmp_path))
     for argv, message in [(["--nope=1"], "unknown option --nope=1; the options are --out_dir"),
                           (["--query=99"], "outside the text"),
                           (["--layer=5"], "not a layer"), (["--text="], "empty"),
@@ -224,8 +219,7 @@ def test_bad_input_is_one_line_error(tmp_path):
 
 
 def test_long_text_is_cropped_with_a_note(tmp_path, capsys):
-    model, cfg = tiny_model("gpt")
-    save(model, "gpt", cfg, str(tmp_path))
+    save(tiny_model("gpt"), "gpt", str(tmp_path))
     html_path = str(tmp_path / "page.html")
     visualize.main([f"--out_dir={tmp_path}", "--text=" + "ab" * 40, f"--html={html_path}"])
     with open(html_path, encoding="utf-8") as f:
