@@ -38,6 +38,10 @@ measure its speed, then the iterations that fit the budget, its schedule fitted 
 before their learning rate decayed, which flatters the faster models: only --flops_budget and
 --time_budget compare runs that each end their schedule at the same budget.
 
+On a masked dataset (prepare_data.py mqar: multi-query associative recall, Arora et al. 2023) the
+equal-steps table adds each model's val recall accuracy, with verdicts on it too; the README's
+"Recall (MQAR)" section gives the command for all six models at two difficulties.
+
 Both: every other --key=value goes to train.py for every run. --seeds=N trains seeds seed, seed+1,
 ... (--seed, default 1337); min_lr is lr/10 unless --min_lr is given. Each run goes to its own
 folder under <out>/<model>/ (checkpoint and log.jsonl), everything in the table to <out>/results.json.
@@ -245,6 +249,7 @@ def summarise_run(out_dir):
             "peak_mem_mb": max(r["peak_mem_mb"] for r in steps), "iters": evals[-1]["iter"],
             "tokens": evals[-1]["tokens"], "flops": evals[-1]["flops"], "train_time_s": evals[-1]["time"],
             "val_loss": evals[-1]["val_loss"], "val_bpb": evals[-1]["val_bpb"],
+            "val_acc": evals[-1].get("val_acc"),  # recall accuracy, on a masked dataset (MQAR) only
             "best_val_loss": min(r["val_loss"] for r in evals),
             "diagnostics": {k: v for k, v in last.items() if any(d in k for d in DIAGNOSTICS)},
             "stats": {k: v for k, v in last.items() if k not in
@@ -258,20 +263,22 @@ def mean_std(values):
     return mean, (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
 
 
-def verdicts(rows, metric="val_loss"):
+def verdicts(rows, metric="val_loss", higher=False):
     """Which differences in mean final `metric` exceed the seed-to-seed spread: a difference counts when it
-    is more than twice its standard error, sqrt(s_a^2 / n_a + s_b^2 / n_b) (about a 95% test)."""
+    is more than twice its standard error, sqrt(s_a^2 / n_a + s_b^2 / n_b) (about a 95% test). Lower is
+    better, or higher with higher=True (accuracy)."""
     lines = []
-    ranked = sorted(rows, key=lambda r: r[f"{metric}_mean"])
+    ranked = sorted(rows, key=lambda r: r[f"{metric}_mean"], reverse=higher)
     for i, a in enumerate(ranked):
         for b in ranked[i + 1:]:
-            diff = b[f"{metric}_mean"] - a[f"{metric}_mean"]
+            diff = abs(b[f"{metric}_mean"] - a[f"{metric}_mean"])
             if min(a["seeds"], b["seeds"]) < 2:
                 lines.append(f"{a['model']} vs {b['model']}: {diff:.4f} apart, one seed: no spread to judge by")
                 continue
             se = (a[f"{metric}_std"] ** 2 / a["seeds"] + b[f"{metric}_std"] ** 2 / b["seeds"]) ** 0.5
             if diff > 2 * se:
-                lines.append(f"{a['model']} is better than {b['model']}: {diff:.4f} lower, more than twice the "
+                lines.append(f"{a['model']} is better than {b['model']}: {diff:.4f} {'higher' if higher else 'lower'}, "
+                             f"more than twice the "
                              f"standard error of the difference ({se:.4f})")
             else:
                 lines.append(f"{a['model']} vs {b['model']}: {diff:.4f} apart, within twice the standard error "
@@ -414,6 +421,8 @@ def summarise(models, out, lrs, seeds):
         rows.append({"model": model, "learning_rate": lr, "seeds": len(runs), "val_loss_mean": mean,
                      "val_loss_std": std, "val_bpb_mean": bpb_mean, "val_bpb_std": bpb_std, "sweep": sweep,
                      "runs": runs})
+        if all(r["val_acc"] is not None for r in runs):  # a masked dataset: recall accuracy too
+            rows[-1]["val_acc_mean"], rows[-1]["val_acc_std"] = mean_std([r["val_acc"] for r in runs])
     # each curve read where the fastest run stopped (rough: see the docstring)
     equal_time = min(r["evals"][-1]["time"] for row in rows for r in row["runs"])
     for row in rows:
@@ -423,21 +432,24 @@ def summarise(models, out, lrs, seeds):
 
 
 def table(rows, equal_time):
+    acc = all("val_acc_mean" in row for row in rows)  # recall accuracy beside the loss (MQAR)
     lines = ["| model | params | non-emb. params | MFLOP/token | lr | seeds | tokens/s | peak mem MiB | iters | "
-             f"train s | val loss (mean ± sd) | val bits/byte (mean ± sd) | bits/byte at {equal_time:.0f} s | "
-             "best val loss | diagnostics (last step, first seed) |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+             f"train s | val loss (mean ± sd) | {'val acc (mean ± sd) | ' if acc else ''}val bits/byte (mean ± sd) | "
+             f"bits/byte at {equal_time:.0f} s | best val loss | diagnostics (last step, first seed) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + "---:|" * acc + "---:|---:|---:|---|"]
     for row in rows:
         first, runs = row["runs"][0], row["runs"]
         diag = ", ".join(f"{k} {v:.3g}" for k, v in first["diagnostics"].items()) or "-"
         tok_s = sorted(r["tokens_per_s"] for r in runs)[len(runs) // 2]
         loss_sd, bpb_sd = (f" ± {row['val_loss_std']:.4f}", f" ± {row['val_bpb_std']:.4f}") if row["seeds"] > 1 \
             else ("", "")  # one seed: no spread to show
+        acc_cell = (f"{row['val_acc_mean']:.4f}" + (f" ± {row['val_acc_std']:.4f}" if row["seeds"] > 1 else "")
+                    + " | ") if acc else ""
         lines.append(f"| {row['model']} | {first['params']:,} | {first['non_embedding_params']:,} | "
                      f"{first['flops_per_token'] / 1e6:.2f} | {row['learning_rate']:g} | {row['seeds']} | "
                      f"{tok_s:,.0f} | {max(r['peak_mem_mb'] for r in runs):,.0f} | {first['iters']} | "
                      f"{mean_std([r['train_time_s'] for r in runs])[0]:.0f} | "
-                     f"{row['val_loss_mean']:.4f}{loss_sd} | {row['val_bpb_mean']:.4f}{bpb_sd} | "
+                     f"{row['val_loss_mean']:.4f}{loss_sd} | {acc_cell}{row['val_bpb_mean']:.4f}{bpb_sd} | "
                      f"{row['val_bpb_at_equal_time']:.4f} | "
                      f"{mean_std([r['best_val_loss'] for r in runs])[0]:.4f} | {diag} |")
     if any(len(row["sweep"]) > 1 for row in rows):
@@ -610,8 +622,11 @@ def at_equal_steps(opts, models, lrs, seeds, args_for, header):
                     train_unless_finished(model, out, run_name(model, lr, seed), request, args, len(lrs) > 1)
     rows, equal_time = summarise(models, out, lrs, seeds)
     text = table(rows, equal_time) + "\n\n" + "\n".join(f"- {line}" for line in verdicts(rows, "val_bpb"))
-    write_results(out, header, text, {"models": rows, "equal_time": equal_time,
-                                      "verdicts": verdicts(rows, "val_bpb")})
+    data = {"models": rows, "equal_time": equal_time, "verdicts": verdicts(rows, "val_bpb")}
+    if all("val_acc_mean" in row for row in rows):  # a masked dataset (MQAR): verdicts on recall accuracy too
+        data["verdicts_acc"] = verdicts(rows, "val_acc", higher=True)
+        text += "\n\nOn val recall accuracy:\n\n" + "\n".join(f"- {line}" for line in data["verdicts_acc"])
+    write_results(out, header, text, data)
     plot_curves(rows, os.path.join(out, "loss.svg"))
     print(f"wrote {out}/results.md, {out}/results.json and {out}/loss.svg")
 

@@ -7,6 +7,7 @@ Prepare a dataset for train.py: get the text, tokenize it, write uint16 token fi
     python prepare_data.py shakespeare --tokenizer=wordpiece:hf:google-bert/bert-base-uncased --name=shakespeare_bert  # DAWN-39M's
     python prepare_data.py shakespeare_char --input=my.txt --name=mytext    # any UTF-8 text file
     python prepare_data.py c4 --tokens=5e9                   # C4 English, GPT-2 BPE, token shards
+    python prepare_data.py mqar --num_kv_pairs=32 --seq_len=128 --name=mqar_kv32  # synthetic recall (MQAR)
 
 Writes data/<name>/train.bin, val.bin (C4: train_000.bin, ..., val_000.bin) and meta.json (the vocabulary size and how to rebuild the
 tokenizer, which train.py copies into every checkpoint so that sample.py can decode).
@@ -14,6 +15,9 @@ A .bin file is a 1024-byte header (int32: magic, version, token count, bytes per
 zeros) followed by the tokens as uint16 (uint32 for vocabularies past 65,536, like Qwen's), so a truncated or foreign file is detected instead of silently trained on.
 Every file is written to a temporary name and renamed, so an interrupted run never leaves a file
 that looks complete; rerunning the same command resumes a partial download.
+MQAR also writes train.answers.bin and val.answers.bin: 1 at each token that is an answer, 0 elsewhere;
+meta.json says "masked": true and the sequences' length, and train.py trains on whole sequences whose
+other targets are ignored.
 """
 import dataclasses
 import gzip
@@ -238,6 +242,85 @@ def prepare_c4(out_dir, tokens=0, shards=0, val_shards=1, base_url=C4_URL, procs
     print(f"{out_dir}: {i} train shards, {total:,} train tokens, {val_shards} val shards")
 
 
+# -----------------------------------------------------------------------------
+# MQAR: multi-query associative recall (Arora et al. 2023, "Zoology", arXiv 2312.04927), generated from
+# the paper's description of the task and its synthetic data. A sequence of seq_len + 1 tokens (seq_len inputs,
+# their targets shifted by one) begins with K key-value pairs k1 v1 k2 v2 ... kK vK; the query region
+# after them holds Q of those keys again, each followed by its value, amid random filler tokens:
+#
+#     k1 v1 k2 v2 k3 v3 | f f k2 v2 f f f k1 v1 f k3 v3 f f ...      (the answers: the v after each query)
+#
+# Only the answers are targets: a model must recall which value followed that key earlier in the same
+# sequence. A recurrent model keeps every pair in its fixed state; attention looks it up.
+
+POWER_A = 0.01  # the paper's query slots: p(slot g) proportional to g^(a - 1) for g = 1, 2, ...
+
+
+def mqar_sequences(rng, n, vocab_size, num_kv_pairs, num_queries, seq_len):
+    """(tokens, answers): n sequences of seq_len + 1 tokens, and True at each answer."""
+    K, Q, S = num_kv_pairs, num_queries, seq_len + 1
+    half = vocab_size // 2
+    # keys from the first half of the vocabulary, values from the second, K distinct of each per
+    # sequence (a query has one answer): a random permutation's first K, per row
+    keys = rng.random((n, half)).argsort(axis=1)[:, :K]
+    values = half + rng.random((n, vocab_size - half)).argsort(axis=1)[:, :K]
+    tokens = rng.integers(0, vocab_size, (n, S))  # filler: any token (the paper's random non-queries)
+    tokens[:, 0:2 * K:2], tokens[:, 1:2 * K:2] = keys, values
+    # the queries: the query region's slots are token pairs (key, value) at 2K + 2g; Q distinct slots,
+    # drawn without replacement with a power law over g, the distance from the pairs (most queries
+    # come soon after them, a few far away). Adding Gumbel noise to log p and taking the Q largest
+    # draws Q without replacement, for every row at once (Kool et al. 2019, "Stochastic Beams").
+    slots = (S - 2 * K) // 2
+    log_p = (POWER_A - 1) * np.log(np.arange(1, slots + 1))
+    gaps = np.argsort(-(log_p + rng.gumbel(size=(n, slots))), axis=1)[:, :Q]
+    asked = rng.random((n, K)).argsort(axis=1)[:, :Q]  # which pairs are queried, in random order
+    rows, where = np.arange(n)[:, None], 2 * K + 2 * gaps
+    tokens[rows, where] = np.take_along_axis(keys, asked, axis=1)
+    tokens[rows, where + 1] = np.take_along_axis(values, asked, axis=1)
+    answers = np.zeros((n, S), dtype=bool)
+    answers[rows, where + 1] = True
+    return tokens, answers
+
+
+def prepare_mqar(out_dir, vocab_size=256, num_kv_pairs=8, num_queries=0, seq_len=64, train_seqs=100_000,
+                 val_seqs=2_000, seed=0):
+    K, Q = num_kv_pairs, num_queries or num_kv_pairs
+    if not 1 <= K <= vocab_size // 2:
+        raise UserError(f"--num_kv_pairs={K}: K distinct keys need K <= vocab_size / 2 = {vocab_size // 2}; "
+                        f"lower it or raise --vocab_size")
+    if not 0 < Q <= K:
+        raise UserError(f"--num_queries={num_queries}: at most the {K} keys (0: every key once)")
+    if (seq_len + 1 - 2 * K) // 2 < Q:
+        raise UserError(f"--seq_len={seq_len} leaves no room for {Q} queries after {K} pairs (it needs "
+                        f"2K + 2Q - 1 = {2 * K + 2 * Q - 1} or more)")
+    if train_seqs < 1 or val_seqs < 1:
+        raise UserError("--train_seqs and --val_seqs must be at least 1")
+    rng = np.random.default_rng(seed)
+    train, train_answers = mqar_sequences(rng, train_seqs, vocab_size, K, Q, seq_len)
+    # val never repeats a train sequence's pairs: it measures recall in context, not memorised pairs
+    seen = {row.tobytes() for row in train[:, :2 * K]}
+    val, val_answers = np.zeros((0, seq_len + 1), dtype=np.int64), np.zeros((0, seq_len + 1), dtype=bool)
+    for _ in range(100):
+        tokens, answers = mqar_sequences(rng, val_seqs - len(val), vocab_size, K, Q, seq_len)
+        new = np.array([row.tobytes() not in seen for row in tokens[:, :2 * K]])
+        val, val_answers = np.concatenate([val, tokens[new]]), np.concatenate([val_answers, answers[new]])
+        if len(val) == val_seqs:
+            break
+    else:
+        raise UserError(f"--vocab_size={vocab_size} has too few distinct sets of {K} pairs for "
+                        f"{train_seqs:,} train sequences and {val_seqs:,} others; raise --vocab_size")
+    for split, tokens, answers in (("train", train, train_answers), ("val", val, val_answers)):
+        write_tokens(os.path.join(out_dir, f"{split}.bin"), tokens.ravel())
+        write_tokens(os.path.join(out_dir, f"{split}.answers.bin"), answers.ravel())
+    write_json(os.path.join(out_dir, "meta.json"),
+               {"vocab_size": vocab_size, "tokenizer": {"kind": "ids", "vocab_size": vocab_size},
+                "masked": True, "seq_len": seq_len,  # train.py: whole sequences, targets only at answers
+                "mqar": {"num_kv_pairs": K, "num_queries": Q, "train_seqs": train_seqs, "val_seqs": val_seqs,
+                         "seed": seed}})
+    print(f"{out_dir}: MQAR, {K} key-value pairs and {Q} queries in each sequence of {seq_len} tokens, "
+          f"vocabulary {vocab_size}; {train_seqs:,} train and {val_seqs:,} val sequences")
+
+
 # the options of every dataset, then each dataset's own (prepare's keyword arguments)
 
 @dataclass
@@ -269,7 +352,19 @@ class C4Config:
     procs: int = 0             # tokenizing processes; 0: all cores
 
 
-DATASETS = {"shakespeare_char": ShakespeareCharConfig, "shakespeare": ShakespeareConfig, "c4": C4Config}
+@dataclass
+class MQARConfig:
+    vocab_size: int = 256      # keys from the first half, values from the second
+    num_kv_pairs: int = 8      # K: key-value pairs to remember in each sequence
+    num_queries: int = 0       # Q: keys asked again in each sequence; 0: every key once (the paper's setting)
+    seq_len: int = 64          # input tokens per sequence: train with --block_size=seq_len
+    train_seqs: int = 100_000
+    val_seqs: int = 2_000
+    seed: int = 0
+
+
+DATASETS = {"shakespeare_char": ShakespeareCharConfig, "shakespeare": ShakespeareConfig, "c4": C4Config,
+            "mqar": MQARConfig}
 
 
 def prepare(dataset, data_dir="data", name="", **options):
@@ -286,6 +381,8 @@ def prepare(dataset, data_dir="data", name="", **options):
     os.makedirs(out_dir, exist_ok=True)
     if dataset == "c4":
         prepare_c4(out_dir, **options)
+    elif dataset == "mqar":
+        prepare_mqar(out_dir, **options)
     else:
         tokenizer = "char" if dataset == "shakespeare_char" else options.pop("tokenizer", "gpt2")
         check_option(tokenizer)  # before any download

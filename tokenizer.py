@@ -8,6 +8,7 @@ decodes with exactly the tokenizer the data was made with:
     {"kind": "bpe", "name": "hf:OWNER/NAME", "pattern", "ranks", "special", "normalize"}
                                                             a checkpoint's byte-level BPE (tokenizer.json), by tiktoken
     {"kind": "wordpiece", "name", "vocab", "lowercase"}     BERT's WordPiece (a vocab.txt), for DAWN-39M
+    {"kind": "ids", "vocab_size": 256}                      bare token ids written as numbers (synthetic tasks: MQAR)
 
 describe(option, text) makes the descriptor for prepare_data.py's --tokenizer option, and
 get_tokenizer(descriptor) the Tokenizer: encode, decode, vocab_size (the rows of the embedding the
@@ -364,4 +365,26 @@ def wordpiece_tokenizer(desc):
     return Tokenizer(encode, decode, len(tokens), token_bytes)
 
 
-KINDS = {"char": char_tokenizer, "tiktoken": tiktoken_tokenizer, "bpe": bpe_tokenizer, "wordpiece": wordpiece_tokenizer}
+# -----------------------------------------------------------------------------
+# ids: a synthetic task's tokens (prepare_data.py's mqar), which stand for no text: written as numbers
+
+def ids_tokenizer(desc):
+    vocab_size = desc["vocab_size"]
+
+    def encode(text):
+        try:
+            ids = [int(word) for word in text.split()]
+        except ValueError:
+            raise UserError(f"this model reads token ids written as numbers, e.g. \"3 17 42\", not {text!r}") from None
+        if any(not 0 <= i < vocab_size for i in ids):
+            raise UserError(f"token ids must be in 0..{vocab_size - 1}")
+        return ids
+
+    # each id counts as one byte: bits per byte are bits per token, for MQAR bits per answer (its only
+    # scored targets; train.py's evaluate counts 0 bytes for the ignored ones)
+    return Tokenizer(encode, lambda ids: " ".join(str(i) for i in ids if i < vocab_size), vocab_size,
+                     lambda: [1] * vocab_size)
+
+
+KINDS = {"char": char_tokenizer, "tiktoken": tiktoken_tokenizer, "bpe": bpe_tokenizer, "wordpiece": wordpiece_tokenizer,
+         "ids": ids_tokenizer}

@@ -15,6 +15,8 @@ Config (python train.py --model=NAME --help lists both). Defaults reproduce nano
 on tiny Shakespeare (batch 12, block 64, 2000 iterations, lr 1e-3 with warmup and cosine decay).
 Writes out_dir/ckpt.pt (everything needed to resume exactly or to sample) and out_dir/log.jsonl
 (one JSON object per logged iteration and per evaluation, for plots).
+A masked dataset (prepare_data.py mqar) trains on whole sequences with --block_size=its seq_len, its
+targets ignored except at the answers, and its evaluations report recall accuracy too (val_acc).
 """
 import glob
 import hashlib
@@ -122,11 +124,22 @@ def prepare_hint(cfg):
             f"(prepare_data.py knows: {', '.join(DATASETS)})")
 
 
-def load_split(cfg, split, block_size):
+def load_split(cfg, split, block_size, meta):
     """All token files of a split: data/<dataset>/<split>.bin, or <split>_000.bin, ... for sharded sets.
     Each must hold a window of block_size + 1 tokens with at least two places to start (get_batch):
-    checked here, at start-up, rather than at the first batch after a long evaluation."""
+    checked here, at start-up, rather than at the first batch after a long evaluation.
+    A masked dataset's split is (tokens, answers) instead, its whole sequences for get_sequences."""
     folder = os.path.join(cfg.data_dir, cfg.dataset)
+    if meta.get("masked"):
+        if block_size != meta["seq_len"]:
+            raise UserError(f"block_size={block_size} does not fit {folder}: a training example is one whole sequence "
+                            f"of {meta['seq_len']} tokens; give --block_size={meta['seq_len']}")
+        tokens = read_tokens(os.path.join(folder, f"{split}.bin"))
+        answers = read_tokens(os.path.join(folder, f"{split}.answers.bin"))
+        if len(tokens) != len(answers) or not tokens.size or len(tokens) % (block_size + 1):
+            raise UserError(f"{folder}/{split}.bin and {split}.answers.bin are not whole sequences of "
+                            f"{block_size + 1} tokens each; prepare the dataset again: {prepare_hint(cfg)}")
+        return tokens, answers
     paths = sorted(glob.glob(os.path.join(folder, f"{split}_*.bin"))) or \
         glob.glob(os.path.join(folder, f"{split}.bin"))
     if not paths:
@@ -155,15 +168,17 @@ def load_meta(cfg):
         get_tokenizer(meta["tokenizer"])
         if not isinstance(meta["vocab_size"], int) or meta["vocab_size"] <= 0:
             raise ValueError
+        if meta.get("masked") and (not isinstance(meta["seq_len"], int) or meta["seq_len"] <= 0):
+            raise ValueError
     except (ValueError, KeyError, TypeError, AttributeError, UnicodeDecodeError, UserError):
         raise UserError(f"{path} is corrupt; prepare the dataset again: {prepare_hint(cfg)}") from None
     return meta
 
 
 def build_or_resume(cfg, model_overrides, given, init, device):
-    """(cfg, model, optimizer, progress, tokenizer): a new model (init "scratch"), one with pretrained
+    """(cfg, model, optimizer, progress, meta): a new model (init "scratch"), one with pretrained
     weights ("hf", "file": pretrained.py) or the checkpoint's ("resume"), with its optimizer; progress
-    holds checkpoint.PROGRESS, where the run starts.
+    holds checkpoint.PROGRESS, where the run starts; meta, the dataset's meta.json.
     The model config is the file's laptop defaults, then the preset, then the command line; on
     resume everything comes from the checkpoint (training options given on the command line still
     apply, so cfg may change)."""
@@ -213,7 +228,7 @@ def build_or_resume(cfg, model_overrides, given, init, device):
     if init == "resume":
         optimizer.load_state_dict(ckpt["optimizer"])
         progress = {k: ckpt[k] for k in PROGRESS}
-    return cfg, model, optimizer, progress, meta["tokenizer"]
+    return cfg, model, optimizer, progress, meta
 
 
 # -----------------------------------------------------------------------------
@@ -245,6 +260,20 @@ def get_batch(shards, batch_size, block_size, generator, device):
     return x.contiguous().to(device), y.contiguous().to(device)
 
 
+def get_sequences(split, batch_size, block_size, generator, device):
+    """A masked dataset's batch: batch_size random whole sequences of block_size + 1 tokens (one never
+    straddles two), (inputs, targets shifted by one); a target that is no answer is -1, which every
+    model's cross-entropy ignores (ignore_index=-1), in training and evaluation alike."""
+    tokens, answers = split
+    rows = torch.randint(len(tokens) // (block_size + 1), (batch_size,), generator=generator) * (block_size + 1)
+    xy = torch.stack([torch.from_numpy(tokens[i:i + block_size + 1].astype(np.int64)) for i in rows.tolist()])
+    scored = torch.stack([torch.from_numpy(answers[i + 1:i + block_size + 1].astype(bool)) for i in rows.tolist()])
+    x, y = xy[:, :-1], xy[:, 1:].masked_fill(~scored, -1)
+    if device.type == "cuda":
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x.contiguous().to(device), y.contiguous().to(device)
+
+
 def get_lr(cfg, it):
     """Linear warmup, then cosine decay from learning_rate to min_lr, then min_lr."""
     decay_iters = cfg.max_iters if cfg.lr_decay_iters < 0 else cfg.lr_decay_iters
@@ -263,11 +292,10 @@ def setup_precision(device, dtype):
     return autocast(device, dtype), torch.amp.GradScaler(device.type, enabled=dtype == "float16")
 
 
-def compile_or_eager(model, train_data, batch_size, block_size, device, amp):
-    """torch.compile the model and run one training forward/backward to trigger compilation; if
-    that fails (no compiler, unsupported op), warn and train the eager model instead."""
+def compile_or_eager(model, x, y, amp):
+    """torch.compile the model and run one training forward/backward on the batch (x, y) to trigger
+    compilation; if that fails (no compiler, unsupported op), warn and train the eager model instead."""
     compiled = torch.compile(model)
-    x, y = get_batch(train_data, batch_size, block_size, torch.Generator().manual_seed(0), device)
     state = {k: v.clone() for k, v in model.state_dict().items()}  # the probe step may move buffers
     try:
         with amp:
@@ -281,24 +309,33 @@ def compile_or_eager(model, train_data, batch_size, block_size, device, amp):
     return compiled
 
 
-def evaluate(model, splits, batch, eval_iters, amp, token_bytes):
+def evaluate(model, splits, batch, eval_iters, amp, token_bytes, accuracy=False):
     """Mean eval-mode loss over eval_iters fixed batches (process -1) of each split (the same for every
     model), in nats per token, and in bits per byte: the summed token losses over ln 2 times the UTF-8
     bytes the target tokens stand for (token_bytes[id]), which compares models across tokenizers. For
-    one-byte tokens (ASCII characters) it is loss / ln 2 exactly."""
+    one-byte tokens (ASCII characters) it is loss / ln 2 exactly.
+    Targets -1 are ignored (a masked dataset's non-answers): 0 loss, 0 bytes. With accuracy (masked
+    datasets), also the fraction of scored targets whose argmax logit is right: MQAR's recall accuracy."""
     model.eval()
     out = {}
     for split, data in splits.items():
-        losses, n_bytes = torch.zeros(eval_iters), 0
+        losses, n_targets, n_bytes, n_right = torch.zeros(eval_iters), 0, 0, 0
         for k in range(eval_iters):
             x, y = batch(data, k, process=-1)
             with torch.no_grad(), amp:
-                losses[k] = model(x, y)[1].item()
-            n_bytes += token_bytes[y].sum().item()
+                logits, loss = model(x, y)
+            losses[k] = loss.item()
+            scored = y != -1
+            n_targets += scored.sum().item()
+            n_bytes += token_bytes[y[scored]].sum().item()
+            if accuracy:
+                n_right += (logits.argmax(-1) == y)[scored].sum().item()
         out[split] = losses.mean().item()
-        # summed nats = mean x tokens (every batch has y.numel() targets), written so the ratio is 1.0
-        # exactly when every token is one byte
-        out[f"{split}_bpb"] = out[split] / math.log(2) * (eval_iters * y.numel() / n_bytes)
+        # summed nats = mean x targets (every batch scores as many: text all y.numel() of its tokens, MQAR
+        # num_queries per sequence), written so the ratio is 1.0 exactly when every token is one byte
+        out[f"{split}_bpb"] = out[split] / math.log(2) * (n_targets / n_bytes)
+        if accuracy:
+            out[f"{split}_acc"] = n_right / n_targets
     model.train()
     return out
 
@@ -347,7 +384,7 @@ def trim_log(path, iter_num):
 # -----------------------------------------------------------------------------
 # the loop
 
-def train_loop(cfg, model, optimizer, progress, tokenizer, device, dtype):
+def train_loop(cfg, model, optimizer, progress, meta, device, dtype):
     """Train from progress to cfg.max_iters: every iteration forward, backward, clip and step;
     every log_interval (and at the end) a log line; every eval_interval (and at the end) an evaluation
     and a checkpoint."""
@@ -357,23 +394,25 @@ def train_loop(cfg, model, optimizer, progress, tokenizer, device, dtype):
     accum_steps = cfg.gradient_accumulation_steps // world_size  # micro-steps of this process
     block_size = model.config.block_size
     tokens_per_iter = cfg.gradient_accumulation_steps * cfg.batch_size * block_size
-    train_data, val_data = load_split(cfg, "train", block_size), load_split(cfg, "val", block_size)
+    train_data, val_data = load_split(cfg, "train", block_size, meta), load_split(cfg, "val", block_size, meta)
+    masked, tokenizer = meta.get("masked", False), meta["tokenizer"]
     iter_num, best_val_loss, train_time, tokens_seen = (progress[k] for k in PROGRESS)
 
     amp, scaler = setup_precision(device, dtype)
-    raw_model = model
-    use_compile = cfg.compile is True or (cfg.compile == "auto" and device.type == "cuda")
-    if use_compile:
-        model = compile_or_eager(model, train_data, cfg.batch_size, block_size, device, amp)
-        use_compile = model is not raw_model  # False when compiling failed and the eager model trains
-    train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if ddp else model
 
     def batch(split_data, step, process=rank):
         """Micro-batch `step` of a process. Every random draw is a pure function of (seed, process,
         step): a resumed run sees exactly the batches the uninterrupted run would have seen, and
         there is no generator state to save. Evaluation uses process -1: the same tokens each time."""
         rng = torch.Generator().manual_seed(derived_seed(cfg.seed, "batch", process, step))
-        return get_batch(split_data, cfg.batch_size, block_size, rng, device)
+        return (get_sequences if masked else get_batch)(split_data, cfg.batch_size, block_size, rng, device)
+
+    raw_model = model
+    use_compile = cfg.compile is True or (cfg.compile == "auto" and device.type == "cuda")
+    if use_compile:
+        model = compile_or_eager(model, *batch(train_data, 0, process=-2), amp)  # a batch no run trains on
+        use_compile = model is not raw_model  # False when compiling failed and the eager model trains
+    train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if ddp else model
 
     flops_per_token = raw_model.flops_per_token()  # a function of the config: computed once
     if cfg.flops_budget:  # the nearest whole number of iterations, its schedule ending there
@@ -417,15 +456,18 @@ def train_loop(cfg, model, optimizer, progress, tokenizer, device, dtype):
         # evaluate, log and save (every eval_interval iterations and at the end)
         if master and (iter_num % every == 0 or iter_num == cfg.max_iters):
             train_time += time.time() - t0
-            losses = evaluate(model, {"train": train_data, "val": val_data}, batch, cfg.eval_iters, amp, token_bytes)
+            losses = evaluate(model, {"train": train_data, "val": val_data}, batch, cfg.eval_iters, amp, token_bytes,
+                              accuracy=masked)
             check_finite(losses.values())
             print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}, "
-                  f"val {losses['val_bpb']:.4f} bits/byte")
+                  f"val {losses['val_bpb']:.4f} bits/byte" +
+                  (f", train acc {losses['train_acc']:.4f}, val acc {losses['val_acc']:.4f}" if masked else ""))
             best_val_loss = min(best_val_loss, losses["val"])
             if not (iter_num == start_iter and evaluated):  # (a finished run resumed: not logged twice)
+                accuracies = {k: losses[k] for k in ("train_acc", "val_acc") if k in losses}
                 log_jsonl(log_path, {"iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"],
                                      "train_bpb": losses["train_bpb"], "val_bpb": losses["val_bpb"],
-                                     "time": train_time, "tokens": tokens_seen})
+                                     **accuracies, "time": train_time, "tokens": tokens_seen})
             # a resumed run's first evaluation is its checkpoint's; --max_iters=0 saves the model as
             # built or loaded (e.g. pretrained weights converted for sample.py)
             if iter_num > start_iter or (cfg.max_iters == 0 and cfg.init_from != "resume"):
@@ -488,8 +530,8 @@ def train_loop(cfg, model, optimizer, progress, tokenizer, device, dtype):
 def train(cfg, model_overrides, given, init):
     """The setup, then the loop; returns the trained model (not the DDP wrapper)."""
     device, dtype = setup_processes(cfg)
-    cfg, model, optimizer, progress, tokenizer = build_or_resume(cfg, model_overrides, given, init, device)
-    train_loop(cfg, model, optimizer, progress, tokenizer, device, dtype)
+    cfg, model, optimizer, progress, meta = build_or_resume(cfg, model_overrides, given, init, device)
+    train_loop(cfg, model, optimizer, progress, meta, device, dtype)
     if dist.is_initialized():
         dist.destroy_process_group()
     return model

@@ -138,6 +138,7 @@ def test_a_failing_compile_falls_back_to_the_eager_model(monkeypatch):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     data = [torch.randint(0, 65, (500,)).numpy()]
     with pytest.warns(UserWarning, match="torch.compile failed .RuntimeError: inductor codegen failed."):
-        out = train.compile_or_eager(model, data, 2, 32, torch.device("cpu"), torch.autocast("cpu", enabled=False))
+        x, y = train.get_batch(data, 2, 32, torch.Generator().manual_seed(0), torch.device("cpu"))
+        out = train.compile_or_eager(model, x, y, torch.autocast("cpu", enabled=False))
     assert out is model and all(p.grad is None for p in model.parameters())
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
