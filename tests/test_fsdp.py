@@ -1,7 +1,7 @@
 """train.py --fsdp=True: FSDP2 (torch.distributed.fsdp.fully_shard) under torchrun with 2 CPU processes
 (gloo). It trains as one process does on the same global batch, MoD's routing thresholds stay equal
 on every process, and its checkpoint is the one-file format: it resumes exactly, with 2 processes or
-with 1, and sample.py reads it."""
+with 1, and sample.py reads it; pretrained weights reach every shard."""
 import os
 import shutil
 
@@ -11,7 +11,8 @@ import torch
 import sample
 import train
 from cli import UserError
-from conftest import build, read_log, run, saved_checkpoint
+from conftest import build, make_text, read_log, run, saved_checkpoint
+from prepare_data import prepare
 
 TORCHRUN = ("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2")
 # 2 layers (MoD's second is routed, DTF's are one pair), 4 micro-batches an iteration (2 a process under
@@ -135,3 +136,22 @@ def test_checkpoint_samples(fsdp_gpt, one_gpt, capsys):
 def test_float16_is_refused():
     with pytest.raises(UserError, match="bfloat16"):
         train.shard(build("gpt", n_layer=1, n_embd=16, n_head=2, n_kv_head=1), torch.device("cpu"), "float16")
+
+
+def test_pretrained_weights_reach_every_shard(qwen2_hub, tmp_path):
+    """Fine-tuning from hub weights: under DDP only rank 0 loads them (DDP copies them to the others),
+    but FSDP copies nothing, so every process loads them. The checkpoint of the model as loaded
+    (--max_iters=0), gathered from both shards, equals the one process's."""
+    text = tmp_path / "text.txt"
+    text.write_text(make_text(20000))
+    data = str(tmp_path / "data")
+    prepare("shakespeare", data_dir=data, tokenizer="hf:tiny/qwen2", input=str(text), name="tiny")
+    args = ["--model=mod", "--init_from=hf:tiny/qwen2", "--dataset=tiny", "--max_iters=0", "--eval_iters=1",
+            "--batch_size=2", "--block_size=32", "--device=cpu", "--compile=False"]
+    sharded, alone = str(tmp_path / "fsdp"), str(tmp_path / "one")
+    torchrun("train.py", data, sharded, *args, "--gradient_accumulation_steps=2", "--fsdp=True")
+    train.main([*args, f"--data_dir={data}", f"--out_dir={alone}"])
+    a, b = saved_checkpoint(sharded)["model"], saved_checkpoint(alone)["model"]
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
