@@ -9,7 +9,7 @@ Train any model_<name>.py of this repo. nanoGPT's training loop, for every archi
     python train.py --model=mod --init_from=hf:Qwen/Qwen2.5-0.5B --dataset=shakespeare_qwen  # fine-tune (pretrained.py)
     python train.py --model=dawn --init_from=dawn_39m_weights.pt --dataset=shakespeare_bert  # DAWN's published weights
     torchrun --standalone --nproc_per_node=8 train.py --model=dtf --gradient_accumulation_steps=8
-    torchrun --standalone --nproc_per_node=8 train.py --model=mod --init_from=hf:Qwen/Qwen2.5-3B ... --fsdp=True  # sharded
+    torchrun --standalone --nproc_per_node=8 train.py --model=mod --init_from=hf:Qwen/Qwen2.5-3B --fsdp=True ...
 
 Options are --key=value: the training settings in TrainConfig below, or any field of the model's
 Config (python train.py --model=NAME --help lists both). Defaults reproduce nanoGPT's laptop recipe
