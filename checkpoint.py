@@ -39,11 +39,16 @@ def load_model_module(name):
     return importlib.import_module(f"model_{name}")
 
 
-def save_checkpoint(path, cfg, model, optimizer, tokenizer, iter_num, best_val_loss, train_time, tokens_seen):
+def save_checkpoint(path, cfg, model, optimizer, tokenizer, iter_num, best_val_loss, train_time, tokens_seen,
+                    model_state=None, optimizer_state=None):
     """Write the checkpoint (KEYS) through a temporary file and a rename: a crash or a full disk never
-    leaves a half-written ckpt.pt, and the previous one stays intact."""
-    ckpt = {"model_name": cfg.model, "model_config": dataclasses.asdict(model.config), "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(), "train_config": dataclasses.asdict(cfg), "tokenizer": tokenizer,
+    leaves a half-written ckpt.pt, and the previous one stays intact. model_state and optimizer_state,
+    when given, are written instead of the model's and optimizer's own state_dict(): train.py's whole
+    states gathered from the shards of a model trained with FSDP."""
+    ckpt = {"model_name": cfg.model, "model_config": dataclasses.asdict(model.config),
+            "model": model.state_dict() if model_state is None else model_state,
+            "optimizer": optimizer.state_dict() if optimizer_state is None else optimizer_state,
+            "train_config": dataclasses.asdict(cfg), "tokenizer": tokenizer,
             "iter_num": iter_num, "best_val_loss": best_val_loss, "train_time": train_time, "tokens_seen": tokens_seen}
     tmp = path + ".tmp"
     try:

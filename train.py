@@ -9,6 +9,7 @@ Train any model_<name>.py of this repo. nanoGPT's training loop, for every archi
     python train.py --model=mod --init_from=hf:Qwen/Qwen2.5-0.5B --dataset=shakespeare_qwen  # fine-tune (pretrained.py)
     python train.py --model=dawn --init_from=dawn_39m_weights.pt --dataset=shakespeare_bert  # DAWN's published weights
     torchrun --standalone --nproc_per_node=8 train.py --model=dtf --gradient_accumulation_steps=8
+    torchrun --standalone --nproc_per_node=8 train.py --model=mod --init_from=hf:Qwen/Qwen2.5-3B --fsdp=True ...
 
 Options are --key=value: the training settings in TrainConfig below, or any field of the model's
 Config (python train.py --model=NAME --help lists both). Defaults reproduce nanoGPT's laptop recipe
@@ -32,6 +33,10 @@ import warnings
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_optimizer_state_dict)
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import pretrained
@@ -52,14 +57,11 @@ from train_config import TrainConfig, check_schedule, configure_optimizer, eval_
 
 def setup_processes(cfg):
     """(device, dtype name) of this process. Under torchrun (it sets RANK) there is one process per
-    GPU or CPU worker, joined in a process group for DDP; rank 0 evaluates, logs and saves."""
+    GPU or CPU worker, joined in a process group for DDP or FSDP; rank 0 logs and saves."""
     ddp = int(os.environ.get("RANK", -1)) != -1
     device, dtype = pick_device(cfg.device, cfg.dtype, int(os.environ["LOCAL_RANK"]) if ddp else 0)
     if ddp:
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-        if cfg.gradient_accumulation_steps % dist.get_world_size():
-            raise UserError(f"--gradient_accumulation_steps={cfg.gradient_accumulation_steps} must be a "
-                            f"multiple of the {dist.get_world_size()} processes")
     return device, dtype
 
 
@@ -175,10 +177,12 @@ def load_meta(cfg):
     return meta
 
 
-def build_or_resume(cfg, model_overrides, given, init, device):
+def build_or_resume(cfg, model_overrides, given, init, device, dtype):
     """(cfg, model, optimizer, progress, meta): a new model (init "scratch"), one with pretrained
     weights ("hf", "file": pretrained.py) or the checkpoint's ("resume"), with its optimizer; progress
-    holds checkpoint.PROGRESS, where the run starts; meta, the dataset's meta.json.
+    holds checkpoint.PROGRESS, where the run starts; meta, the dataset's meta.json. Under torchrun with
+    --fsdp=True the model is sharded (shard) before its optimizer is made, so that AdamW's moments are
+    sharded too.
     The model config is the file's laptop defaults, then the preset, then the command line; on
     resume everything comes from the checkpoint (training options given on the command line still
     apply, so cfg may change)."""
@@ -199,6 +203,10 @@ def build_or_resume(cfg, model_overrides, given, init, device):
         cfg = TrainConfig(**{**{k: parse_value(k, str(v), types[k]) for k, v in saved.items() if k in types},
                              **{k: getattr(cfg, k) for k in given if hasattr(cfg, k)}})
         check_schedule(cfg)
+    # checked once cfg is final: a resumed run's gradient_accumulation_steps is the checkpoint's, unless given
+    if ddp and cfg.gradient_accumulation_steps % dist.get_world_size():
+        raise UserError(f"--gradient_accumulation_steps={cfg.gradient_accumulation_steps} must be a "
+                        f"multiple of the {dist.get_world_size()} processes")
     meta = load_meta(cfg)
 
     if init == "resume":
@@ -217,18 +225,87 @@ def build_or_resume(cfg, model_overrides, given, init, device):
             else:  # the checkpoint fixes the shapes; the dataset must speak its tokenizer
                 if ddp and not master:
                     dist.barrier()  # rank 0 downloads first (one writer per cache file); the others reuse its files
-                model = pretrained.from_pretrained(cfg, model_overrides, meta, weights=master)  # DDP copies rank 0's
+                # DDP copies rank 0's weights to the others; FSDP does not, so there every process loads them
+                model = pretrained.from_pretrained(cfg, model_overrides, meta, weights=master or cfg.fsdp)
                 if ddp and master:
                     dist.barrier()
         except ValueError as e:
             raise UserError(f"bad {cfg.model} config: {e}") from None
     model = model.to(device)
+    fsdp = ddp and cfg.fsdp
+    if fsdp:  # every process holds the whole model here (built from the same seed, or loaded): each keeps its shard
+        model = shard(model, device, dtype)
     optimizer = configure_optimizer(model, cfg, device)
     progress = {"iter_num": 0, "best_val_loss": float("inf"), "train_time": 0.0, "tokens_seen": 0}
     if init == "resume":
-        optimizer.load_state_dict(ckpt["optimizer"])
+        if fsdp:
+            load_sharded_optimizer(model, optimizer, ckpt["optimizer"])
+        else:
+            optimizer.load_state_dict(ckpt["optimizer"])
         progress = {k: ckpt[k] for k in PROGRESS}
     return cfg, model, optimizer, progress, meta
+
+
+# FSDP: the model sharded over the processes, and its checkpoint gathered into today's one file
+
+def shard(model, device, dtype):
+    """The model under FSDP2 (PyTorch's fully_shard): each block's parameters, then the rest (embedding,
+    head, norms; BDH's one shared layer and DAWN's shared pools, which every layer reads), split over
+    the processes, so that each holds 1/N of the weights, their gradients and AdamW's moments. A
+    block's weights are gathered just before it runs, forward and backward, and freed after. On CUDA
+    in bfloat16 they are gathered in bf16 and the gradients reduced in fp32; the sharded master
+    weights stay fp32. fully_shard refuses 0-D parameters (DTF's router scalars): those stay whole on
+    every process, and the loop averages their gradients itself, as DDP would. Buffers (MoD's and
+    DTF's routing thresholds) are never sharded: every process keeps its own, kept equal by the
+    models' all-reduced threshold updates."""
+    if dtype == "float16":
+        raise UserError("--fsdp=True trains in bfloat16 or float32: float16's loss scaling would decide on each "
+                        "process's own shard whether to skip a step; use --dtype=bfloat16 (or float32)")
+    whole = {p for p in model.parameters() if p.dim() == 0}
+    lr_mults = {name: p.lr_mult for name, p in model.named_parameters() if hasattr(p, "lr_mult")}
+    mixed = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+        if device.type == "cuda" and dtype == "bfloat16" else MixedPrecisionPolicy()
+    for block in getattr(model, "blocks", ()):  # BDH has none: its one layer's weights are the model's own
+        fully_shard(block, mp_policy=mixed, ignored_params=whole)
+    fully_shard(model, mp_policy=mixed, ignored_params=whole)
+    for name, p in model.named_parameters():  # sharded parameters are new tensors: configure_optimizer reads lr_mult
+        if name in lr_mults:
+            p.lr_mult = lr_mults[name]
+    return model
+
+
+def param_names(model, optimizer):
+    """The names of the optimizer's parameters in its own numbering: optimizer.state_dict() keys
+    them 0, 1, ... through its groups, in order."""
+    names = {p: name for name, p in model.named_parameters()}
+    return [names[p] for group in optimizer.param_groups for p in group["params"]]
+
+
+def gathered_states(model, optimizer):
+    """The whole model and optimizer states of a sharded model, as one process would save them (the
+    keyword arguments model_state and optimizer_state of save_checkpoint): every process takes part
+    in gathering them, a tensor at a time, into rank 0's CPU memory; the other ranks get {}. PyTorch
+    keys the optimizer state by parameter name; it is numbered back, so that the checkpoint is the
+    same file whatever the number of processes."""
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_state = get_model_state_dict(model, options=options)
+    optimizer_state = get_optimizer_state_dict(model, optimizer, options=options)
+    if dist.get_rank() != 0:
+        return {}
+    number = {name: i for i, name in enumerate(param_names(model, optimizer))}
+    optimizer_state = {"state": {number[name]: s for name, s in optimizer_state["state"].items()},
+                       "param_groups": [{**g, "params": [number[name] for name in g["params"]]}
+                                        for g in optimizer_state["param_groups"]]}
+    return {"model_state": model_state, "optimizer_state": optimizer_state}
+
+
+def load_sharded_optimizer(model, optimizer, state):
+    """A checkpoint's optimizer state (whole, numbered: written by any number of processes) into the
+    optimizer of a sharded model: every process has read the checkpoint and keeps its shard."""
+    names = param_names(model, optimizer)
+    state = {"state": {names[i]: s for i, s in state["state"].items()},
+             "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in state["param_groups"]]}
+    set_optimizer_state_dict(model, optimizer, state, options=StateDictOptions(full_state_dict=True))
 
 
 # -----------------------------------------------------------------------------
@@ -389,6 +466,7 @@ def train_loop(cfg, model, optimizer, progress, meta, device, dtype):
     every log_interval (and at the end) a log line; every eval_interval (and at the end) an evaluation
     and a checkpoint."""
     ddp = dist.is_initialized()
+    fsdp = ddp and cfg.fsdp  # build_or_resume sharded the model
     rank, world_size = (dist.get_rank(), dist.get_world_size()) if ddp else (0, 1)
     master = rank == 0
     accum_steps = cfg.gradient_accumulation_steps // world_size  # micro-steps of this process
@@ -400,10 +478,10 @@ def train_loop(cfg, model, optimizer, progress, meta, device, dtype):
 
     amp, scaler = setup_precision(device, dtype)
 
-    def batch(split_data, step, process=rank):
-        """Micro-batch `step` of a process. Every random draw is a pure function of (seed, process,
-        step): a resumed run sees exactly the batches the uninterrupted run would have seen, and
-        there is no generator state to save. Evaluation uses process -1: the same tokens each time."""
+    def batch(split_data, step, process=0):
+        """Micro-batch `step`. Every random draw is a pure function of (seed, process, step): a resumed
+        run sees exactly the batches the uninterrupted run would have seen, and there is no generator
+        state to save. Evaluation uses process -1: the same tokens each time."""
         rng = torch.Generator().manual_seed(derived_seed(cfg.seed, "batch", process, step))
         return (get_sequences if masked else get_batch)(split_data, cfg.batch_size, block_size, rng, device)
 
@@ -412,7 +490,18 @@ def train_loop(cfg, model, optimizer, progress, meta, device, dtype):
     if use_compile:
         model = compile_or_eager(model, *batch(train_data, 0, process=-2), amp)  # a batch no run trains on
         use_compile = model is not raw_model  # False when compiling failed and the eager model trains
-    train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) if ddp else model
+    train_model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None) \
+        if ddp and not fsdp else model
+    whole = [p for p in raw_model.parameters() if not isinstance(p, DTensor)] if fsdp else []  # shard() left them
+
+    def micro_batch(it, micro_step):
+        """This process's micro-batch micro_step (accum_steps of them: past the last, the next
+        iteration's first) of iteration it. Iteration it trains on micro-batches it*G ... it*G + G-1
+        of one sequence (G = gradient_accumulation_steps), process r on its accum_steps consecutive
+        ones from it*G + r*accum_steps: the same global batch for any number of processes, so that
+        one process and G processes train alike, and a run resumes with another number of them."""
+        it, micro_step = it + micro_step // accum_steps, micro_step % accum_steps
+        return batch(train_data, it * cfg.gradient_accumulation_steps + rank * accum_steps + micro_step)
 
     flops_per_token = raw_model.flops_per_token()  # a function of the config: computed once
     if cfg.flops_budget:  # the nearest whole number of iterations, its schedule ending there
@@ -425,14 +514,14 @@ def train_loop(cfg, model, optimizer, progress, meta, device, dtype):
         n_params = sum(p.numel() for p in raw_model.parameters())
         print(f"{cfg.model}: {n_params:,} parameters, {flops_per_token / 1e6:.2f} MFLOP/token; "
               f"{tokens_per_iter:,} tokens/iter; {device} {dtype}{', compiled' if use_compile else ''}"
-              f"{f', {world_size} processes' if ddp else ''}")
+              f"{f', {world_size} processes' if ddp else ''}{' (FSDP)' if fsdp else ''}")
         if cfg.flops_budget:
             print(f"--flops_budget={cfg.flops_budget:g}: {cfg.max_iters:,} iterations, "
                   f"{cfg.max_iters * tokens_per_iter * flops_per_token:.4g} FLOPs; warmup {cfg.warmup_iters}, "
                   f"cosine decay to --min_lr={cfg.min_lr:g} at iteration {cfg.lr_decay_iters}")
     peak = peak_flops(device)
     start_iter, start_time = iter_num, train_time
-    x, y = batch(train_data, iter_num * accum_steps)
+    x, y = micro_batch(iter_num, 0)
     ckpt_path, log_path = os.path.join(cfg.out_dir, "ckpt.pt"), os.path.join(cfg.out_dir, "log.jsonl")
     evaluated = False  # whether the log holds the evaluation at start_iter (a resumed run's checkpoint's)
     if master and cfg.init_from == "resume":
@@ -453,17 +542,20 @@ def train_loop(cfg, model, optimizer, progress, meta, device, dtype):
     t0, logged_time, logged_iter = time.time(), train_time, iter_num
     every = eval_interval(cfg)
     while True:
-        # evaluate, log and save (every eval_interval iterations and at the end)
-        if master and (iter_num % every == 0 or iter_num == cfg.max_iters):
+        # evaluate, log and save (every eval_interval iterations and at the end); under FSDP every
+        # process evaluates and gathers the checkpoint (each holds a shard of the weights), rank 0 alone
+        # prints, logs and writes
+        if (master or fsdp) and (iter_num % every == 0 or iter_num == cfg.max_iters):
             train_time += time.time() - t0
             losses = evaluate(model, {"train": train_data, "val": val_data}, batch, cfg.eval_iters, amp, token_bytes,
                               accuracy=masked)
             check_finite(losses.values())
-            print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}, "
-                  f"val {losses['val_bpb']:.4f} bits/byte" +
-                  (f", train acc {losses['train_acc']:.4f}, val acc {losses['val_acc']:.4f}" if masked else ""))
             best_val_loss = min(best_val_loss, losses["val"])
-            if not (iter_num == start_iter and evaluated):  # (a finished run resumed: not logged twice)
+            if master:
+                print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}, "
+                      f"val {losses['val_bpb']:.4f} bits/byte" +
+                      (f", train acc {losses['train_acc']:.4f}, val acc {losses['val_acc']:.4f}" if masked else ""))
+            if master and not (iter_num == start_iter and evaluated):  # (a finished run resumed: not logged twice)
                 accuracies = {k: losses[k] for k in ("train_acc", "val_acc") if k in losses}
                 log_jsonl(log_path, {"iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"],
                                      "train_bpb": losses["train_bpb"], "val_bpb": losses["val_bpb"],
@@ -471,8 +563,11 @@ def train_loop(cfg, model, optimizer, progress, meta, device, dtype):
             # a resumed run's first evaluation is its checkpoint's; --max_iters=0 saves the model as
             # built or loaded (e.g. pretrained weights converted for sample.py)
             if iter_num > start_iter or (cfg.max_iters == 0 and cfg.init_from != "resume"):
-                save_checkpoint(ckpt_path, cfg, raw_model, optimizer, tokenizer, iter_num=iter_num,
-                                best_val_loss=best_val_loss, train_time=train_time, tokens_seen=tokens_seen)
+                states = gathered_states(raw_model, optimizer) if fsdp else {}
+                if master:
+                    save_checkpoint(ckpt_path, cfg, raw_model, optimizer, tokenizer, iter_num=iter_num,
+                                    best_val_loss=best_val_loss, train_time=train_time, tokens_seen=tokens_seen,
+                                    **states)
             t0 = time.time()  # evaluation is not training time
         if iter_num >= cfg.max_iters:
             break
@@ -483,14 +578,23 @@ def train_loop(cfg, model, optimizer, progress, meta, device, dtype):
             group["lr"] = lr * group["lr_mult"]
         torch.manual_seed(derived_seed(cfg.seed, "dropout", rank, iter_num))  # dropout: a function of the step too
         for micro_step in range(accum_steps):
-            if ddp:  # all-reduce the gradients only after the last micro-batch
-                train_model.require_backward_grad_sync = micro_step == accum_steps - 1
+            last = micro_step == accum_steps - 1  # reduce the gradients over the processes only after the last
+            if fsdp:
+                raw_model.set_requires_gradient_sync(last)
+            elif ddp:
+                train_model.require_backward_grad_sync = last
             with amp:
                 _, loss = train_model(x, y)
                 loss = loss / accum_steps
             nonfinite |= ~torch.isfinite(loss.detach())
-            x, y = batch(train_data, iter_num * accum_steps + micro_step + 1)  # prefetch the next one
+            x, y = micro_batch(iter_num, micro_step + 1)  # prefetch the next one
             scaler.scale(loss).backward()
+        if whole:  # the parameters FSDP left whole: their gradients averaged over the processes, in one message
+            grads = torch.stack([p.grad for p in whole]) / world_size
+            dist.all_reduce(grads)
+            for p, g in zip(whole, grads):
+                p.grad.copy_(g)
+        # clipping under FSDP: clip_grad_norm_ reduces the sharded gradients' norms over the processes
         if cfg.grad_clip > 0:
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -528,9 +632,9 @@ def train_loop(cfg, model, optimizer, progress, meta, device, dtype):
 # -----------------------------------------------------------------------------
 
 def train(cfg, model_overrides, given, init):
-    """The setup, then the loop; returns the trained model (not the DDP wrapper)."""
+    """The setup, then the loop; returns the trained model (not the DDP wrapper; under FSDP, sharded)."""
     device, dtype = setup_processes(cfg)
-    cfg, model, optimizer, progress, meta = build_or_resume(cfg, model_overrides, given, init, device)
+    cfg, model, optimizer, progress, meta = build_or_resume(cfg, model_overrides, given, init, device, dtype)
     train_loop(cfg, model, optimizer, progress, meta, device, dtype)
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -54,6 +54,8 @@ class TrainConfig:
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # auto: bfloat16 on CUDA when supported, else float16 on CUDA, float32 elsewhere
     compile: Literal["auto", True, False] = "auto"  # auto: True on CUDA, False on CPU (the first compile costs about what a 2000-iteration run saves) and MPS; a failed compile trains the eager model
     seed: int = 1337
+    fsdp: bool = False               # under torchrun: shard weights, gradients and AdamW's moments over the
+                                     # processes (FSDP2) instead of a full copy on each (DDP); one process ignores it
 
 
 def parse_args(argv, doc=""):
