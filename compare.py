@@ -26,6 +26,7 @@ At equal steps (nanoGPT's laptop recipe, each model at its own laptop config):
     python compare.py --models=gpt,mod --seeds=3 --learning_rate=1e-3,2e-3,4e-3  # each at its best lr
     python compare.py --models=gpt,mod --time_budget=300 --batch_size=16  # ~300 s of training each
     python compare.py --models=gpt,mod --plot_only=True                   # redraw from existing logs
+    python compare.py --models=gpt,mod --sizes=s                          # every model at the ladder's small size
 
 With several learning rates, the first seed trains each model at every rate, and the other seeds
 train it only at the rate that ended lowest there, so each model is reported at its own best rate. A
@@ -89,7 +90,7 @@ class CompareConfig:
     seed: int = 1337                 # the first seed
     learning_rate: str = ""          # one rate or (at equal steps) a comma-separated sweep; empty: train.py's default
     flops_budget: str = ""           # comma-separated training FLOPs, e.g. 3e11,1e12,3e12: compare at equal compute
-    sizes: str = "s,m,l"             # with --flops_budget: the sizes of the ladder (SIZES) every model trains at
+    sizes: str = "s,m,l"             # with --flops_budget: the sizes of the ladder (SIZES) every model trains at; at equal steps one size (default: laptop configs)
     quick: bool = False              # True: the equal-compute comparison in about 20 minutes on 2 cores (QUICK)
     time_budget: float = 0.0         # > 0: seconds of training per run instead of max_iters (equal steps only)
     plot_only: bool = False          # True: redraw the tables and plots from existing runs
@@ -609,16 +610,16 @@ def at_equal_steps(opts, models, lrs, seeds, args_for, header):
 
                     def args():
                         if not opts.time_budget:
-                            return args_for(lr, seed)
+                            return args_for(lr, seed, model)
                         if model not in budget_iters:  # as train.py's --flops_budget: the schedule fitted
-                            budget_iters[model] = iterations_for_budget(model, out, args_for(lr, seed),
+                            budget_iters[model] = iterations_for_budget(model, out, args_for(lr, seed, model),
                                                                         opts.time_budget)
-                        fitted = fit_schedule(parse_args([f"--model={model}", *args_for(lr, seed)])[0],
+                        fitted = fit_schedule(parse_args([f"--model={model}", *args_for(lr, seed, model)])[0],
                                               budget_iters[model])
-                        return [*args_for(lr, seed), f"--max_iters={fitted.max_iters}",
+                        return [*args_for(lr, seed, model), f"--max_iters={fitted.max_iters}",
                                 f"--warmup_iters={fitted.warmup_iters}", f"--lr_decay_iters={fitted.lr_decay_iters}"]
 
-                    request = {"train_args": args_for(lr, seed), "time_budget": opts.time_budget}
+                    request = {"train_args": args_for(lr, seed, model), "time_budget": opts.time_budget}
                     train_unless_finished(model, out, run_name(model, lr, seed), request, args, len(lrs) > 1)
     rows, equal_time = summarise(models, out, lrs, seeds)
     text = table(rows, equal_time) + "\n\n" + "\n".join(f"- {line}" for line in verdicts(rows, "val_bpb"))
@@ -693,31 +694,35 @@ def main(argv):
 
     def args_for(lr, seed, model=None, size=None, budget=None):
         """train.py's options for one run; min_lr follows the learning rate (lr/10, the default's ratio)."""
+        ladder = [f"--{k}={v}" for k, v in size_options(model, size).items()] if size else []
         if not budget:
             return [*train_args, f"--learning_rate={lr:g}", *([] if min_lr_given else [f"--min_lr={lr / 10:g}"]),
-                    f"--seed={seed}"]
-        return [*BUDGET_TRAIN_ARGS, *args_for(lr, seed), *(f"--{k}={v}" for k, v in size_options(model, size).items()),
-                f"--flops_budget={budget:g}"]
+                    f"--seed={seed}", *ladder]
+        return [*BUDGET_TRAIN_ARGS, *args_for(lr, seed), *ladder, f"--flops_budget={budget:g}"]
 
+    if not set(sizes) <= set(SIZES):
+        raise UserError(f"--sizes={opts.sizes}: choose from {', '.join(SIZES)}")
+    if "sizes" in given or budgets:  # every model at the sizes of the ladder, not its laptop config
+        ladder = {key for model in models for size in sizes for key in size_options(model, size)}
+        for arg in train_args:
+            if arg[2:].partition("=")[0] in ladder:
+                raise UserError(f"{arg.partition('=')[0]} is set by the size ladder (--sizes, SIZES in compare.py)")
     if not budgets:
-        if "sizes" in given:
-            raise UserError("--sizes is the ladder of --flops_budget; give budgets, e.g. --flops_budget=1e12,3e12")
+        if len(sizes) > 1 and "sizes" in given:
+            raise UserError(f"--sizes={opts.sizes}: at equal steps one size of the ladder (every model at it); "
+                            "several sizes are for --flops_budget")
+        size = sizes[0] if "sizes" in given else None  # None: each model at its laptop config
         for model in models:
-            for lr in lrs:
-                cfg = parse_args([f"--model={model}", *args_for(lr, opts.seed)])[0]  # a one-line error before any run
+            for lr in lrs:  # a one-line error before any run
+                cfg = parse_args([f"--model={model}", *args_for(lr, opts.seed, model, size)])[0]
                 if cfg.max_iters == 0 and not opts.time_budget:
                     raise UserError("--max_iters=0 trains nothing to compare; give --max_iters=1 or more")
-        return at_equal_steps(opts, models, lrs, seeds, args_for, header)
+        return at_equal_steps(opts, models, lrs, seeds, lambda lr, seed, model: args_for(lr, seed, model, size),
+                              header)
     if any(not 0 < b < float("inf") for b in budgets):
         raise UserError(f"--flops_budget={opts.flops_budget}: budgets must be positive numbers, e.g. 1e12,3e12")
     if len(lrs) > 1 or opts.time_budget:
         raise UserError("--flops_budget takes one --learning_rate and no --time_budget; sweep rates at equal steps")
-    if not set(sizes) <= set(SIZES):
-        raise UserError(f"--sizes={opts.sizes}: choose from {', '.join(SIZES)}")
-    ladder = {key for model in models for size in sizes for key in size_options(model, size)}
-    for arg in train_args:
-        if arg[2:].partition("=")[0] in ladder:
-            raise UserError(f"{arg.partition('=')[0]} is set by the size ladder (--sizes, SIZES in compare.py)")
     for model in models:
         for size in sizes:
             parse_args([f"--model={model}", *args_for(lrs[0], opts.seed, model, size, budgets[0])])

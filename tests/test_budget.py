@@ -223,7 +223,8 @@ def test_budget_comparison_resumes_after_ctrl_c(data_dir, tmp_path):
 
 def test_budget_comparison_rejects_conflicting_options(tmp_path):
     for options, message in [
-        (["--sizes=s"], "--sizes is the ladder of --flops_budget"),
+        (["--sizes=s,m"], "--sizes=s,m: at equal steps one size of the ladder"),
+        (["--sizes=s", "--n_embd=96"], "--n_embd is set by the size ladder"),
         (["--flops_budget=1e12", "--learning_rate=1e-3,2e-3"], "--flops_budget takes one --learning_rate"),
         (["--flops_budget=1e12", "--sizes=s,xl"], "--sizes=s,xl: choose from s, m, l"),
         (["--flops_budget=1e12", "--n_embd=96"], "--n_embd is set by the size ladder"),

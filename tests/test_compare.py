@@ -6,8 +6,9 @@ import signal
 import subprocess
 import sys
 
-from compare import loss_at, mean_std, read_log, verdicts
-from conftest import ROOT, assert_one_line_error, run
+from checkpoint import load_checkpoint
+from compare import loss_at, mean_std, read_log, size_options, verdicts
+from conftest import ROOT, assert_one_line_error, build, run
 
 
 def test_compare_two_models(data_dir, tmp_path):
@@ -36,6 +37,19 @@ def test_compare_two_models(data_dir, tmp_path):
     os.remove(out / "loss.svg")
     r = run("compare.py", f"--models={','.join(models)}", f"--out={out}", "--plot_only=True")
     assert r.returncode == 0 and (out / "loss.svg").exists(), r.stderr
+
+
+def test_equal_steps_at_one_size_of_the_ladder(data_dir, tmp_path):
+    """--sizes=s at equal steps: every model at the ladder's small size instead of its laptop config."""
+    out = tmp_path / "cmp"
+    r = run("compare.py", "--models=gpt,dawn", "--sizes=s", f"--out={out}", "--dataset=tiny", f"--data_dir={data_dir}",
+            "--max_iters=1", "--eval_iters=1", "--batch_size=2", "--block_size=16")
+    assert r.returncode == 0, r.stderr[-2000:]
+    params = {row["model"]: row["runs"][0]["params"] for row in json.load(open(out / "results.json"))["models"]}
+    for model in ("gpt", "dawn"):
+        config = load_checkpoint(out / model / "lr0.001-seed1337" / "ckpt.pt")["model_config"]
+        assert {k: config[k] for k in size_options(model, "s")} == size_options(model, "s")
+        assert params[model] == sum(p.numel() for p in build(model, **config).parameters())
 
 
 def test_ctrl_c_stops_the_run_cleanly_and_a_rerun_continues(data_dir, tmp_path):
