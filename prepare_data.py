@@ -309,6 +309,11 @@ def prepare_mqar(out_dir, vocab_size=256, num_kv_pairs=8, num_queries=0, seq_len
     else:
         raise UserError(f"--vocab_size={vocab_size} has too few distinct sets of {K} pairs for "
                         f"{train_seqs:,} train sequences and {val_seqs:,} others; raise --vocab_size")
+    # the accuracies a model reaches without recalling anything, to read val_acc against: any value, one of
+    # the sequence's K values, or one of those not answered yet in this sequence (the i-th query has K - i
+    # left, as each key is asked at most once): only above the last has a model recalled pairs
+    chance = {"any_value": 1 / (vocab_size - vocab_size // 2), "sequence_value": 1 / K,
+              "elimination": sum(1 / (K - i) for i in range(Q)) / Q}
     for split, tokens, answers in (("train", train, train_answers), ("val", val, val_answers)):
         write_tokens(os.path.join(out_dir, f"{split}.bin"), tokens.ravel())
         write_tokens(os.path.join(out_dir, f"{split}.answers.bin"), answers.ravel())
@@ -316,9 +321,11 @@ def prepare_mqar(out_dir, vocab_size=256, num_kv_pairs=8, num_queries=0, seq_len
                {"vocab_size": vocab_size, "tokenizer": {"kind": "ids", "vocab_size": vocab_size},
                 "masked": True, "seq_len": seq_len,  # train.py: whole sequences, targets only at answers
                 "mqar": {"num_kv_pairs": K, "num_queries": Q, "train_seqs": train_seqs, "val_seqs": val_seqs,
-                         "seed": seed}})
+                         "seed": seed, "chance": chance}})
     print(f"{out_dir}: MQAR, {K} key-value pairs and {Q} queries in each sequence of {seq_len} tokens, "
-          f"vocabulary {vocab_size}; {train_seqs:,} train and {val_seqs:,} val sequences")
+          f"vocabulary {vocab_size}; {train_seqs:,} train and {val_seqs:,} val sequences; accuracy without recall: "
+          f"{chance['any_value']:.3f} (any value), {chance['sequence_value']:.3f} (a value of the sequence), "
+          f"{chance['elimination']:.3f} (one not yet answered)")
 
 
 # the options of every dataset, then each dataset's own (prepare's keyword arguments)

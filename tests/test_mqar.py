@@ -165,18 +165,21 @@ def test_ids_tokenizer_round_trip():
         tok.encode("3 32")
 
 
-@pytest.mark.slow
-def test_a_small_gpt_learns_to_recall(tmp_path):
-    """Vocabulary 16, 3 pairs per sequence: always answering one of the sequence's 3 values scores 1/3, any
-    of the 8 values 1/8. Within 600 steps a 2-layer GPT must recall: above 1/2. (7 s with one thread on a
-    quiet 2-core CPU, 330 s under pytest on the same CPU when shared: slow.)"""
-    prepare("mqar", data_dir=str(tmp_path), name="tiny", vocab_size=16, num_kv_pairs=3, seq_len=12,
-            train_seqs=5000, val_seqs=200)
+def test_a_small_gpt_learns_the_task_within_200_steps(tmp_path):
+    """Vocabulary 16, 3 pairs per sequence, each key asked once. Guessing any of the 8 values scores 1/8,
+    one of the sequence's 3 values 1/3, and one not yet answered in this sequence 0.61 (1/3, 1/2, 1 for
+    the three queries: elimination, no recall). Within 200 steps a 2-layer GPT must beat 0.4: the masked
+    loss trains the answers, and the model has learnt which tokens can answer. That is not recall yet: on
+    a 2-core CPU (2026-12-05), 0.2M-parameter models with 4 pairs stayed at that level for 3000 steps."""
+    dataset = prepare("mqar", data_dir=str(tmp_path), name="tiny", vocab_size=16, num_kv_pairs=3, seq_len=12,
+                      train_seqs=5000, val_seqs=200)
+    assert json.load(open(os.path.join(dataset, "meta.json")))["mqar"]["chance"] == pytest.approx(
+        {"any_value": 1 / 8, "sequence_value": 1 / 3, "elimination": (1 / 3 + 1 / 2 + 1) / 3})
     out = tmp_path / "run"
     train.main(["--dataset=tiny", f"--data_dir={tmp_path}", f"--out_dir={out}", "--block_size=12", "--n_layer=2",
                 "--n_embd=64", "--n_head=2", "--n_kv_head=1", "--learning_rate=3e-3", "--min_lr=3e-4",
-                "--warmup_iters=20", "--max_iters=600", "--eval_iters=4", "--batch_size=32", "--log_interval=600",
+                "--warmup_iters=20", "--max_iters=200", "--eval_iters=4", "--batch_size=32", "--log_interval=200",
                 "--device=cpu", "--compile=False"])
     evals = [r for r in map(json.loads, open(out / "log.jsonl")) if "val_loss" in r]
     assert evals[0]["val_acc"] < 0.2  # untrained: about chance
-    assert evals[-1]["val_acc"] > 0.5 and evals[-1]["train_acc"] > 0.5
+    assert evals[-1]["val_acc"] > 0.4 and evals[-1]["train_acc"] > 0.4
