@@ -5,7 +5,7 @@ itself, then tabulates and plots the runs. Two comparisons:
 At equal training compute (the question these architectures exist for: at my budget, which gives the
 lowest loss, and what does it cost in wall-clock time?):
 
-    python compare.py --flops_budget=3e11,1e12,3e12 --seeds=2   # every model x size x budget
+    python compare.py --flops_budget=1e11,3e11,1e12 --seeds=2   # every model x size x budget
     python compare.py --quick=True                              # smaller (QUICK), into compare-quick/
 
 Each model trains every size of the ladder (SIZES below, --sizes) at every budget, with train.py's
@@ -89,7 +89,7 @@ class CompareConfig:
     seeds: int = 1                   # seeds seed, seed+1, ...: mean and spread per model
     seed: int = 1337                 # the first seed
     learning_rate: str = ""          # one rate or (at equal steps) a comma-separated sweep; empty: train.py's default
-    flops_budget: str = ""           # comma-separated training FLOPs, e.g. 3e11,1e12,3e12: compare at equal compute
+    flops_budget: str = ""           # comma-separated training FLOPs, e.g. 1e11,3e11,1e12: compare at equal compute
     sizes: str = "s,m,l"             # with --flops_budget: the sizes of the ladder (SIZES) every model trains at; at equal steps one size (default: laptop configs)
     quick: bool = False              # True: the equal-compute comparison in about 20 minutes on 2 cores (QUICK)
     time_budget: float = 0.0         # > 0: seconds of training per run instead of max_iters (equal steps only)
