@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import sample
+import sharding
 import train
 from cli import UserError
 from conftest import build, make_text, read_log, run, saved_checkpoint
@@ -135,7 +136,7 @@ def test_checkpoint_samples(fsdp_gpt, one_gpt, capsys):
 
 def test_float16_is_refused():
     with pytest.raises(UserError, match="bfloat16"):
-        train.shard(build("gpt", n_layer=1, n_embd=16, n_head=2, n_kv_head=1), torch.device("cpu"), "float16")
+        sharding.shard(build("gpt", n_layer=1, n_embd=16, n_head=2, n_kv_head=1), torch.device("cpu"), "float16")
 
 
 def test_pretrained_weights_reach_every_shard(qwen2_hub, tmp_path):
