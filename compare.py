@@ -91,7 +91,7 @@ class CompareConfig:
     learning_rate: str = ""          # one rate or (at equal steps) a comma-separated sweep; empty: train.py's default
     flops_budget: str = ""           # comma-separated training FLOPs, e.g. 1e11,3e11,1e12: compare at equal compute
     sizes: str = "s,m,l"             # with --flops_budget: the sizes of the ladder (SIZES) every model trains at; at equal steps one size (default: laptop configs)
-    quick: bool = False              # True: the equal-compute comparison in about 20 minutes on 2 cores (QUICK)
+    quick: bool = False              # True: the equal-compute comparison in about 4 minutes on 2 cores (QUICK)
     time_budget: float = 0.0         # > 0: seconds of training per run instead of max_iters (equal steps only)
     plot_only: bool = False          # True: redraw the tables and plots from existing runs
 
@@ -127,8 +127,8 @@ def size_options(model, size):
 # times its training (a 2-iteration run still evaluates 20 batches x 2 splits each time).
 BUDGET_TRAIN_ARGS = ["--eval_interval=1e9"]
 
-# --quick: the equal-compute comparison in about 20 minutes on 2 cores (21 on 2026-12-05, the CPU
-# shared): two budgets, one seed (so no verdicts), the whole ladder, evaluations on 10 batches, not 20
+# --quick: the equal-compute comparison in about 4 minutes on 2 cores (222 s on an otherwise idle 2-core CPU,
+# 2026-12-05): two budgets, one seed (so no verdicts), the whole ladder, evaluations on 10 batches, not 20
 QUICK = {"flops_budget": "1e11,3e11", "seeds": 1, "out": "compare-quick"}
 QUICK_TRAIN_ARGS = ["--eval_iters=10"]
 
