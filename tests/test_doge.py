@@ -331,15 +331,22 @@ def test_cached_decoding_breaks_delta_ties_like_the_forward():
     torch.testing.assert_close(decode(model, x, PROMPT_THEN_TOKENS)[0], full, atol=1e-4, rtol=1e-4)
 
 
+def nan_cache(model, B):
+    """init_cache's buffers hold whatever memory they got (torch.empty): filled with NaN here, any
+    position read before it is written shows in the logits."""
+    cache = model.init_cache(B)
+    for layer in cache["layers"]:
+        for name in ("k", "v", "delta"):
+            layer[name].fill_(float("nan"))
+    return cache
+
+
 def test_decoding_never_reads_an_unwritten_cache_position():
     """init_cache leaves its buffers uninitialised: filled with NaN, a prompt then single tokens past
     keep_window_size (where new rows are ranked against the cached keys) still give the forward's logits."""
     model = randomise(build("doge", keep_window_size=16)).eval()
     x = distinct_tokens(B=2, T=24)
-    cache = model.init_cache(2)
-    for layer in cache["layers"]:
-        for name in ("k", "v", "delta"):
-            layer[name].fill_(float("nan"))
+    cache = nan_cache(model, 2)
     got = [model.forward_cached(x[:, :6], cache)] + [model.forward_cached(x[:, t:t + 1], cache) for t in range(6, 24)]
     with torch.no_grad():
         full = model(x)[0]
@@ -349,11 +356,8 @@ def test_decoding_never_reads_an_unwritten_cache_position():
 def test_cache_holds_keys_values_and_delta_of_every_position():
     model = randomise(build("doge", keep_window_size=16)).eval()
     x = distinct_tokens(B=2)
-    cache = model.init_cache(2)
+    cache = nan_cache(model, 2)
     assert cache["t"] == 0 and cache["layers"][0]["delta"].shape == (2, 2, 64)
-    for layer in cache["layers"]:  # the buffers start uninitialised (torch.empty): no position is read unwritten
-        for name in ("k", "v", "delta"):
-            layer[name].fill_(float("nan"))
     model.forward_cached(x[:, :10], cache)
     logits = model.forward_cached(x[:, 10:11], cache)
     assert cache["t"] == 11
