@@ -11,6 +11,7 @@ import dataclasses
 import glob
 import importlib
 import os
+import signal
 import subprocess
 import sys
 
@@ -19,6 +20,11 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+# A suite started in the background by a script (`pytest &`) inherits SIGINT ignored, and so would
+# every script the Ctrl-C tests start, which would then never see their Ctrl-C: restore the default.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 FIXTURES = os.path.join(ROOT, "tests", "fixtures")
 SHAKESPEARE = os.path.join(FIXTURES, "shakespeare_tiny", "input.txt")  # the first 7,476 characters
 # the full originals the committed fixtures were cut from, where this checkout sits beside a ../shared/
