@@ -20,11 +20,6 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-
-# A suite started in the background by a script (`pytest &`) inherits SIGINT ignored, and so would
-# every script the Ctrl-C tests start, which would then never see their Ctrl-C: restore the default.
-if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
-    signal.signal(signal.SIGINT, signal.default_int_handler)
 FIXTURES = os.path.join(ROOT, "tests", "fixtures")
 SHAKESPEARE = os.path.join(FIXTURES, "shakespeare_tiny", "input.txt")  # the first 7,476 characters
 # the full originals the committed fixtures were cut from, where this checkout sits beside a ../shared/
@@ -33,6 +28,11 @@ SHARED = os.path.join(os.path.dirname(ROOT), "shared")
 
 MODEL_NAMES = sorted(os.path.basename(p)[len("model_"):-len(".py")]
                      for p in glob.glob(os.path.join(ROOT, "model_*.py")))
+
+# A suite started in the background by a script (`pytest &`) inherits SIGINT ignored, and so would
+# every script the Ctrl-C tests start, which would then never see their Ctrl-C: restore the default.
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 # -----------------------------------------------------------------------------
