@@ -151,7 +151,7 @@ def test_overfits_one_batch(name):
     x, y = x[:, :-1].contiguous(), x[:, 1:].contiguous()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     model.train()
-    for _ in range(150):
+    for _ in range(60):  # every model is below 0.05 by step 50 (2026-12-06), the slowest (GPT) at 0.04
         _, loss = model(x, y)
         loss.backward()
         opt.step()
@@ -159,7 +159,7 @@ def test_overfits_one_batch(name):
     model.eval()
     with torch.no_grad():
         _, loss = model(x, y)
-    assert loss.item() < 1.0, f"{name} did not learn one batch: eval loss {loss.item():.3f}"
+    assert loss.item() < 0.1, f"{name} did not learn one batch: eval loss {loss.item():.3f}"
 
 
 @pytest.mark.parametrize("name", MODEL_NAMES)
