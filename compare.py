@@ -283,7 +283,7 @@ def verdicts(rows, metric="val_loss", higher=False):
                              f"standard error of the difference ({se:.4f})")
             else:
                 lines.append(f"{a['model']} vs {b['model']}: {diff:.4f} apart, within twice the standard error "
-                             f"({se:.4f}): not distinguishable with these seeds")
+                             f"of the difference ({se:.4f}): not distinguishable with these seeds")
     return lines
 
 

@@ -128,10 +128,10 @@ def row(model, mean, std, seeds=3):
 def test_verdicts_follow_the_standard_error():
     # a vs b: standard error of the difference sqrt(0.03^2 / 3 + 0.06^2 / 3) = 0.0387, and 0.1 > 2 x 0.0387
     lines = verdicts([row("b", 1.70, 0.06), row("a", 1.60, 0.03), row("c", 1.64, 0.03)])
-    assert lines[0].startswith("a vs c: 0.0400 apart, within twice the standard error (0.0245)")
+    assert lines[0].startswith("a vs c: 0.0400 apart, within twice the standard error of the difference (0.0245)")
     assert lines[1].startswith("a is better than b: 0.1000 lower, more than twice the standard error "
                                "of the difference (0.0387)")
-    assert lines[2].startswith("c vs b: 0.0600 apart, within twice the standard error (0.0387)")
+    assert lines[2].startswith("c vs b: 0.0600 apart, within twice the standard error of the difference (0.0387)")
     assert verdicts([row("a", 1.6, 0.0, seeds=1), row("b", 1.9, 0.0, seeds=1)]) == \
         ["a vs b: 0.3000 apart, one seed: no spread to judge by"]
 
